@@ -1,0 +1,59 @@
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(shell find protos -name '*.proto')
+
+# Keep compiled DeepSpeed ops and tokenizer files out of the source tree.
+export VIDALIGN_CACHE ?= $(CURDIR)/.cache/vidalign
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_BUILD_OPS := 0
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: help setup test test-fast lint format protos bench demo clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@echo "==> creating $(VENV) (about a minute on a fresh machine)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+setup: $(STAMP) ## create .venv with the pinned dependencies and vidalign installed (editable)
+
+test: $(STAMP) lint ## lint, then run the whole test suite (does its own set-up)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## the tests not marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+
+format: $(STAMP) ## ruff format + import sorting
+	$(BIN)/ruff check --fix --select I .
+	$(BIN)/ruff format .
+
+protos: $(STAMP) ## regenerate libs/vidalign/teacher/v1 from protos/
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=libs --pyi_out=libs \
+		--grpc_python_out=libs $(PROTO_SRC)
+
+bench: $(STAMP) ## wire throughput and stage-2 step time, gRPC vs in-process (see BENCHMARKS.md)
+	$(BIN)/python bench/wire.py
+	$(BIN)/python bench/stage2.py
+
+demo: $(STAMP) ## teacher on loopback + VDA stage 2 on tiny models (does its own set-up)
+	VIDALIGN_LOG_FORMAT=$${VIDALIGN_LOG_FORMAT:-console} $(BIN)/vidalign demo --out runs/demo
+
+clean: ## remove the venv, caches and runs
+	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache

@@ -1,0 +1,303 @@
+"""vidalign's Python client for the teacher, and the differentiable remote loss.
+
+``connect(address)`` returns a teacher: ``"local"`` runs the diffusion model in
+this process; ``"host:port"`` or ``"dns:///name:port"`` talks to the gRPC
+teacher service (a ``dns:///`` name resolving to several replicas is balanced
+round-robin). Both answer the same ``DenoisingLossRequest`` with the same
+``DenoisingLossResult`` and raise the same ``vidalign.errors`` exceptions.
+
+``RemoteDenoisingLoss`` wraps a teacher as a loss module. Its forward sends
+F_V and returns each sample's denoising loss as a tensor; its backward hands
+back the teacher's dL/dF_V scaled by the incoming gradient. The chain rule is
+exact, so ``loss.backward()`` works unchanged under plain PyTorch, DDP
+(gradient hooks fire on the encoder's parameters as usual) and DeepSpeed
+(``engine.backward(loss)`` scales the incoming gradient)::
+
+    from vidalign.client import RemoteDenoisingLoss, connect
+
+    teacher = connect("dns:///teacher.vidalign.svc:50051")
+    criterion = RemoteDenoisingLoss(teacher, adapter_id="sha256:...", num_draws=1)
+    for step, batch in enumerate(loader):
+        features = encoder(batch.frames)                     # (B, T, d_v), requires grad
+        loss = criterion(features, pixels=batch.video, captions=batch.static_captions,
+                         sample_ids=batch.ids, seed=step).mean()
+        loss.backward()                                      # dL/dphi through the teacher
+        optimizer.step(); optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+import torch
+
+from vidalign import protocol
+from vidalign.diffusion.loss import DenoisingLossResult
+from vidalign.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, VidalignError
+from vidalign.log import get_logger
+from vidalign.protocol import DenoisingLossRequest, TeacherInfo
+from vidalign.teacher.v1 import teacher_pb2 as pb
+from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
+
+log = get_logger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+"""Per-message gRPC limit on both sides. Tensors stream in 1 MiB pieces, so
+only a misbehaving peer comes near it."""
+
+
+class Teacher(Protocol):
+    """What a training loop needs from a teacher, local or remote."""
+
+    def info(self) -> TeacherInfo: ...
+
+    def denoising_loss(self, request: DenoisingLossRequest) -> DenoisingLossResult: ...
+
+    def close(self) -> None: ...
+
+
+# --- in-process -------------------------------------------------------------
+
+
+class LocalTeacher:
+    """The teacher in this process: same engine, same validation, no network."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        adapters: Sequence[str | Path] = (),
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from vidalign.diffusion import load_teacher
+        from vidalign.engine import TeacherEngine
+
+        self.engine = TeacherEngine(load_teacher(model, device=device, dtype=dtype), model_name=model)
+        for path in adapters:
+            self.engine.load_adapter(path)
+
+    def info(self) -> TeacherInfo:
+        return self.engine.info()
+
+    def denoising_loss(self, request: DenoisingLossRequest) -> DenoisingLossResult:
+        # The engine may move or cast inputs; never hand it the caller's autograd graph.
+        detached = replace(
+            request, features=None if request.features is None else request.features.detach()
+        )
+        return self.engine.denoising_loss(detached)
+
+    def close(self) -> None:
+        pass
+
+
+# --- gRPC -------------------------------------------------------------------
+
+_STATUS_TO_ERROR: dict[grpc.StatusCode, type[VidalignError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+}
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # dns:/// names with several A records: spread calls over all replicas.
+        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.enable_retries", 0),  # retries are ours: bounded, logged, with backoff
+    ]
+
+
+class GrpcTeacher:
+    """A teacher service reached over gRPC.
+
+    Calls are safe to retry (randomness is part of the request), so UNAVAILABLE
+    is retried with jittered exponential backoff up to ``retries`` times.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 600.0,
+        retries: int = 5,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        chunk_bytes: int = 1 << 20,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.chunk_bytes = chunk_bytes
+        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.TeacherServiceStub(self._channel)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the channel connects; Unavailable after ``timeout`` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(
+                f"teacher at {self.target} did not answer within {timeout:.0f} s; "
+                "is `vidalign teacher serve` running and reachable?"
+            ) from None
+
+    def _call(self, name: str, fn):
+        request_id = uuid.uuid4().hex[:16]
+        metadata = (("x-request-id", request_id),)
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(metadata)
+            except grpc.RpcError as err:
+                code = err.code()
+                if code in _RETRYABLE and attempt < self.retries:
+                    delay = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
+                    log.warning(
+                        "teacher_retry",
+                        rpc=name,
+                        target=self.target,
+                        attempt=attempt + 1,
+                        delay_s=round(delay, 2),
+                        status=code.name,
+                        request_id=request_id,
+                    )
+                    time.sleep(delay)
+                    continue
+                error = _STATUS_TO_ERROR.get(code, VidalignError)
+                raise error(
+                    f"teacher {self.target} {name} failed [{code.name}]: {err.details()} "
+                    f"(request_id={request_id})"
+                ) from None
+        raise AssertionError("unreachable")
+
+    def info(self) -> TeacherInfo:
+        response = self._call(
+            "GetInfo",
+            lambda md: self._stub.GetInfo(pb.GetInfoRequest(), timeout=self.timeout, metadata=md),
+        )
+        return protocol.parse_info(response)
+
+    def denoising_loss(self, request: DenoisingLossRequest) -> DenoisingLossResult:
+        def call(md):
+            # A fresh message iterator per attempt: a retry resends the whole request.
+            responses = self._stub.DenoisingLoss(
+                protocol.request_messages(request, self.chunk_bytes),
+                timeout=self.timeout,
+                metadata=md,
+            )
+            return protocol.parse_result(responses)
+
+        return self._call("DenoisingLoss", call)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def connect(
+    address: str,
+    *,
+    model: str | None = None,
+    adapters: Sequence[str | Path] = (),
+    device: str = "cpu",
+    timeout: float = 600.0,
+) -> Teacher:
+    """A teacher by address: ``local`` (needs ``model``), ``host:port`` or ``dns:///name:port``."""
+    if address == "local":
+        if not model:
+            raise InvalidInput("address 'local' needs a model name (e.g. tiny-animatediff)")
+        return LocalTeacher(model, adapters=adapters, device=device)
+    if ":" not in address:
+        raise InvalidInput(
+            f"teacher address '{address}' is not 'local', 'host:port' or 'dns:///name:port'"
+        )
+    return GrpcTeacher(address, timeout=timeout)
+
+
+# --- the differentiable loss ------------------------------------------------
+
+
+class _DenoisingLossFn(torch.autograd.Function):
+    """Forward: the teacher's per-sample loss. Backward: grad_output x the teacher's dL/dF_V."""
+
+    @staticmethod
+    def forward(ctx, features, teacher, request, sink):  # type: ignore[override]
+        want_grad = bool(ctx.needs_input_grad[0])
+        result = teacher.denoising_loss(
+            replace(request, features=features.detach(), want_grad=want_grad)
+        )
+        sink.append(result)
+        if want_grad:
+            if result.grad is None or result.grad.shape != features.shape:
+                raise Unavailable("the teacher returned no gradient of the features' shape")
+            ctx.save_for_backward(result.grad.to(features.device, features.dtype))
+        return result.losses.mean(dim=1).to(features.device, torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad_output.to(grad.dtype)[:, None, None] * grad, None, None, None
+
+
+class RemoteDenoisingLoss(torch.nn.Module):
+    """The teacher's denoising loss as a differentiable function of F_V.
+
+    Returns one loss per sample, the mean over its ``num_draws`` noise draws.
+    The last call's per-draw losses and timesteps are in ``last_result``.
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        *,
+        adapter_id: str,
+        model: str = "",
+        num_draws: int = 1,
+        timestep_range: tuple[int, int] | None = None,
+        timesteps: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.adapter_id = adapter_id
+        self.model = model
+        self.num_draws = num_draws
+        self.timestep_range = timestep_range
+        self.timesteps = list(timesteps) if timesteps is not None else None
+        self.last_result: DenoisingLossResult | None = None
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        *,
+        sample_ids: Sequence[str],
+        seed: int,
+        latents: torch.Tensor | None = None,
+        pixels: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        request = DenoisingLossRequest(
+            sample_ids=list(sample_ids),
+            latents=None if latents is None else latents.detach().cpu(),
+            pixels=None if pixels is None else pixels.detach().cpu(),
+            captions=None if captions is None else list(captions),
+            adapter_id=self.adapter_id,
+            model=self.model,
+            seed=seed,
+            num_draws=self.num_draws,
+            timestep_range=self.timestep_range,
+            timesteps=self.timesteps,
+        )
+        sink: list[DenoisingLossResult] = []
+        loss = _DenoisingLossFn.apply(features, self.teacher, request, sink)
+        self.last_result = sink[0]
+        return loss

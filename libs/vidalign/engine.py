@@ -1,0 +1,348 @@
+"""The teacher's request logic, shared by the gRPC service and the in-process teacher.
+
+``TeacherEngine`` owns one loaded ``DiffusionTeacher``, the adapters loaded on
+it, and a cache of VAE latents. It validates every request before touching
+the model, so a bad request raises a ``vidalign.errors`` exception that names
+the problem, and the same request gets the same error whether it came over
+gRPC or from the same process. It holds no training state (DESIGN.md
+decision 3): any replica with the same model and adapters gives the same
+answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import vidalign
+from vidalign.diffusion import Adapter, DiffusionTeacher
+from vidalign.diffusion.loss import DenoisingLossResult, loss_and_grad
+from vidalign.errors import InvalidInput, NotFound
+from vidalign.log import get_logger
+from vidalign.protocol import AdapterInfo, DenoisingLossRequest, TeacherInfo
+
+log = get_logger(__name__)
+
+MAX_DRAWS = 64
+"""Upper bound on K per request: more draws belong in more requests."""
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class LatentCache:
+    """LRU cache of per-video latents keyed by content digest, bounded in bytes.
+
+    A video's latents depend only on its pixels (the VAE runs deterministically,
+    ``latent_dist.mode()``), so the digest of the pixel bytes and shape is a
+    complete key.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(video: torch.Tensor) -> str:
+        digest = hashlib.sha256(str(tuple(video.shape)).encode())
+        digest.update(video.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        latents = self._entries.get(key)
+        if latents is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return latents
+
+    def put(self, key: str, latents: torch.Tensor) -> None:
+        size = latents.numel() * latents.element_size()
+        if size > self.max_bytes:
+            return
+        if key in self._entries:
+            return
+        self._entries[key] = latents
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.numel() * evicted.element_size()
+
+
+class TeacherEngine:
+    """Validates and answers DenoisingLoss requests against one diffusion teacher."""
+
+    def __init__(
+        self,
+        teacher: DiffusionTeacher,
+        *,
+        model_name: str | None = None,
+        max_message_bytes: int = 0,
+        max_request_bytes: int = 0,
+        latent_cache_bytes: int = 1 << 30,
+    ) -> None:
+        self.teacher = teacher
+        self.model_name = model_name or teacher.spec.name
+        self.max_message_bytes = max_message_bytes
+        self.max_request_bytes = max_request_bytes
+        self.latents = LatentCache(latent_cache_bytes)
+        self._adapters: dict[str, tuple[Adapter, str]] = {}
+        # One model, one device: requests take turns (GPU work serialises anyway),
+        # and LoRA activation is model state that must not interleave.
+        self._lock = threading.Lock()
+        down_blocks = len(teacher.unet.config.block_out_channels)
+        self._latent_multiple = 2 ** (down_blocks - 1)
+
+    # -- adapters -------------------------------------------------------------
+
+    def load_adapter(self, path: str | Path) -> AdapterInfo:
+        """Load an adapter file; it is then addressed by its content digest."""
+        adapter = Adapter.load(path)
+        if adapter.cond_dim != self.teacher.cond_dim:
+            raise InvalidInput(
+                f"adapter {path}: projects to {adapter.cond_dim} dims, but {self.model_name} "
+                f"conditions on {self.teacher.cond_dim}"
+            )
+        if adapter.lora_rank and adapter.teacher_family != self.teacher.family:
+            raise InvalidInput(
+                f"adapter {path}: its LoRA was trained for a {adapter.teacher_family} UNet, "
+                f"this teacher is {self.teacher.family}"
+            )
+        assert adapter.digest is not None
+        with self._lock:
+            if adapter.digest not in self._adapters:
+                device = next(self.teacher.unet.parameters()).device
+                adapter = adapter.to(device).eval().requires_grad_(False)
+                if adapter.lora_rank:
+                    config = adapter.lora_config()
+                    assert config is not None
+                    self.teacher.attach_lora(adapter.digest, config, adapter.lora_state)
+                self._adapters[adapter.digest] = (adapter, str(path))
+                log.info("adapter_loaded", adapter_id=adapter.digest, source=str(path))
+        return self._adapter_info(adapter.digest)
+
+    def _adapter_info(self, adapter_id: str) -> AdapterInfo:
+        adapter, source = self._adapters[adapter_id]
+        return AdapterInfo(
+            id=adapter_id,
+            feature_dim=adapter.d_v,
+            projection=adapter.projection,
+            lora_rank=adapter.lora_rank,
+            source=source,
+        )
+
+    def info(self) -> TeacherInfo:
+        t = self.teacher
+        return TeacherInfo(
+            model=self.model_name,
+            family=t.family,
+            cond_dim=t.cond_dim,
+            frames=t.frames,
+            resolution=t.resolution,
+            latent_channels=t.latent_channels,
+            vae_scale_factor=t.vae_scale_factor,
+            num_train_timesteps=t.num_train_timesteps,
+            adapters=[self._adapter_info(a) for a in self._adapters],
+            max_message_bytes=self.max_message_bytes,
+            max_request_bytes=self.max_request_bytes,
+            version=vidalign.__version__,
+        )
+
+    # -- the loss -------------------------------------------------------------
+
+    def denoising_loss(self, request: DenoisingLossRequest) -> DenoisingLossResult:
+        """Validate, encode pixels if needed, and compute losses (and dL/dF_V)."""
+        request, adapter = self._validate(request)
+        device = next(self.teacher.unet.parameters()).device
+        # enable_grad: an in-process caller may be inside autograd.Function.forward,
+        # where grad mode is off, and dL/dF_V needs it on.
+        with self._lock, torch.enable_grad():
+            latents = (
+                request.latents.to(device, torch.float32)
+                if request.latents is not None
+                else self._encode_pixels(request.pixels)
+            )
+            text_emb = (
+                self.teacher.encode_text(request.captions) if request.captions is not None else None
+            )
+            features = None
+            if request.features is not None:
+                features = request.features.to(device, torch.float32)
+                if request.want_grad:
+                    features.requires_grad_(True)
+            result = loss_and_grad(
+                self.teacher,
+                adapter,
+                latents,
+                text_emb=text_emb,
+                features=features,
+                sample_ids=request.sample_ids,
+                seed=request.seed,
+                num_draws=request.num_draws,
+                timestep_range=request.timestep_range,
+                timesteps=request.timesteps,
+                want_grad=request.want_grad,
+            )
+        return DenoisingLossResult(
+            losses=result.losses.detach().cpu(),
+            timesteps=result.timesteps.cpu(),
+            grad=None if result.grad is None else result.grad.detach().float().cpu(),
+        )
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        keys = [LatentCache.key(video) for video in pixels]
+        cached = [self.latents.get(k) for k in keys]
+        missing = [i for i, c in enumerate(cached) if c is None]
+        if missing:
+            encoded = self.teacher.encode_video(pixels[missing])
+            for j, i in enumerate(missing):
+                cached[i] = encoded[j]
+                self.latents.put(keys[i], encoded[j])
+        return torch.stack(cached)  # type: ignore[arg-type]
+
+    def _validate(
+        self, request: DenoisingLossRequest
+    ) -> tuple[DenoisingLossRequest, Adapter | None]:
+        t = self.teacher
+        if request.model and request.model != self.model_name:
+            raise NotFound(
+                f"model '{request.model}' is not hosted here: this teacher serves "
+                f"'{self.model_name}'; point the client at the right teacher pool"
+            )
+        batch = len(request.sample_ids)
+        if batch == 0:
+            raise InvalidInput("sample_ids is empty; send one id per sample")
+        if (request.latents is None) == (request.pixels is None):
+            raise InvalidInput("send exactly one of the tensors 'latents' or 'pixels'")
+
+        if request.latents is not None:
+            z = request.latents
+            _check_float("latents", z)
+            if z.dim() != 5:
+                raise InvalidInput(
+                    f"latents: expected 5 dims (B, C, F, h, w), got shape {list(z.shape)}"
+                )
+            if z.shape[0] != batch:
+                raise InvalidInput(
+                    f"latents: batch {z.shape[0]} does not match {batch} sample_ids"
+                )
+            if z.shape[1] != t.latent_channels:
+                raise InvalidInput(
+                    f"latents: {z.shape[1]} channels, {self.model_name} expects {t.latent_channels}"
+                )
+            self._check_spatial("latents", z.shape[3], z.shape[4], self._latent_multiple)
+            _check_finite("latents", z)
+            frames = z.shape[2]
+        else:
+            x = request.pixels
+            assert x is not None
+            if x.dtype != torch.uint8:
+                raise InvalidInput(f"pixels: expected dtype uint8, got {x.dtype}")
+            if x.dim() != 5 or x.shape[-1] != 3:
+                raise InvalidInput(
+                    f"pixels: expected shape (B, F, H, W, 3), got {list(x.shape)}"
+                )
+            if x.shape[0] != batch:
+                raise InvalidInput(f"pixels: batch {x.shape[0]} does not match {batch} sample_ids")
+            self._check_spatial(
+                "pixels", x.shape[2], x.shape[3], self._latent_multiple * t.vae_scale_factor
+            )
+            frames = x.shape[1]
+        if frames < 1:
+            raise InvalidInput("the video has no frames")
+
+        adapter = None
+        if request.adapter_id:
+            entry = self._adapters.get(request.adapter_id)
+            if entry is None:
+                known = ", ".join(self._adapters) or "none"
+                raise NotFound(
+                    f"adapter '{request.adapter_id}' is not loaded on this teacher (loaded: {known}); "
+                    "start the teacher with --adapter PATH"
+                )
+            adapter = entry[0]
+
+        if request.features is not None:
+            f = request.features
+            _check_float("features", f)
+            if f.dim() != 3:
+                raise InvalidInput(
+                    f"features: expected 3 dims (B, T, d_v), got shape {list(f.shape)}"
+                )
+            if f.shape[0] != batch:
+                raise InvalidInput(
+                    f"features: batch {f.shape[0]} does not match {batch} sample_ids"
+                )
+            if f.shape[1] == 0:
+                raise InvalidInput("features: T is 0; send at least one feature token")
+            if adapter is None:
+                raise InvalidInput(
+                    "features were sent without adapter_id: name the adapter whose W_proj maps them"
+                )
+            if f.shape[2] != adapter.d_v:
+                raise InvalidInput(
+                    f"features: d_v is {f.shape[2]}, adapter {request.adapter_id} expects {adapter.d_v}"
+                )
+            _check_finite("features", f)
+        elif request.want_grad:
+            raise InvalidInput("want_grad needs features: the gradient is dL/dF_V")
+
+        if request.captions is not None and len(request.captions) != batch:
+            raise InvalidInput(
+                f"captions: {len(request.captions)} captions for {batch} samples; "
+                "send one per sample, or none for the no-text ablation"
+            )
+        if request.captions is None and request.features is None:
+            raise InvalidInput("nothing to condition on: send captions, features, or both")
+
+        steps = t.num_train_timesteps
+        num_draws = request.num_draws
+        if request.timesteps:
+            if num_draws == 0:
+                num_draws = len(request.timesteps)
+            if len(request.timesteps) != num_draws:
+                raise InvalidInput(
+                    f"timesteps: {len(request.timesteps)} given for num_draws={num_draws}; "
+                    "give one per draw"
+                )
+            bad = [s for s in request.timesteps if not 0 <= s < steps]
+            if bad:
+                raise InvalidInput(f"timesteps {bad} are outside [0, {steps})")
+        num_draws = num_draws or 1
+        if not 1 <= num_draws <= MAX_DRAWS:
+            raise InvalidInput(f"num_draws must be in [1, {MAX_DRAWS}], got {num_draws}")
+        if request.timestep_range is not None:
+            lo, hi = request.timestep_range
+            if not 0 <= lo < hi <= steps:
+                raise InvalidInput(
+                    f"timestep_range [{lo}, {hi}) must satisfy 0 <= min < max <= {steps}"
+                )
+        return replace(request, num_draws=num_draws), adapter
+
+    def _check_spatial(self, name: str, h: int, w: int, multiple: int) -> None:
+        if h % multiple or w % multiple or h == 0 or w == 0:
+            raise InvalidInput(
+                f"{name}: spatial size {h}x{w} must be a positive multiple of {multiple} "
+                f"for {self.model_name}"
+            )
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise InvalidInput(
+            f"{name}: expected a float dtype (float32, float16, bfloat16), got {tensor.dtype}"
+        )
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    bad = (~torch.isfinite(tensor)).sum().item()
+    if bad:
+        raise InvalidInput(f"{name}: {bad} of {tensor.numel()} values are NaN or Inf")

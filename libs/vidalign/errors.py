@@ -1,0 +1,27 @@
+"""Domain errors shared by the libraries and the services.
+
+Libraries raise these; the teacher service maps each class to one gRPC status
+code (see ``vidalign_teacher.errors``), so a caller gets a message a person can
+act on instead of a stack trace. The message must say what was wrong and what
+was expected, e.g. ``"features: expected 3 dims (B, T, d_v), got shape (4, 32)"``.
+"""
+
+
+class VidalignError(Exception):
+    """Base class of every error vidalign raises on purpose."""
+
+
+class InvalidInput(VidalignError, ValueError):
+    """The caller sent something malformed: wrong shape, dtype, NaN, bad value."""
+
+
+class NotFound(VidalignError, LookupError):
+    """A named thing (model, adapter, artifact) does not exist here."""
+
+
+class ResourceExhausted(VidalignError):
+    """The request is larger than a configured limit."""
+
+
+class Unavailable(VidalignError):
+    """The service cannot answer now (still loading, shutting down, unreachable)."""

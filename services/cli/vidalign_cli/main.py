@@ -1,0 +1,192 @@
+"""The ``vidalign`` command line.
+
+    vidalign teacher serve --model tiny-animatediff --port 50051 --adapter A.safetensors
+    vidalign teacher info --address 127.0.0.1:50051
+    vidalign train stage2 --config configs/stage2-tiny.yaml [--set train.steps=10] [--resume]
+    vidalign adapter init --teacher-model tiny-animatediff --student tiny-videollava --out A.safetensors
+    vidalign models list
+    vidalign demo
+
+Errors that a user can fix (bad config, unknown model, unreachable teacher)
+print one line and exit with status 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vidalign.config import ConfigError
+from vidalign.errors import VidalignError
+from vidalign.log import configure_logging, get_logger
+
+log = get_logger("vidalign.cli")
+
+
+def _teacher_serve(args: argparse.Namespace) -> None:
+    from vidalign_teacher.server import ServerConfig, TeacherServer, serve
+
+    config = ServerConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        adapters=args.adapter,
+        device=args.device or ServerConfig.__dataclass_fields__["device"].default,
+        dtype=args.dtype,
+        max_message_bytes=int(args.max_message_mb * (1 << 20)),
+        max_request_bytes=int(args.max_request_mb * (1 << 20)),
+        workers=args.workers,
+    )
+    if args.port_file:
+        # Tests and the demo use --port 0; they learn the port from this file.
+        server = TeacherServer(config)
+        tmp = Path(f"{args.port_file}.tmp")
+        tmp.write_text(str(server.port))
+        tmp.replace(args.port_file)
+        serve(config, server=server)
+    else:
+        serve(config)
+
+
+def _teacher_info(args: argparse.Namespace) -> None:
+    import json
+    from dataclasses import asdict
+
+    from vidalign.client import GrpcTeacher
+
+    teacher = GrpcTeacher(args.address, timeout=args.timeout)
+    try:
+        print(json.dumps(asdict(teacher.info()), indent=2))
+    finally:
+        teacher.close()
+
+
+def _train_stage2(args: argparse.Namespace) -> None:
+    from vidalign.config import load_config
+    from vidalign_trainer.stage2 import Stage2Config, run_stage2
+
+    config = load_config(Stage2Config, args.config, args.set)
+    run_stage2(config, resume=args.resume)
+
+
+def _adapter_init(args: argparse.Namespace) -> None:
+    from vidalign.diffusion import Adapter, load_teacher
+    from vidalign.students import load_student
+
+    teacher = load_teacher(args.teacher_model)
+    d_v = args.feature_dim or load_student(args.student).d_v
+    adapter = Adapter.create(
+        d_v=d_v,
+        cond_dim=teacher.cond_dim,
+        projection=args.projection,
+        lora_rank=args.lora_rank,
+        teacher_family=teacher.family,
+        seed=args.seed,
+        teacher=teacher,
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    digest = adapter.save(args.out)
+    print(digest)
+
+
+def _models_list(args: argparse.Namespace) -> None:
+    from vidalign.diffusion import TEACHER_MODELS
+    from vidalign.students import STUDENT_MODELS
+
+    print("teachers (vidalign teacher serve --model NAME):")
+    for spec in TEACHER_MODELS.values():
+        print(f"  {spec.name:24s} {spec.family:12s} {spec.description}")
+    print("students (stage2 config: student: NAME):")
+    for spec in STUDENT_MODELS.values():
+        print(f"  {spec.name:24s} {spec.family:12s} {spec.description}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from vidalign_cli.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vidalign",
+        description="Post-train VideoLLMs for fine-grained motion with a video diffusion teacher.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    teacher = sub.add_parser("teacher", help="the diffusion teacher service").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    serve = teacher.add_parser("serve", help="serve a diffusion model over gRPC")
+    serve.add_argument("--model", required=True, help="registry name (vidalign models list) or local dir")
+    serve.add_argument("--host", default="[::]", help="address to bind (default: all interfaces)")
+    serve.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one")
+    serve.add_argument("--port-file", help="write the bound port to this file once listening")
+    serve.add_argument(
+        "--adapter", action="append", default=[], help="adapter file to load (repeatable)"
+    )
+    serve.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    serve.add_argument("--max-message-mb", type=float, default=16, help="per-message limit (MiB)")
+    serve.add_argument("--max-request-mb", type=float, default=1024, help="per-request limit (MiB)")
+    serve.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+    serve.set_defaults(func=_teacher_serve)
+
+    info = teacher.add_parser("info", help="describe a running teacher")
+    info.add_argument("--address", required=True, help="host:port or dns:///name:port")
+    info.add_argument("--timeout", type=float, default=30.0)
+    info.set_defaults(func=_teacher_info)
+
+    train = sub.add_parser("train", help="training stages").add_subparsers(
+        dest="stage", required=True, metavar="STAGE"
+    )
+    stage2 = train.add_parser("stage2", help="VDA stage 2: train the video encoder via the teacher")
+    stage2.add_argument("--config", help="YAML config (see configs/)")
+    stage2.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    stage2.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    stage2.set_defaults(func=_train_stage2)
+
+    adapter = sub.add_parser("adapter", help="conditioning adapters (W_proj + LoRA)").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    init = adapter.add_parser("init", help="write a freshly initialised adapter")
+    init.add_argument("--teacher-model", required=True)
+    init.add_argument("--student", default="tiny-videollava", help="student whose d_v to use")
+    init.add_argument("--feature-dim", type=int, default=0, help="d_v (overrides --student)")
+    init.add_argument("--projection", default="linear", choices=["linear", "mlp"])
+    init.add_argument("--lora-rank", type=int, default=0)
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", required=True)
+    init.set_defaults(func=_adapter_init)
+
+    models = sub.add_parser("models", help="model registry").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    models.add_parser("list", help="list teacher and student models").set_defaults(func=_models_list)
+
+    demo = sub.add_parser("demo", help="teacher on loopback + stage 2 on tiny models")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--steps", type=int, default=30)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        args.func(args)
+    except (VidalignError, ConfigError) as err:
+        print(f"vidalign: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The teacher gRPC server: one diffusion model per process.
+
+Start-up order matters to orchestrators: the port opens first with health
+NOT_SERVING (so a probe gets an answer, not a refused connection), the model
+loads, adapters load, and only then does health flip to SERVING. On SIGTERM
+health flips back to NOT_SERVING and in-flight calls get ``grace`` seconds.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from vidalign import protocol
+from vidalign.client import DEFAULT_MAX_MESSAGE_BYTES
+from vidalign.config import ConfigError
+from vidalign.engine import TeacherEngine
+from vidalign.errors import Unavailable
+from vidalign.log import get_logger
+from vidalign.teacher.v1 import teacher_pb2 as pb
+from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
+from vidalign_teacher.errors import ErrorInterceptor
+
+log = get_logger("vidalign.teacher")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    model: str
+    """Registry name of the diffusion model (``vidalign models list``) or a local directory."""
+    host: str = "[::]"
+    port: int = 50051
+    """0 picks a free port (tests)."""
+    adapters: Sequence[str] = field(default_factory=list)
+    """Adapter files to load at start; requests address them by content digest."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "float32"
+    """Teacher weights' dtype: float32, float16 or bfloat16 (the loss is reduced in float32)."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest single gRPC message accepted or sent."""
+    max_request_bytes: int = 1 << 30
+    """Largest assembled request (all tensors); larger ones get RESOURCE_EXHAUSTED."""
+    workers: int = 8
+    """Threads accepting calls; model work is serialised by the engine."""
+    latent_cache_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.max_message_bytes < (2 << 20):
+            raise ConfigError("max_message_bytes must be at least 2 MiB (tensors stream in 1 MiB pieces)")
+
+
+class TeacherServicer(pb_grpc.TeacherServiceServicer):
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine: TeacherEngine | None = None
+
+    def _engine(self) -> TeacherEngine:
+        if self.engine is None:
+            raise Unavailable(f"the teacher is still loading {self.config.model}; retry shortly")
+        return self.engine
+
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
+        return protocol.info_message(self._engine().info())
+
+    def DenoisingLoss(
+        self, request_iterator: Iterator[pb.DenoisingLossRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.DenoisingLossResponse]:
+        engine = self._engine()
+        request = protocol.parse_request(request_iterator, self.config.max_request_bytes)
+        log.info(
+            "denoising_loss",
+            batch=len(request.sample_ids),
+            draws=request.num_draws,
+            want_grad=request.want_grad,
+            adapter_id=request.adapter_id or None,
+            text=request.captions is not None,
+        )
+        result = engine.denoising_loss(request)
+        return protocol.result_messages(result)
+
+
+class TeacherServer:
+    """Owns the gRPC server, the health service and the loaded engine."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.servicer = TeacherServicer(config)
+        self.health = health.HealthServicer()
+        options = [
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+        ]
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="teacher"),
+            interceptors=[ErrorInterceptor(SERVICE_NAME)],
+            options=options,
+        )
+        pb_grpc.add_TeacherServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {config.host}:{config.port}")
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _set_health(self, status: int) -> None:
+        self.health.set("", status)
+        self.health.set(SERVICE_NAME, status)
+
+    def start(self) -> None:
+        """Open the port, load the model and adapters, then report SERVING."""
+        self.server.start()
+        log.info("teacher_listening", port=self.port, model=self.config.model)
+        from vidalign.diffusion import load_teacher
+
+        dtype = getattr(torch, self.config.dtype)
+        teacher = load_teacher(self.config.model, device=self.config.device, dtype=dtype)
+        engine = TeacherEngine(
+            teacher,
+            model_name=self.config.model,
+            max_message_bytes=self.config.max_message_bytes,
+            max_request_bytes=self.config.max_request_bytes,
+            latent_cache_bytes=self.config.latent_cache_bytes,
+        )
+        for path in self.config.adapters:
+            engine.load_adapter(Path(path))
+        self.servicer.engine = engine
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        info = engine.info()
+        log.info(
+            "teacher_serving",
+            port=self.port,
+            model=info.model,
+            family=info.family,
+            device=self.config.device,
+            dtype=self.config.dtype,
+            adapters=[a.id for a in info.adapters],
+        )
+
+    def stop(self, grace: float = 5.0) -> None:
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace).wait()
+        log.info("teacher_stopped")
+
+
+def serve(config: ServerConfig, server: TeacherServer | None = None) -> None:
+    """Run until SIGTERM/SIGINT."""
+    server = server or TeacherServer(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server.start()
+    except BaseException:
+        server.stop(grace=0)
+        raise
+    stop.wait()
+    server.stop()

@@ -1,0 +1,292 @@
+"""VDA stage 2: train the student's video encoder through the teacher's denoising loss.
+
+    F_V = E_phi(V)                                    (student, this process)
+    L   = || eps - eps_theta(z_t, t, [c_text; W_proj(F_V)]) ||^2    (teacher, eq. 4)
+    phi <- AdamW(phi, dL/dphi)                         (dL/dF_V comes back from the teacher)
+
+The teacher, W_proj and its LoRA are frozen; only the encoder learns. The
+teacher may be in this process (``address: local``) or a gRPC service; the
+loop is the same because the loss is an ordinary differentiable module.
+
+Every source of randomness is a function of (config seed, step): batch order
+and the teacher's timesteps and noise. A run resumed from a checkpoint at step
+k therefore repeats exactly what an uninterrupted run does after step k.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from vidalign.checkpoint import LocalCheckpointer
+from vidalign.client import RemoteDenoisingLoss, Teacher, connect
+from vidalign.config import config_digest, to_dict
+from vidalign.data.toy import moving_squares
+from vidalign.diffusion.adapter import file_digest
+from vidalign.errors import InvalidInput
+from vidalign.log import get_logger
+from vidalign.students import load_student
+from vidalign.video import sample_frames
+
+log = get_logger("vidalign.stage2")
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    address: str = "local"
+    """``local`` (in this process), ``host:port`` or ``dns:///name:port``."""
+    model: str = "tiny-animatediff"
+    """Diffusion model; loaded here for ``local``, checked against the server otherwise."""
+    adapter: str = ""
+    """Adapter file (its digest is sent) or an adapter id ``sha256:<hex>`` the server has loaded."""
+    timeout_s: float = 600.0
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    kind: str = "toy"
+    """``toy``: procedurally generated moving squares (vidalign.data.toy)."""
+    num_clips: int = 32
+    frames: int = 16
+    size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind != "toy":
+            raise ValueError(f"data.kind: only 'toy' is available, got {self.kind!r}")
+        if self.num_clips < 1:
+            raise ValueError("data.num_clips must be >= 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 40
+    batch_size: int = 2
+    lr: float = 1e-5
+    """VDA trains all stages at 1e-5."""
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+    num_draws: int = 1
+    """Noise draws K per sample per step."""
+    timestep_range: list[int] = field(default_factory=lambda: [0, 1000])
+    text: bool = True
+    """Condition the teacher on the static caption; false is VDA's no-text ablation."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.num_draws < 1:
+            raise ValueError("train.steps, train.batch_size and train.num_draws must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if len(self.timestep_range) != 2 or not 0 <= self.timestep_range[0] < self.timestep_range[1]:
+            raise ValueError(f"train.timestep_range must be [min, max), got {self.timestep_range}")
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    dir: str = "runs/stage2"
+    checkpoint_every: int = 20
+    keep_latest_k: int = 3
+
+
+@dataclass(kw_only=True)
+class Stage2Config:
+    student: str = "tiny-videollava"
+    """Student VideoLLM whose video encoder E_phi is trained (``vidalign models list``)."""
+    device: str = "cpu"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+@dataclass
+class Batch:
+    ids: list[str]
+    video: torch.Tensor  # uint8 (B, F, H, W, 3)
+    static_captions: list[str]
+
+
+class ToyDataset:
+    """Clips in memory; the batch of step s is a function of (seed, s) only."""
+
+    def __init__(self, config: DataConfig) -> None:
+        clips = moving_squares(
+            config.num_clips, frames=config.frames, size=config.size, seed=config.seed
+        )
+        self.ids = [c.clip_id for c in clips]
+        self.videos = torch.stack([torch.from_numpy(c.video) for c in clips])
+        self.static_captions = [c.static_caption for c in clips]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, step: int, batch_size: int, seed: int) -> Batch:
+        n = len(self)
+        picks = []
+        for position in range(step * batch_size, (step + 1) * batch_size):
+            epoch, offset = divmod(position, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+            picks.append(int(order[offset]))
+        return Batch(
+            ids=[self.ids[i] for i in picks],
+            video=self.videos[picks],
+            static_captions=[self.static_captions[i] for i in picks],
+        )
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The teacher's seed for one step: distinct across steps and runs."""
+    return (seed << 32) | step
+
+
+def resolve_adapter_id(adapter: str) -> str:
+    if not adapter:
+        raise InvalidInput("teacher.adapter is required: an adapter file or its sha256 id")
+    if adapter.startswith("sha256:"):
+        return adapter
+    if not Path(adapter).is_file():
+        raise InvalidInput(f"teacher.adapter: {adapter} is neither a file nor a sha256: id")
+    return file_digest(adapter)
+
+
+def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher | None = None) -> list[float]:
+    """Train; returns the mean loss of each step run by this call."""
+    out = Path(config.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(config.device)
+    adapter_id = resolve_adapter_id(config.teacher.adapter)
+    own_teacher = teacher is None
+    if teacher is None:
+        adapters = [config.teacher.adapter] if not config.teacher.adapter.startswith("sha256:") else []
+        teacher = connect(
+            config.teacher.address,
+            model=config.teacher.model,
+            adapters=adapters,
+            timeout=config.teacher.timeout_s,
+        )
+    try:
+        info = teacher.info()
+        if config.teacher.model and info.model != config.teacher.model:
+            raise InvalidInput(
+                f"teacher at {config.teacher.address} hosts '{info.model}', "
+                f"the config asks for '{config.teacher.model}'"
+            )
+        if adapter_id not in {a.id for a in info.adapters}:
+            raise InvalidInput(
+                f"adapter {adapter_id} is not loaded on the teacher "
+                f"(loaded: {', '.join(a.id for a in info.adapters) or 'none'})"
+            )
+        encoder = load_student(config.student, device=str(device))
+        encoder.train()
+        # Parameters that cannot reach F_V (layers after the feature layer) are
+        # frozen by the loader; DDP and ZeRO fail on params that never get a grad.
+        trainable = [p for p in encoder.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
+        )
+        checkpointer = LocalCheckpointer(out / "checkpoints", config.output.keep_latest_k)
+        digest = config_digest(config)
+        start = 0
+        if resume and (ckpt := checkpointer.latest()) is not None:
+            if ckpt.meta.get("config_digest") != digest:
+                log.warning("resume_config_changed", checkpoint=str(ckpt.path))
+            encoder.load_state_dict(ckpt.weights("encoder"))
+            optimizer.load_state_dict(ckpt.state("optimizer"))
+            start = ckpt.step
+            log.info("resumed", step=start, checkpoint=str(ckpt.path))
+
+        data = ToyDataset(config.data)
+        criterion = RemoteDenoisingLoss(
+            teacher,
+            adapter_id=adapter_id,
+            model=info.model,
+            num_draws=config.train.num_draws,
+            timestep_range=tuple(config.train.timestep_range),  # type: ignore[arg-type]
+        )
+        log.info(
+            "stage2_start",
+            student=config.student,
+            teacher=config.teacher.address,
+            teacher_model=info.model,
+            adapter_id=adapter_id,
+            clips=len(data),
+            trainable_params=sum(p.numel() for p in trainable),
+            start_step=start,
+            steps=config.train.steps,
+        )
+        losses: list[float] = []
+        metrics = (out / "metrics.jsonl").open("a")
+        with logging_redirect_tqdm(), tqdm(
+            total=config.train.steps,
+            initial=start,
+            desc="stage2",
+            unit="step",
+            dynamic_ncols=True,
+            disable=None,  # no bar when stderr is not a terminal (CI, log files)
+        ) as bar:
+            for step in range(start, config.train.steps):
+                tic = time.perf_counter()
+                batch = data.batch(step, config.train.batch_size, config.train.seed)
+                features = encoder(encoder.preprocess(batch.video.to(device)))
+                teacher_video = sample_frames(batch.video, info.frames, info.resolution)
+                t_teacher = time.perf_counter()
+                per_sample = criterion(
+                    features,
+                    pixels=teacher_video,
+                    captions=batch.static_captions if config.train.text else None,
+                    sample_ids=batch.ids,
+                    seed=step_seed(config.train.seed, step),
+                )
+                t_teacher = time.perf_counter() - t_teacher
+                loss = per_sample.mean()
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    trainable,
+                    config.train.grad_clip if config.train.grad_clip > 0 else math.inf,
+                )
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"stage 2 loss is {value} at step {step + 1}")
+                losses.append(value)
+                record = {
+                    "step": step + 1,
+                    "loss": round(value, 6),
+                    "grad_norm": round(float(grad_norm), 6),
+                    "step_s": round(time.perf_counter() - tic, 4),
+                    "teacher_s": round(t_teacher, 4),
+                }
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                log.info("stage2_step", **record)
+                bar.set_postfix(loss=f"{value:.4f}")
+                bar.update(1)
+                if (step + 1) % config.output.checkpoint_every == 0 or step + 1 == config.train.steps:
+                    checkpointer.save(
+                        step + 1,
+                        weights={"encoder": encoder.state_dict()},
+                        state={"optimizer": optimizer.state_dict()},
+                        meta={
+                            "stage": "stage2",
+                            "config_digest": digest,
+                            "config": to_dict(config),
+                            "adapter_id": adapter_id,
+                            "teacher_model": info.model,
+                        },
+                    )
+        metrics.close()
+        log.info("stage2_done", steps=config.train.steps, final_loss=losses[-1] if losses else None)
+        return losses
+    finally:
+        if own_teacher:
+            teacher.close()

@@ -1,0 +1,154 @@
+"""The remote gradient is the chain rule, exactly (DESIGN.md decision 1).
+
+Same tiny models, same seed: the encoder's parameter gradients obtained
+through the gRPC teacher equal in-process autograd through teacher and
+encoder together, and so do the losses.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vidalign.client import GrpcTeacher, LocalTeacher, RemoteDenoisingLoss
+from vidalign.data.toy import moving_squares
+from vidalign.diffusion import Adapter, load_teacher
+from vidalign.diffusion.adapter import file_digest
+from vidalign.diffusion.loss import denoising_loss
+from vidalign.students import load_student
+from vidalign.video import sample_frames
+
+from ..conftest import STUDENT
+
+TOL = 1e-6
+BATCH = 2
+SEED = 1234
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return moving_squares(BATCH, frames=12, size=32, seed=5)
+
+
+def _inputs(clips, teacher_name):
+    teacher = load_teacher(teacher_name)
+    video = torch.stack([torch.from_numpy(c.video) for c in clips])
+    return (
+        teacher,
+        video,
+        sample_frames(video, teacher.frames, teacher.resolution),
+        [c.static_caption for c in clips],
+        [c.clip_id for c in clips],
+    )
+
+
+def _grads(encoder):
+    return {n: p.grad.detach().clone() for n, p in encoder.named_parameters() if p.grad is not None}
+
+
+def _in_process(teacher, adapter, encoder, video, teacher_video, captions, ids, draws, t_range, latents=None):
+    """Reference: one autograd graph through the encoder, W_proj and the UNet."""
+    features = encoder(encoder.preprocess(video))
+    z0 = teacher.encode_video(teacher_video) if latents is None else latents
+    text = teacher.encode_text(captions) if captions is not None else None
+    losses, timesteps = denoising_loss(
+        teacher, adapter, z0, text_emb=text, features=features, sample_ids=ids, seed=SEED,
+        num_draws=draws, timestep_range=t_range,
+    )
+    loss = losses.mean(dim=1).mean()
+    loss.backward()
+    return loss.detach(), timesteps, _grads(encoder)
+
+
+def _through(teacher_client, adapter_id, encoder, video, teacher_video, captions, ids, draws, t_range, latents=None):
+    criterion = RemoteDenoisingLoss(teacher_client, adapter_id=adapter_id, num_draws=draws, timestep_range=t_range)
+    features = encoder(encoder.preprocess(video))
+    kwargs = {"latents": latents} if latents is not None else {"pixels": teacher_video}
+    loss = criterion(features, captions=captions, sample_ids=ids, seed=SEED, **kwargs).mean()
+    loss.backward()
+    return loss.detach(), criterion.last_result.timesteps, _grads(encoder)
+
+
+def _assert_same(a, b):
+    loss_a, t_a, g_a = a
+    loss_b, t_b, g_b = b
+    assert torch.equal(t_a, t_b)
+    assert abs(loss_a.item() - loss_b.item()) <= TOL, (loss_a.item(), loss_b.item())
+    assert g_a.keys() == g_b.keys() and g_a
+    worst = max((g_a[k] - g_b[k]).abs().max().item() for k in g_a)
+    assert worst <= TOL, f"max abs grad diff {worst:.3e}"
+    # The check is not vacuous: the gradient actually moves the encoder.
+    assert max(g.abs().max().item() for g in g_a.values()) > 1e-8
+
+
+CASES = [
+    pytest.param("tiny-animatediff", "", True, 1, id="animatediff-text-K1"),
+    pytest.param("tiny-animatediff", "", False, 1, id="animatediff-notext-K1"),
+    pytest.param("tiny-animatediff", "", True, 3, id="animatediff-text-K3"),
+    pytest.param("tiny-animatediff", "+lora", True, 2, id="animatediff-lora-K2"),
+    pytest.param("tiny-sd15", "", True, 1, id="sd15-text-K1"),
+    pytest.param("tiny-sd15", "", False, 3, id="sd15-notext-K3"),
+]
+
+
+@pytest.mark.parametrize("teacher_name,variant,text,draws", CASES)
+def test_grpc_gradient_equals_in_process_autograd(
+    teacher_servers, adapter_paths, clips, teacher_name, variant, text, draws
+):
+    teacher, video, teacher_video, captions, ids = _inputs(clips, teacher_name)
+    path = adapter_paths[teacher_name + variant]
+    adapter = Adapter.load(path)
+    if adapter.lora_rank:
+        teacher.attach_lora(adapter.digest, adapter.lora_config(), adapter.lora_state)
+    captions = captions if text else None
+    t_range = (100, 900)
+
+    reference = _in_process(teacher, adapter, load_student(STUDENT), video, teacher_video, captions, ids, draws, t_range)
+    client = GrpcTeacher(teacher_servers[teacher_name])
+    try:
+        remote = _through(client, file_digest(path), load_student(STUDENT), video, teacher_video, captions, ids, draws, t_range)
+    finally:
+        client.close()
+    _assert_same(remote, reference)
+
+
+def test_local_teacher_matches_grpc_and_inline_latents(teacher_servers, adapter_paths, clips):
+    """The in-process teacher answers exactly as the service does; inline latents equal pixels."""
+    name = "tiny-animatediff"
+    teacher, video, teacher_video, captions, ids = _inputs(clips, name)
+    path = adapter_paths[name]
+    latents = teacher.encode_video(teacher_video)
+    local = LocalTeacher(name, adapters=[path])
+    client = GrpcTeacher(teacher_servers[name])
+    try:
+        a = _through(local, file_digest(path), load_student(STUDENT), video, teacher_video, captions, ids, 2, None)
+        b = _through(client, file_digest(path), load_student(STUDENT), video, teacher_video, captions, ids, 2, None)
+        c = _through(client, file_digest(path), load_student(STUDENT), video, None, captions, ids, 2, None, latents=latents)
+    finally:
+        client.close()
+    _assert_same(a, b)
+    _assert_same(b, c)
+
+
+def test_randomness_is_a_function_of_seed_and_sample_id(teacher_servers, adapter_paths, clips):
+    """Same (seed, sample id, draw) -> same timesteps and loss; another seed -> different."""
+    name = "tiny-animatediff"
+    _, video, teacher_video, captions, ids = _inputs(clips, name)
+    client = GrpcTeacher(teacher_servers[name])
+    criterion = RemoteDenoisingLoss(client, adapter_id=file_digest(adapter_paths[name]), num_draws=4)
+    encoder = load_student(STUDENT)
+    with torch.no_grad():
+        features = encoder(encoder.preprocess(video))
+    try:
+        runs = []
+        for seed in (7, 7, 8):
+            loss = criterion(features, pixels=teacher_video, captions=captions, sample_ids=ids, seed=seed)
+            runs.append((loss, criterion.last_result.timesteps))
+        swapped = criterion(features.flip(0), pixels=teacher_video.flip(0), captions=captions[::-1],
+                            sample_ids=ids[::-1], seed=7)
+    finally:
+        client.close()
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][1], runs[2][1])
+    # A sample's draws do not depend on its position in the batch.
+    assert torch.allclose(swapped.flip(0), runs[0][0], atol=1e-5)
