@@ -7,6 +7,7 @@ on 127.0.0.1. Printed: median step time of each (first steps dropped as
 warm-up) and their ratio, measured in this one run.
 
     .venv/bin/python bench/stage2.py [--steps 12] [--teachers tiny-animatediff small-animatediff]
+    python bench/stage2.py --device cuda --teachers tiny-animatediff random-animatediff   # GPU
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def median_step(out: Path) -> float:
     return statistics.median(steps[WARMUP:])
 
 
-def bench(teacher_name: str, steps: int, batch: int, root: Path) -> tuple[float, float]:
+def bench(
+    teacher_name: str, steps: int, batch: int, root: Path, device: str
+) -> tuple[float, float]:
     teacher = load_teacher(teacher_name)
     adapter_path = root / f"{teacher_name}.safetensors"
     Adapter.create(
@@ -50,6 +53,7 @@ def bench(teacher_name: str, steps: int, batch: int, root: Path) -> tuple[float,
     def config(address: str, out: Path) -> Stage2Config:
         return Stage2Config(
             student=STUDENT,
+            device=device,
             teacher=TeacherConfig(address=address, model=teacher_name, adapter=str(adapter_path)),
             data=DataConfig(num_clips=16, frames=16, size=64, seed=0),
             train=TrainConfig(steps=steps, batch_size=batch, seed=0),
@@ -58,7 +62,7 @@ def bench(teacher_name: str, steps: int, batch: int, root: Path) -> tuple[float,
 
     local_out = root / f"{teacher_name}-local"
     run_stage2(config("local", local_out))
-    proc, address = start_teacher(teacher_name, [adapter_path], root)
+    proc, address = start_teacher(teacher_name, [adapter_path], root, device=device)
     try:
         grpc_out = root / f"{teacher_name}-grpc"
         run_stage2(config(address, grpc_out))
@@ -72,13 +76,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--teachers", nargs="+", default=["tiny-animatediff", "small-animatediff"])
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     configure_logging(level="WARNING")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.teachers:
-            rows.append((name, *bench(name, args.steps, args.batch, Path(tmp))))
-    print(f"\nstage-2 step time, batch {args.batch}, median of steps {WARMUP + 1}..{args.steps}")
+            rows.append((name, *bench(name, args.steps, args.batch, Path(tmp), args.device)))
+    print(
+        f"\nstage-2 step time on {args.device}, batch {args.batch}, "
+        f"median of steps {WARMUP + 1}..{args.steps}"
+    )
     print(f"{'teacher':<20} {'in-process s':>13} {'gRPC s':>9} {'gRPC / in-process':>18}")
     for name, local, remote in rows:
         print(f"{name:<20} {local:>13.4f} {remote:>9.4f} {remote / local:>17.2f}x")

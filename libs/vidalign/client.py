@@ -211,6 +211,7 @@ def connect(
     adapters: Sequence[str | Path] = (),
     device: str = "cpu",
     timeout: float = 600.0,
+    retries: int = 5,
 ) -> Teacher:
     """A teacher by address: ``local`` (needs ``model``), ``host:port`` or ``dns:///name:port``."""
     if address == "local":
@@ -221,7 +222,7 @@ def connect(
         raise InvalidInput(
             f"teacher address '{address}' is not 'local', 'host:port' or 'dns:///name:port'"
         )
-    return GrpcTeacher(address, timeout=timeout)
+    return GrpcTeacher(address, timeout=timeout, retries=retries)
 
 
 # --- the differentiable loss ------------------------------------------------

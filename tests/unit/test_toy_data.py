@@ -2,10 +2,10 @@
 
 import itertools
 
+import av
 import numpy as np
 import pytest
 
-from vidalign.data import toy
 from vidalign.data.toy import DIRECTIONS, SQUARE_COLORS, moving_squares, read_video, write_mp4
 from vidalign.errors import InvalidInput, NotFound
 
@@ -83,10 +83,10 @@ def test_square_moves_in_the_stated_direction():
 
 @pytest.mark.parametrize(("encoder", "stream_codec"), [("libx264", "h264"), ("mpeg4", "mpeg4")])
 def test_mp4_round_trip(tmp_path, monkeypatch, encoder, stream_codec):
-    if encoder not in toy.av.codecs_available:
+    if encoder not in av.codecs_available:
         pytest.skip(f"{encoder} is not in this PyAV build")
     # write_mp4 prefers libx264; offering only mpeg4 exercises the fallback.
-    monkeypatch.setattr(toy.av, "codecs_available", {encoder})
+    monkeypatch.setattr(av, "codecs_available", {encoder})
     (clip,) = moving_squares(1, frames=16, size=32, seed=2)
     path = tmp_path / "clip.mp4"
     write_mp4(clip, path, fps=8)
@@ -95,7 +95,7 @@ def test_mp4_round_trip(tmp_path, monkeypatch, encoder, stream_codec):
     assert decoded.shape == clip.video.shape
     diff = np.abs(decoded.astype(np.int16) - clip.video.astype(np.int16))
     assert diff.mean() < 4.0
-    with toy.av.open(str(path)) as container:
+    with av.open(str(path)) as container:
         assert container.streams.video[0].codec_context.name == stream_codec
 
 

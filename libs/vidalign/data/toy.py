@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 from vidalign.errors import InvalidInput, NotFound
@@ -132,6 +131,8 @@ def write_mp4(clip: ToyClip | np.ndarray, path: str | Path, fps: int = 8) -> Non
             f"clip.video: expected shape (F >= 1, even H, even W, 3), got {video.shape}"
         )
     _check_int("fps", fps, 1)
+    import av  # video I/O only: training on in-memory clips does not need FFmpeg
+
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps))
@@ -149,6 +150,8 @@ def read_video(path: str | Path) -> np.ndarray:
     """Decode every frame of the first video stream as uint8 ``(F, H, W, 3)`` RGB."""
     if not Path(path).is_file():
         raise NotFound(f"path: video file {str(path)!r} does not exist")
+    import av
+
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise InvalidInput(f"path: {str(path)!r} has no video stream")

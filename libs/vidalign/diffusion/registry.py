@@ -46,10 +46,14 @@ class PresetSize:
     attention_head_dim: int
     norm_groups: int
     text_layers: int
-    vae_channels: tuple[int, int]
-    """Two VAE levels: pixels are 2x the latent side."""
+    vae_channels: tuple[int, ...]
+    """VAE block widths: pixels are 2 ** (levels - 1) x the latent side."""
     latent_size: int
     """Latent side the UNet is configured for (``sample_size``)."""
+    layers_per_block: int = 1
+    """ResNet (and motion) layers per UNet level; 2 in SD1.5."""
+    motion_heads: int = 2
+    """Attention heads of the motion module; 8 in AnimateDiff."""
 
 
 PRESET_SIZES = {
@@ -60,6 +64,12 @@ PRESET_SIZES = {
     "small": PresetSize(
         channels=(64, 128), cond_dim=128, attention_head_dim=32, norm_groups=8,
         text_layers=4, vae_channels=(16, 32), latent_size=16,
+    ),
+    # SD1.5's UNet and CLIP-L widths, random init: GPU benchmarks without weights.
+    "base": PresetSize(
+        channels=(320, 640, 1280, 1280), cond_dim=768, attention_head_dim=8, norm_groups=32,
+        text_layers=12, vae_channels=(128, 256, 512, 512), latent_size=32,
+        layers_per_block=2, motion_heads=8,
     ),
 }
 
@@ -132,6 +142,17 @@ TEACHER_MODELS: dict[str, TeacherSpec] = {
             tiny=True,
             preset="small",
             description="Random-init AnimateDiff, 4x wider than tiny, 16x32x32 video (CPU benchmarks).",
+        ),
+        TeacherSpec(
+            name="random-animatediff",
+            family="animatediff",
+            base=None,
+            motion_adapter=None,
+            frames=24,
+            resolution=256,
+            tiny=True,
+            preset="base",
+            description="SD1.5-size AnimateDiff, random init, 24x256x256 (GPU benchmarks).",
         ),
         TeacherSpec(
             name="animatediff-v1-5-2",
@@ -225,7 +246,7 @@ def tiny_components(family: str, preset: str = "tiny") -> dict[str, Any]:
             in_channels=4,
             out_channels=4,
             block_out_channels=size.channels,
-            layers_per_block=1,
+            layers_per_block=size.layers_per_block,
             down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
             cross_attention_dim=size.cond_dim,
@@ -236,8 +257,8 @@ def tiny_components(family: str, preset: str = "tiny") -> dict[str, Any]:
         with _seeded(_TINY_SEEDS["motion_adapter"]):
             components["motion_adapter"] = MotionAdapter(
                 block_out_channels=size.channels,
-                motion_layers_per_block=1,
-                motion_num_attention_heads=2,
+                motion_layers_per_block=size.layers_per_block,
+                motion_num_attention_heads=size.motion_heads,
                 motion_norm_num_groups=size.norm_groups,
                 motion_max_seq_length=32,
             )
@@ -245,13 +266,13 @@ def tiny_components(family: str, preset: str = "tiny") -> dict[str, Any]:
         components["vae"] = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
+            down_block_types=("DownEncoderBlock2D",) * len(size.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(size.vae_channels),
             block_out_channels=size.vae_channels,
             layers_per_block=1,
             latent_channels=4,
             norm_num_groups=4,
-            sample_size=2 * size.latent_size,
+            sample_size=2 ** (len(size.vae_channels) - 1) * size.latent_size,
         )
     with _seeded(_TINY_SEEDS["text_encoder"]):
         components["text_encoder"] = CLIPTextModel(

@@ -39,7 +39,13 @@ STUDENT = "tiny-videollava"
 
 
 def start_teacher(
-    model: str, adapters: list[Path], workdir: Path, timeout: float = 120.0
+    model: str,
+    adapters: list[Path],
+    workdir: Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    timeout: float = 300.0,
 ) -> tuple[subprocess.Popen, str]:
     """Start ``vidalign teacher serve`` on a free loopback port; return (process, address)."""
     port_file = workdir / "teacher.port"
@@ -48,7 +54,7 @@ def start_teacher(
     cmd = [
         sys.executable, "-m", "vidalign_cli.main", "teacher", "serve",
         "--model", model, "--host", "127.0.0.1", "--port", "0",
-        "--port-file", str(port_file), "--device", "cpu",
+        "--port-file", str(port_file), "--device", device, "--dtype", dtype,
     ]
     for adapter in adapters:
         cmd += ["--adapter", str(adapter)]

@@ -47,6 +47,9 @@ class TeacherConfig:
     adapter: str = ""
     """Adapter file (its digest is sent) or an adapter id ``sha256:<hex>`` the server has loaded."""
     timeout_s: float = 600.0
+    """Deadline of one teacher call."""
+    retries: int = 5
+    """Retries of a call that found the teacher UNAVAILABLE (backoff 0.5 s doubling, jittered)."""
 
 
 @dataclass(kw_only=True)
@@ -102,6 +105,7 @@ class Stage2Config:
     student: str = "tiny-videollava"
     """Student VideoLLM whose video encoder E_phi is trained (``vidalign models list``)."""
     device: str = "cpu"
+    """Device of the student (and of the teacher when ``teacher.address`` is ``local``)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -171,7 +175,9 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
             config.teacher.address,
             model=config.teacher.model,
             adapters=adapters,
+            device=config.device,
             timeout=config.teacher.timeout_s,
+            retries=config.teacher.retries,
         )
     try:
         info = teacher.info()
