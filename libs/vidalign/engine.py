@@ -22,7 +22,7 @@ import torch
 import vidalign
 from vidalign.diffusion import Adapter, DiffusionTeacher
 from vidalign.diffusion.loss import DenoisingLossResult, loss_and_grad
-from vidalign.errors import InvalidInput, NotFound
+from vidalign.errors import InvalidInput, NotFound, require_finite
 from vidalign.log import get_logger
 from vidalign.protocol import AdapterInfo, DenoisingLossRequest, TeacherInfo
 
@@ -124,7 +124,7 @@ class TeacherEngine:
                 if adapter.lora_rank:
                     config = adapter.lora_config()
                     assert config is not None
-                    self.teacher.attach_lora(adapter.digest, config, adapter.lora_state)
+                    self.teacher.attach_lora(adapter.lora_name, config, adapter.lora_state)
                 self._adapters[adapter.digest] = (adapter, str(path))
                 log.info("adapter_loaded", adapter_id=adapter.digest, source=str(path))
         return self._adapter_info(adapter.digest)
@@ -239,7 +239,7 @@ class TeacherEngine:
                     f"latents: {z.shape[1]} channels, {self.model_name} expects {t.latent_channels}"
                 )
             self._check_spatial("latents", z.shape[3], z.shape[4], self._latent_multiple)
-            _check_finite("latents", z)
+            require_finite("latents", z)
             frames = z.shape[2]
         else:
             x = request.pixels
@@ -291,7 +291,7 @@ class TeacherEngine:
                 raise InvalidInput(
                     f"features: d_v is {f.shape[2]}, adapter {request.adapter_id} expects {adapter.d_v}"
                 )
-            _check_finite("features", f)
+            require_finite("features", f)
         elif request.want_grad:
             raise InvalidInput("want_grad needs features: the gradient is dL/dF_V")
 
@@ -340,9 +340,3 @@ def _check_float(name: str, tensor: torch.Tensor) -> None:
         raise InvalidInput(
             f"{name}: expected a float dtype (float32, float16, bfloat16), got {tensor.dtype}"
         )
-
-
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    bad = (~torch.isfinite(tensor)).sum().item()
-    if bad:
-        raise InvalidInput(f"{name}: {bad} of {tensor.numel()} values are NaN or Inf")

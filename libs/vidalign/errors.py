@@ -25,3 +25,12 @@ class ResourceExhausted(VidalignError):
 
 class Unavailable(VidalignError):
     """The service cannot answer now (still loading, shutting down, unreachable)."""
+
+
+def require_finite(name: str, tensor) -> None:
+    """InvalidInput naming ``name`` when ``tensor`` holds NaN or Inf."""
+    import torch
+
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise InvalidInput(f"{name}: {bad} of {tensor.numel()} values are NaN or Inf")

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vidalign.diffusion.adapter import Adapter
 from vidalign.diffusion.teacher import DiffusionTeacher
-from vidalign.errors import InvalidInput
+from vidalign.errors import InvalidInput, require_finite
 
 _SEED_MASK = (1 << 63) - 1  # torch.Generator.manual_seed takes a non-negative int64
 
@@ -27,11 +27,6 @@ def draw_generator(seed: int, sample_id: str, draw: int) -> torch.Generator:
     """A CPU generator seeded from sha256(f"{seed}:{sample_id}:{draw}") (first 8 bytes, big-endian)."""
     digest = hashlib.sha256(f"{seed}:{sample_id}:{draw}".encode()).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "big") & _SEED_MASK)
-
-
-def _check_finite(name: str, x: Tensor) -> None:
-    if not torch.isfinite(x).all():
-        raise InvalidInput(f"{name}: expected finite values, got NaN or inf")
 
 
 def _check_inputs(
@@ -46,7 +41,7 @@ def _check_inputs(
         raise InvalidInput(
             f"latents: expected (B, {teacher.latent_channels}, F, h, w), got {tuple(latents.shape)}"
         )
-    _check_finite("latents", latents)
+    require_finite("latents", latents)
     batch = latents.shape[0]
     if len(sample_ids) != batch or not all(isinstance(s, str) and s for s in sample_ids):
         raise InvalidInput(
@@ -63,7 +58,7 @@ def _check_inputs(
             raise InvalidInput(
                 f"text_emb: expected ({batch}, L, {teacher.cond_dim}), got {tuple(text_emb.shape)}"
             )
-        _check_finite("text_emb", text_emb)
+        require_finite("text_emb", text_emb)
     if features is not None:
         if adapter is None:
             raise InvalidInput("adapter: features need an adapter to project them, got None")
@@ -71,7 +66,7 @@ def _check_inputs(
             raise InvalidInput(
                 f"features: expected ({batch}, T, {adapter.d_v}), got {tuple(features.shape)}"
             )
-        _check_finite("features", features)
+        require_finite("features", features)
     if adapter is not None:
         if adapter.cond_dim != teacher.cond_dim:
             raise InvalidInput(
