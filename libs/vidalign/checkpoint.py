@@ -1,42 +1,69 @@
-"""Training checkpoints in a local directory: atomic, verified, pruned.
+"""Training checkpoints as store artifacts: atomic, verified, pruned, resumable.
 
-A checkpoint is a directory ``step-00000020/`` holding weights as safetensors,
-optimizer and scheduler state (``torch.save``), and ``manifest.json`` listing
-every file with its size and sha256. The directory is written under a
-temporary name and renamed into place after the manifest: a reader never sees
-a half-written checkpoint, and one without a manifest does not exist.
+A checkpoint ``step-00000020`` holds weights as safetensors, optimizer and
+scheduler state and RNG states (``torch.save``), the trainer's position in
+the data (``trainer_state.json``) and any extra files (the loss history).
+It is committed like every artifact — files first, manifest last — so a job
+killed while saving leaves the previous checkpoint as the newest one, and
+``latest()`` never returns a half-written checkpoint. Old checkpoints are
+pruned to ``keep_latest_k``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import time
-import uuid
+import random
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vidalign.errors import InvalidInput
+from vidalign.errors import NotFound
+from vidalign.store import (
+    LocalStore,
+    Store,
+    fetch_artifact,
+    latest_artifact,
+    open_store,
+    prune_artifacts,
+    read_manifest,
+)
+from vidalign.store.artifacts import ArtifactCorrupted, commit_artifact
+from vidalign.store.base import sha256_file
 
-MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
 
 
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+def rng_state() -> dict[str, Any]:
+    """Every global RNG a training loop might touch."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
 class Checkpoint:
+    """A committed checkpoint, its files verified and available under ``path``."""
+
+    name: str
     step: int
     path: Path
     meta: dict[str, Any]
@@ -47,72 +74,76 @@ class Checkpoint:
     def state(self, name: str) -> Any:
         return torch.load(self.path / f"{name}.pt", map_location="cpu", weights_only=False)
 
+    def trainer_state(self) -> dict[str, Any]:
+        return json.loads((self.path / TRAINER_STATE).read_text())
 
-class LocalCheckpointer:
-    def __init__(self, root: str | Path, keep_latest_k: int = 3) -> None:
+    def file(self, rel: str) -> Path:
+        return self.path / rel
+
+
+class Checkpointer:
+    """Saves and finds checkpoints under a store URI (local dir or s3://)."""
+
+    def __init__(
+        self, store: Store | str, *, keep_latest_k: int = 3, cache_dir: str | Path | None = None
+    ) -> None:
         if keep_latest_k < 1:
             raise ValueError(f"keep_latest_k must be >= 1, got {keep_latest_k}")
-        self.root = Path(root)
+        self.store = open_store(store) if isinstance(store, str) else store
         self.keep_latest_k = keep_latest_k
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="vidalign-ckpt-"))
 
     def save(
         self,
         step: int,
         *,
-        weights: dict[str, dict[str, torch.Tensor]],
-        state: dict[str, Any],
-        meta: dict[str, Any],
-    ) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"step-{step:08d}"
-        tmp = self.root / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir()
-        for name, tensors in weights.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                      tmp / f"{name}.safetensors")
-        for name, obj in state.items():
-            torch.save(obj, tmp / f"{name}.pt")
-        files = {
-            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(tmp.iterdir())
-        }
-        manifest = {"step": step, "created": time.time(), "files": files, "meta": meta}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        if final.exists():  # a re-run of the same step after a crash: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        self._prune()
-        return final
-
-    def steps(self) -> list[int]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            int(p.name.split("-")[1])
-            for p in self.root.iterdir()
-            if p.name.startswith("step-") and (p / MANIFEST).is_file()
-        )
+        weights: Mapping[str, Mapping[str, torch.Tensor]],
+        state: Mapping[str, Any],
+        trainer_state: Mapping[str, Any],
+        producer: str,
+        config_digest: str = "",
+        meta: Mapping[str, Any] | None = None,
+        extra_files: Mapping[str, str | Path | bytes] | None = None,
+    ) -> str:
+        name = f"step-{step:08d}"
+        with tempfile.TemporaryDirectory(prefix="vidalign-save-") as tmp:
+            files: dict[str, str | Path | bytes] = {}
+            for key, tensors in weights.items():
+                path = Path(tmp) / f"{key}.safetensors"
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+                files[path.name] = path
+            for key, obj in state.items():
+                path = Path(tmp) / f"{key}.pt"
+                torch.save(obj, path)
+                files[path.name] = path
+            files[TRAINER_STATE] = json.dumps({"step": step, **trainer_state}, indent=2).encode()
+            files.update(extra_files or {})
+            commit_artifact(
+                self.store, name, files, producer=producer, config_digest=config_digest,
+                step=step, meta=meta,
+            )
+        prune_artifacts(self.store, "", self.keep_latest_k)
+        return name
 
     def latest(self) -> Checkpoint | None:
-        steps = self.steps()
-        return self.load(steps[-1]) if steps else None
+        name = latest_artifact(self.store, "")
+        return None if name is None else self.load(name)
 
-    def load(self, step: int) -> Checkpoint:
-        path = self.root / f"step-{step:08d}"
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise InvalidInput(f"checkpoint {path}: unreadable manifest ({err})") from None
-        for name, entry in manifest["files"].items():
-            file = path / name
-            if not file.is_file() or sha256_file(file) != entry["sha256"]:
-                raise InvalidInput(
-                    f"checkpoint {path}: {name} is missing or does not match its sha256 in the manifest"
-                )
-        return Checkpoint(step=manifest["step"], path=path, meta=manifest["meta"])
-
-    def _prune(self) -> None:
-        for step in self.steps()[: -self.keep_latest_k]:
-            shutil.rmtree(self.root / f"step-{step:08d}", ignore_errors=True)
-        for stale in self.root.glob(".step-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+    def load(self, name: str) -> Checkpoint:
+        manifest = read_manifest(self.store, name)
+        if manifest is None:
+            raise NotFound(f"checkpoint {self.store.uri}/{name} is not committed")
+        if isinstance(self.store, LocalStore):
+            # Already on disk: verify in place instead of copying.
+            path = self.store.root / name
+            for rel, entry in manifest.files.items():
+                if not (path / rel).is_file() or sha256_file(path / rel) != entry["sha256"]:
+                    raise ArtifactCorrupted(
+                        f"checkpoint {self.store.uri}/{name}: file '{rel}' does not match the "
+                        "sha256 in its manifest: corrupted or overwritten"
+                    )
+        else:
+            path = self.cache_dir / name
+            fetch_artifact(self.store, name, path)
+        assert manifest.step is not None
+        return Checkpoint(name=name, step=manifest.step, path=path, meta=manifest.meta)

@@ -27,6 +27,10 @@ class Unavailable(VidalignError):
     """The service cannot answer now (still loading, shutting down, unreachable)."""
 
 
+class Unauthenticated(VidalignError):
+    """A server rejected the credentials (the message never includes them)."""
+
+
 def require_finite(name: str, tensor) -> None:
     """InvalidInput naming ``name`` when ``tensor`` holds NaN or Inf."""
     import torch

@@ -15,7 +15,6 @@ k therefore repeats exactly what an uninterrupted run does after step k.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,13 +24,15 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vidalign.checkpoint import LocalCheckpointer
+from vidalign.checkpoint import rng_state, set_rng_state
 from vidalign.client import RemoteDenoisingLoss, Teacher, connect
 from vidalign.config import config_digest, to_dict
 from vidalign.data.toy import moving_squares
 from vidalign.diffusion.adapter import file_digest
 from vidalign.errors import InvalidInput
 from vidalign.log import get_logger
+from vidalign.run import METRICS, RunDir
+from vidalign.store import commit_artifact
 from vidalign.students import load_student
 from vidalign.video import sample_frames
 
@@ -164,8 +165,7 @@ def resolve_adapter_id(adapter: str) -> str:
 
 def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher | None = None) -> list[float]:
     """Train; returns the mean loss of each step run by this call."""
-    out = Path(config.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(config.output.dir)
     device = torch.device(config.device)
     adapter_id = resolve_adapter_id(config.teacher.adapter)
     own_teacher = teacher is None
@@ -199,16 +199,19 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
         optimizer = torch.optim.AdamW(
             trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
         )
-        checkpointer = LocalCheckpointer(out / "checkpoints", config.output.keep_latest_k)
+        checkpointer = run.checkpointer(config.output.keep_latest_k)
         digest = config_digest(config)
         start = 0
-        if resume and (ckpt := checkpointer.latest()) is not None:
+        ckpt = checkpointer.latest() if resume else None
+        if ckpt is not None:
             if ckpt.meta.get("config_digest") != digest:
-                log.warning("resume_config_changed", checkpoint=str(ckpt.path))
+                log.warning("resume_config_changed", checkpoint=ckpt.name)
             encoder.load_state_dict(ckpt.weights("encoder"))
             optimizer.load_state_dict(ckpt.state("optimizer"))
-            start = ckpt.step
-            log.info("resumed", step=start, checkpoint=str(ckpt.path))
+            set_rng_state(ckpt.state("rng"))
+            start = ckpt.trainer_state()["step"]
+            log.info("resumed", step=start, checkpoint=f"{checkpointer.store.uri}/{ckpt.name}")
+        run.start_metrics(ckpt)
 
         data = ToyDataset(config.data)
         criterion = RemoteDenoisingLoss(
@@ -228,9 +231,9 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
             trainable_params=sum(p.numel() for p in trainable),
             start_step=start,
             steps=config.train.steps,
+            output=run.store.uri,
         )
         losses: list[float] = []
-        metrics = (out / "metrics.jsonl").open("a")
         with logging_redirect_tqdm(), tqdm(
             total=config.train.steps,
             initial=start,
@@ -272,8 +275,7 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
                     "step_s": round(time.perf_counter() - tic, 4),
                     "teacher_s": round(t_teacher, 4),
                 }
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                run.log_metrics(record)
                 log.info("stage2_step", **record)
                 bar.set_postfix(loss=f"{value:.4f}")
                 bar.update(1)
@@ -281,17 +283,38 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
                     checkpointer.save(
                         step + 1,
                         weights={"encoder": encoder.state_dict()},
-                        state={"optimizer": optimizer.state_dict()},
+                        state={"optimizer": optimizer.state_dict(), "rng": rng_state()},
+                        trainer_state={
+                            "samples_seen": (step + 1) * config.train.batch_size,
+                            "data_seed": config.train.seed,
+                        },
+                        producer="vidalign train stage2",
+                        config_digest=digest,
                         meta={
-                            "stage": "stage2",
-                            "config_digest": digest,
                             "config": to_dict(config),
                             "adapter_id": adapter_id,
                             "teacher_model": info.model,
                         },
+                        extra_files={METRICS: run.metrics_path},
                     )
-        metrics.close()
-        log.info("stage2_done", steps=config.train.steps, final_loss=losses[-1] if losses else None)
+        final = checkpointer.latest()
+        assert final is not None and final.step == config.train.steps
+        commit_artifact(
+            run.store,
+            "encoder",
+            {"encoder.safetensors": final.file("encoder.safetensors")},
+            producer="vidalign train stage2",
+            config_digest=digest,
+            step=final.step,
+            meta={"student": config.student, "adapter_id": adapter_id, "teacher_model": info.model},
+        )
+        run.publish_metrics()
+        log.info(
+            "stage2_done",
+            steps=config.train.steps,
+            final_loss=losses[-1] if losses else None,
+            encoder=f"{run.store.uri}/encoder",
+        )
         return losses
     finally:
         if own_teacher:
