@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 import vidalign
 from vidalign.diffusion import Adapter, DiffusionTeacher
@@ -25,6 +27,7 @@ from vidalign.diffusion.loss import DenoisingLossResult, loss_and_grad
 from vidalign.errors import InvalidInput, NotFound, require_finite
 from vidalign.log import get_logger
 from vidalign.protocol import AdapterInfo, DenoisingLossRequest, TeacherInfo
+from vidalign.store import Store, materialize
 
 log = get_logger(__name__)
 
@@ -37,9 +40,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 class LatentCache:
     """LRU cache of per-video latents keyed by content digest, bounded in bytes.
 
-    A video's latents depend only on its pixels (the VAE runs deterministically,
-    ``latent_dist.mode()``), so the digest of the pixel bytes and shape is a
-    complete key.
+    A video's latents depend only on its pixels and the VAE (which runs
+    deterministically, ``latent_dist.mode()``), so the digest of the pixel bytes
+    and shape is a complete key within one model; the store level is keyed
+    under the model's name by the server.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -88,12 +92,15 @@ class TeacherEngine:
         max_message_bytes: int = 0,
         max_request_bytes: int = 0,
         latent_cache_bytes: int = 1 << 30,
+        latent_store: Store | None = None,
     ) -> None:
         self.teacher = teacher
         self.model_name = model_name or teacher.spec.name
         self.max_message_bytes = max_message_bytes
         self.max_request_bytes = max_request_bytes
         self.latents = LatentCache(latent_cache_bytes)
+        # Second level behind the memory LRU, shared by replicas and restarts.
+        self.latent_store = latent_store
         self._adapters: dict[str, tuple[Adapter, str]] = {}
         # One model, one device: requests take turns (GPU work serialises anyway),
         # and LoRA activation is model state that must not interleave.
@@ -104,8 +111,8 @@ class TeacherEngine:
     # -- adapters -------------------------------------------------------------
 
     def load_adapter(self, path: str | Path) -> AdapterInfo:
-        """Load an adapter file; it is then addressed by its content digest."""
-        adapter = Adapter.load(path)
+        """Load an adapter (a file, or a store URI); it is then addressed by its content digest."""
+        adapter = Adapter.load(materialize(str(path)))
         if adapter.cond_dim != self.teacher.cond_dim:
             raise InvalidInput(
                 f"adapter {path}: projects to {adapter.cond_dim} dims, but {self.model_name} "
@@ -198,15 +205,38 @@ class TeacherEngine:
         )
 
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        device = next(self.teacher.unet.parameters()).device
         keys = [LatentCache.key(video) for video in pixels]
         cached = [self.latents.get(k) for k in keys]
+        for i, key in enumerate(keys):
+            if cached[i] is None and (stored := self._stored_latents(key)) is not None:
+                cached[i] = stored.to(device)
+                self.latents.put(key, cached[i])
         missing = [i for i, c in enumerate(cached) if c is None]
         if missing:
             encoded = self.teacher.encode_video(pixels[missing])
             for j, i in enumerate(missing):
                 cached[i] = encoded[j]
                 self.latents.put(keys[i], encoded[j])
+                if self.latent_store is not None:
+                    self.latent_store.put_bytes(
+                        f"{keys[i]}.safetensors",
+                        safetensors_save({"latents": encoded[j].detach().cpu().contiguous()}),
+                    )
         return torch.stack(cached)  # type: ignore[arg-type]
+
+    def _stored_latents(self, key: str) -> torch.Tensor | None:
+        if self.latent_store is None:
+            return None
+        try:
+            data = self.latent_store.get_bytes(f"{key}.safetensors")
+        except NotFound:
+            return None
+        try:
+            return safetensors_load(data)["latents"]
+        except Exception:  # a torn or foreign object: re-encode rather than fail the request
+            log.warning("latent_cache_unreadable", key=key, store=self.latent_store.uri)
+            return None
 
     def _validate(
         self, request: DenoisingLossRequest

@@ -65,6 +65,8 @@ def split_uri(uri: str) -> tuple[Store, str]:
     return open_store(parent or "."), safe_key(name)
 
 
+from vidalign.store.materialize import is_store_uri, materialize  # noqa: E402
+
 __all__ = [
     "MANIFEST",
     "ArtifactCorrupted",
@@ -74,9 +76,11 @@ __all__ = [
     "commit_artifact",
     "fetch_artifact",
     "is_remote",
+    "is_store_uri",
     "join",
     "latest_artifact",
     "list_artifacts",
+    "materialize",
     "open_store",
     "prune_artifacts",
     "read_artifact_file",

@@ -5,6 +5,7 @@
     vidalign train stage2 --config configs/stage2-tiny.yaml [--set train.steps=10] [--resume]
     vidalign adapter init --teacher-model tiny-animatediff --student tiny-videollava --out A.safetensors
     vidalign models list
+    vidalign models pull animatediff-v1-5-2 --to s3://vidalign/models/animatediff-v1-5-2
     vidalign demo
 
 Errors that a user can fix (bad config, unknown model, unreachable teacher)
@@ -33,6 +34,8 @@ def _teacher_serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         adapters=args.adapter,
+        weights=args.weights or "",
+        latent_store=args.latent_store or "",
         device=args.device or ServerConfig.__dataclass_fields__["device"].default,
         dtype=args.dtype,
         max_message_bytes=int(args.max_message_mb * (1 << 20)),
@@ -103,6 +106,13 @@ def _models_list(args: argparse.Namespace) -> None:
         print(f"  {spec.name:24s} {spec.family:12s} {spec.description}")
 
 
+def _models_pull(args: argparse.Namespace) -> None:
+    from vidalign.hub import pull
+
+    for component, uri in pull(args.name, args.to, source_dir=args.source).items():
+        print(f"{component}: {uri}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from vidalign_cli.demo import run_demo
 
@@ -125,8 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one")
     serve.add_argument("--port-file", help="write the bound port to this file once listening")
     serve.add_argument(
-        "--adapter", action="append", default=[], help="adapter file to load (repeatable)"
+        "--adapter", action="append", default=[],
+        help="adapter file or store URI to load (repeatable)",
     )
+    serve.add_argument(
+        "--weights", help="store URI (or dir) where `vidalign models pull` staged the weights"
+    )
+    serve.add_argument("--latent-store", help="store URI caching VAE latents across replicas")
     serve.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     serve.add_argument("--max-message-mb", type=float, default=16, help="per-message limit (MiB)")
@@ -167,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION"
     )
     models.add_parser("list", help="list teacher and student models").set_defaults(func=_models_list)
+    pull = models.add_parser("pull", help="stage a model's weights into the store")
+    pull.add_argument("name", help="registry name (vidalign models list)")
+    pull.add_argument("--to", required=True, help="store URI, e.g. s3://vidalign/models/NAME")
+    pull.add_argument(
+        "--from", dest="source", help="local dir with one subdir per component, instead of the hub"
+    )
+    pull.set_defaults(func=_models_pull)
 
     demo = sub.add_parser("demo", help="teacher on loopback + stage 2 on tiny models")
     demo.add_argument("--out", default="runs/demo")

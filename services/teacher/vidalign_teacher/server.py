@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import torch
@@ -26,6 +25,7 @@ from vidalign.config import ConfigError
 from vidalign.engine import TeacherEngine
 from vidalign.errors import Unavailable
 from vidalign.log import get_logger
+from vidalign.store import is_store_uri, materialize, open_store, safe_key
 from vidalign.teacher.v1 import teacher_pb2 as pb
 from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
 from vidalign_teacher.errors import ErrorInterceptor
@@ -43,7 +43,11 @@ class ServerConfig:
     port: int = 50051
     """0 picks a free port (tests)."""
     adapters: Sequence[str] = field(default_factory=list)
-    """Adapter files to load at start; requests address them by content digest."""
+    """Adapter files or store URIs to load at start; requests address them by content digest."""
+    weights: str = ""
+    """Store URI (or dir) where `vidalign models pull` staged this model's weights; empty: the registry's sources."""
+    latent_store: str = ""
+    """Store URI for cached VAE latents (behind the memory cache); empty: memory only."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "float32"
     """Teacher weights' dtype: float32, float16 or bfloat16 (the loss is reduced in float32)."""
@@ -127,18 +131,35 @@ class TeacherServer:
         self.server.start()
         log.info("teacher_listening", port=self.port, model=self.config.model)
         from vidalign.diffusion import load_teacher
+        from vidalign.hub import weights_component
 
         dtype = getattr(torch, self.config.dtype)
-        teacher = load_teacher(self.config.model, device=self.config.device, dtype=dtype)
+        model = self.config.model
+        sources: dict[str, str | None] = {}
+        if self.config.weights:
+            sources = {
+                "base": weights_component(self.config.weights, "base"),
+                "motion_adapter": weights_component(self.config.weights, "motion_adapter"),
+            }
+        elif is_store_uri(model):  # an SD1.5-layout pipeline committed to the store
+            model = str(materialize(model))
+        teacher = load_teacher(model, device=self.config.device, dtype=dtype, **sources)
+        latent_store = None
+        if self.config.latent_store:
+            # Latents depend on the VAE: one namespace per model.
+            latent_store = open_store(self.config.latent_store).child(
+                safe_key(self.config.model.replace("://", "/"))
+            )
         engine = TeacherEngine(
             teacher,
             model_name=self.config.model,
             max_message_bytes=self.config.max_message_bytes,
             max_request_bytes=self.config.max_request_bytes,
             latent_cache_bytes=self.config.latent_cache_bytes,
+            latent_store=latent_store,
         )
-        for path in self.config.adapters:
-            engine.load_adapter(Path(path))
+        for location in self.config.adapters:
+            engine.load_adapter(location)
         self.servicer.engine = engine
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         info = engine.info()

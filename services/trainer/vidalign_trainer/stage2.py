@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -30,9 +29,10 @@ from vidalign.config import config_digest, to_dict
 from vidalign.data.toy import moving_squares
 from vidalign.diffusion.adapter import file_digest
 from vidalign.errors import InvalidInput
+from vidalign.hub import weights_component
 from vidalign.log import get_logger
 from vidalign.run import METRICS, RunDir
-from vidalign.store import commit_artifact
+from vidalign.store import commit_artifact, materialize
 from vidalign.students import load_student
 from vidalign.video import sample_frames
 
@@ -46,7 +46,7 @@ class TeacherConfig:
     model: str = "tiny-animatediff"
     """Diffusion model; loaded here for ``local``, checked against the server otherwise."""
     adapter: str = ""
-    """Adapter file (its digest is sent) or an adapter id ``sha256:<hex>`` the server has loaded."""
+    """Adapter file or store URI (its digest is sent), or an id ``sha256:<hex>`` the server has loaded."""
     timeout_s: float = 600.0
     """Deadline of one teacher call."""
     retries: int = 5
@@ -105,6 +105,8 @@ class OutputConfig:
 class Stage2Config:
     student: str = "tiny-videollava"
     """Student VideoLLM whose video encoder E_phi is trained (``vidalign models list``)."""
+    student_weights: str = ""
+    """Store URI (or dir) where `vidalign models pull` staged the student; empty: the registry's source."""
     device: str = "cpu"
     """Device of the student (and of the teacher when ``teacher.address`` is ``local``)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -155,12 +157,13 @@ def step_seed(seed: int, step: int) -> int:
 
 def resolve_adapter_id(adapter: str) -> str:
     if not adapter:
-        raise InvalidInput("teacher.adapter is required: an adapter file or its sha256 id")
+        raise InvalidInput("teacher.adapter is required: an adapter file, store URI or sha256 id")
     if adapter.startswith("sha256:"):
         return adapter
-    if not Path(adapter).is_file():
+    local = materialize(adapter)
+    if not local.is_file():
         raise InvalidInput(f"teacher.adapter: {adapter} is neither a file nor a sha256: id")
-    return file_digest(adapter)
+    return file_digest(local)
 
 
 def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher | None = None) -> list[float]:
@@ -191,7 +194,8 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
                 f"adapter {adapter_id} is not loaded on the teacher "
                 f"(loaded: {', '.join(a.id for a in info.adapters) or 'none'})"
             )
-        encoder = load_student(config.student, device=str(device))
+        weights = weights_component(config.student_weights, "model") if config.student_weights else None
+        encoder = load_student(config.student, device=str(device), path=weights)
         encoder.train()
         # Parameters that cannot reach F_V (layers after the feature layer) are
         # frozen by the loader; DDP and ZeRO fail on params that never get a grad.
