@@ -228,8 +228,9 @@ def generate(n: int, *, seed: int = 0, frames: int = 16, size: int = 64) -> list
     ``truth`` holds ``frames``, ``size``, ``background`` {color, texture},
     ``camera`` {direction (None when still), speed px/frame}, and ``objects``:
     one dict per sprite with role (actor, repeater, steady, extra), color,
-    shape, radius, angle, motion, motion parameters and ``track``, the sprite's
-    centre on screen per frame as [row, col]. The actor's ``program`` lists its
+    shape, radius, angle (degrees), origin (world [row, col] at frame 0),
+    motion, motion parameters and ``track``, the sprite's centre on screen per
+    frame as [row, col]. The actor's ``program`` lists its
     segments {action, start, end (frames), direction / speed / rate / factor}.
     """
     _check_int("n", n, 0)
@@ -409,7 +410,9 @@ def _texture(background: dict[str, str], size: int) -> np.ndarray:
     return np.repeat(shade[:, :, None], 3, axis=2)
 
 
-def _shape_mask(shape: str, d_row: np.ndarray, d_col: np.ndarray, radius: float, angle: float) -> np.ndarray:
+def _shape_mask(
+    shape: str, d_row: np.ndarray, d_col: np.ndarray, radius: float, angle: float
+) -> np.ndarray:
     """Pixels inside ``shape`` given their offsets from its centre, rotated by ``angle`` degrees."""
     theta = math.radians(angle)
     x = math.cos(theta) * d_col - math.sin(theta) * d_row

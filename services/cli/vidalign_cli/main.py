@@ -113,6 +113,55 @@ def _models_pull(args: argparse.Namespace) -> None:
         print(f"{component}: {uri}")
 
 
+def _data_synth(args: argparse.Namespace) -> None:
+    from vidalign.data.synth import generate, write_dataset
+
+    clips = generate(args.n, seed=args.seed, frames=args.frames, size=args.size)
+    print(write_dataset(clips, args.out, fps=args.fps))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+    import tempfile
+
+    from vidalign.data.benchmarks import load_benchmark
+    from vidalign.eval import (
+        BASELINES,
+        ExactMatchJudge,
+        LLMJudge,
+        evaluate,
+        markdown_table,
+        read_outputs,
+        result_dict,
+        score_outputs,
+        write_result,
+    )
+    from vidalign.store import commit_artifact, is_store_uri, open_store
+
+    bench = load_benchmark(args.bench, args.data, video_dir=args.video_dir)
+    judge = LLMJudge.from_env() if args.judge == "llm" else ExactMatchJudge()
+    name = args.name or args.bench
+    remote = bool(args.out) and is_store_uri(args.out)
+    local_out = Path(tempfile.mkdtemp(prefix="vidalign-eval-")) if remote else args.out
+    judge_dir = args.judge_dir or (Path(local_out) / f"{name}.judged" if local_out else None)
+    if args.predictions:
+        result = score_outputs(bench.items, read_outputs(args.predictions), judge=judge,
+                               judge_dir=judge_dir, progress=True)
+    else:
+        result = evaluate(bench.items, BASELINES[args.answerer], batch_size=args.batch_size,
+                          frames=args.frames, fps=args.fps, skip_missing=args.skip_missing,
+                          judge=judge, judge_dir=judge_dir)
+    run = args.model or args.answerer
+    if local_out:
+        write_result(result, local_out, name=name, model=run)
+    if remote:
+        files = {p.name: p for p in Path(local_out).iterdir() if p.is_file()}
+        commit_artifact(open_store(args.out), name, files, producer="vidalign eval",
+                        meta={"bench": args.bench, "model": run})
+    print(markdown_table({run: result.score}), end="")
+    print(json.dumps(result_dict(result, model=run)))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from vidalign_cli.demo import run_demo
 
@@ -189,6 +238,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="source", help="local dir with one subdir per component, instead of the hub"
     )
     pull.set_defaults(func=_models_pull)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    synth = data.add_parser("synth", help="write a SynthMotion dataset (MotionBench layout)")
+    synth.add_argument("--n", type=int, required=True, help="number of clips")
+    synth.add_argument("--out", required=True, help="directory to write")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--frames", type=int, default=16)
+    synth.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
+    synth.add_argument("--fps", type=int, default=8, help="mp4 frame rate")
+    synth.set_defaults(func=_data_synth)
+
+    from vidalign.data.benchmarks import QA_BENCHMARKS
+    from vidalign.eval import BASELINES
+
+    ev = sub.add_parser("eval", help="score a benchmark: saved model outputs or a baseline")
+    ev.add_argument("--bench", required=True, choices=sorted(QA_BENCHMARKS))
+    ev.add_argument("--data", required=True, help="the benchmark's annotation file or directory")
+    ev.add_argument("--video-dir", help="where the videos are (default: beside the annotations)")
+    ev.add_argument("--predictions", help="JSONL of {uid, output} or {id, pred} to score")
+    ev.add_argument("--answerer", default="oracle", choices=sorted(BASELINES),
+                    help="model-free answerer when no --predictions (oracle must score 100%%)")
+    ev.add_argument("--model", help="run name in the result table")
+    ev.add_argument("--judge", default="exact", choices=["exact", "llm"],
+                    help="open-ended judge; llm reads VIDALIGN_JUDGE_{BASE_URL,MODEL,API_KEY}")
+    ev.add_argument("--judge-dir", help="one result file per judged item (restartable)")
+    ev.add_argument("--frames", type=int, default=16, help="uniform frames per video")
+    ev.add_argument("--fps", type=float, help="sample at this rate instead of --frames")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--skip-missing", action="store_true", help="score missing videos as unanswered")
+    ev.add_argument("--out", help="directory or store URI for NAME.json, NAME.md, predictions")
+    ev.add_argument("--name", help="result file name (default: the benchmark)")
+    ev.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="teacher on loopback + stage 2 on tiny models")
     demo.add_argument("--out", default="runs/demo")
