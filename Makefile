@@ -16,11 +16,16 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS := 0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help setup test test-fast lint format protos bench demo clean
+IMAGE_PREFIX ?= vidalign
+IMAGE_TAG ?= 0.1.0
+COMPOSE = docker compose -f deploy/compose.yaml --env-file deploy/.env
+
+.PHONY: help setup test test-fast lint format protos bench demo clean \
+	images local-gpu local-gpu-down validate-deploy
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@echo "==> creating $(VENV) (about a minute on a fresh machine)"
@@ -31,7 +36,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(STAMP) ## create .venv with the pinned dependencies and vidalign installed (editable)
 
-test: $(STAMP) lint ## lint, then run the whole test suite (does its own set-up)
+test: $(STAMP) lint validate-deploy ## lint, validate the manifests, run the whole test suite (does its own set-up)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) ## the tests not marked slow
@@ -54,6 +59,23 @@ bench: $(STAMP) ## wire throughput and stage-2 step time, gRPC vs in-process (se
 
 demo: $(STAMP) ## teacher on loopback + VDA stage 2 on tiny models (does its own set-up)
 	VIDALIGN_LOG_FORMAT=$${VIDALIGN_LOG_FORMAT:-console} $(BIN)/vidalign demo --out runs/demo
+
+validate-deploy: $(STAMP) ## render every k8s overlay and deploy/; validate them (Kubernetes 1.33, strict) and the compose file
+	$(BIN)/python scripts/validate_deploy.py
+
+images: ## build the teacher and trainer images (needs docker): $(IMAGE_PREFIX)/{teacher,trainer}:$(IMAGE_TAG)
+	docker build -f services/teacher/Dockerfile -t $(IMAGE_PREFIX)/teacher:$(IMAGE_TAG) .
+	docker build -f services/trainer/Dockerfile -t $(IMAGE_PREFIX)/trainer:$(IMAGE_TAG) .
+
+deploy/.env:
+	@echo "deploy/.env is missing: cp deploy/.env.example deploy/.env, then set real credentials" >&2; exit 1
+
+local-gpu: deploy/.env ## MinIO + GPU teacher + stage 2 on this machine (docker compose, deploy/.env)
+	$(COMPOSE) up --build --detach --wait teacher
+	$(COMPOSE) run --rm trainer
+
+local-gpu-down: ## stop the local-gpu stack (its volumes stay)
+	$(COMPOSE) down
 
 clean: ## remove the venv, caches and runs
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache

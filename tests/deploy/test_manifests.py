@@ -1,0 +1,664 @@
+"""The deployment files: rendered with kustomize, read as the cluster would read them.
+
+Every overlay (and deploy/, the `kubectl apply -k` entry) is rendered once with
+`kubectl kustomize`; the tests assert what a cluster operator relies on: GPUs
+only where they belong, security settings and limits on every container, the
+teacher's gRPC probes and headless Service, no committed secrets, pinned
+images, and that every command in a manifest is a command the `vidalign` CLI
+(and torchrun) accepts today, so a renamed flag breaks a test, not a rollout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import dockerfile
+import manifests
+import pytest
+import validate_deploy
+import yaml
+from manifests import ROOT, TARGETS, Container
+
+GPU = "nvidia.com/gpu"
+GPU_TARGETS = ("k8s/overlays/gpu", "k8s/overlays/kubeflow", "deploy")
+TEACHER_PORT = 50051
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {target: manifests.render(target) for target in TARGETS}
+
+
+def all_containers(rendered) -> list[tuple[str, Container]]:
+    return [
+        (target, c) for target, objects in rendered.items() for c in manifests.containers(objects)
+    ]
+
+
+def namespace_of(objects) -> str:
+    (ns,) = [o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"]
+    return ns
+
+
+# --- rendering and validation -------------------------------------------------------
+
+
+def test_validation_script_passes():
+    """kustomize + kubernetes-validate --strict (1.33) + compose config -q, as `make validate-deploy`."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "validate_deploy.py")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skip kubernetes-validate: TrainJob/stage2" in proc.stdout
+
+
+def test_validation_rejects_unknown_fields_and_bad_trainjobs(rendered):
+    objects = [o for o in rendered["k8s/overlays/cpu"] if o["kind"] == "Deployment"]
+    objects[0]["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    failures = validate_deploy.validate_objects("test", yaml.safe_dump_all(objects))
+    assert failures and "imagePullPolicyy" in failures[0]
+
+    (trainjob,) = [o for o in rendered["k8s/overlays/kubeflow"] if o["kind"] == "TrainJob"]
+    assert validate_deploy.check_custom(trainjob) == []
+    broken = json.loads(json.dumps(trainjob))
+    del broken["spec"]["runtimeRef"]
+    broken["spec"]["podTemplateOverrides"] = []
+    broken["spec"]["trainer"]["numNodes"] = "2"
+    errors = " ".join(validate_deploy.check_custom(broken))
+    assert "runtimeRef" in errors and "podTemplateOverrides" in errors and "numNodes" in errors
+
+
+def test_deploy_entry_is_the_gpu_overlay(rendered):
+    assert rendered["deploy"] == rendered["k8s/overlays/gpu"]
+
+
+# --- GPUs ---------------------------------------------------------------------------
+
+
+def gpu_request(c: Container) -> bool:
+    resources = c.spec.get("resourcesPerNode") or c.spec.get("resources", {})
+    return any(GPU in resources.get(part, {}) for part in ("requests", "limits"))
+
+
+def test_gpus_only_in_gpu_overlays_and_only_on_teacher_and_trainer(rendered):
+    assert GPU not in manifests.render_text("k8s/overlays/cpu")
+    for target in GPU_TARGETS:
+        with_gpu = {
+            (c.owner["kind"], c.owner["metadata"]["name"], c.spec.get("name", "trainer"))
+            for c in manifests.containers(rendered[target])
+            if gpu_request(c)
+        }
+        trainer = (
+            ("TrainJob", "stage2", "trainer")
+            if target.endswith("kubeflow")
+            else ("Job", "stage2", "trainer")
+        )
+        assert with_gpu == {("Deployment", "teacher", "teacher"), trainer}, target
+        for c in manifests.containers(rendered[target]):
+            if gpu_request(c):
+                limits = (c.spec.get("resourcesPerNode") or c.spec["resources"])["limits"]
+                assert int(limits[GPU]) >= 1
+
+
+def test_gpu_pools_place_teacher_and_trainer_apart(rendered):
+    objects = rendered["k8s/overlays/gpu"]
+    pools = {}
+    for kind, name in (("Deployment", "teacher"), ("Job", "stage2")):
+        pod = manifests.pod_spec(manifests.find(objects, kind, name))
+        pools[name] = pod["nodeSelector"]["vidalign.io/pool"]
+        assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pools == {"teacher": "teacher", "stage2": "trainer"}
+    for c in manifests.containers(objects):
+        if c.pod and not gpu_request(c):
+            assert "nodeSelector" not in c.pod or c.owner["metadata"]["name"] in (
+                "teacher",
+                "stage2",
+            )
+    for o in rendered["k8s/overlays/cpu"]:
+        pod = manifests.pod_spec(o)
+        assert pod is None or ("nodeSelector" not in pod and "tolerations" not in pod)
+
+
+def test_models_and_devices_per_overlay(rendered):
+    gpu = manifests.config_data(rendered["k8s/overlays/gpu"], "vidalign-config")
+    cpu = manifests.config_data(rendered["k8s/overlays/cpu"], "vidalign-config")
+    assert (gpu["TEACHER_MODEL"], gpu["STUDENT_MODEL"]) == ("animatediff-v1-5-2", "video-llava-7b")
+    assert (gpu["TEACHER_DEVICE"], gpu["TRAINER_DEVICE"], gpu["TEACHER_DTYPE"]) == (
+        "cuda",
+        "cuda",
+        "float16",
+    )
+    assert (cpu["TEACHER_MODEL"], cpu["STUDENT_MODEL"]) == ("tiny-animatediff", "tiny-videollava")
+    assert (cpu["TEACHER_DEVICE"], cpu["TRAINER_DEVICE"]) == ("cpu", "cpu")
+
+
+# --- every container ---------------------------------------------------------------
+
+
+def test_every_container_has_requests_limits_and_a_locked_down_security_context(rendered):
+    for target, c in all_containers(rendered):
+        where = f"{target}: {c.where}"
+        if c.owner["kind"] == "TrainJob":
+            # The runtime owns the pod template (and its security context).
+            resources = c.spec["resourcesPerNode"]
+            assert (
+                {"cpu", "memory"} <= resources["requests"].keys() <= resources["limits"].keys()
+            ), where
+            continue
+        resources = c.spec["resources"]
+        assert {"cpu", "memory"} <= set(resources["requests"]), where
+        assert {"cpu", "memory"} <= set(resources["limits"]), where
+        sc = c.spec["securityContext"]
+        pod_sc = c.pod.get("securityContext", {})
+        assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, where
+        assert sc["allowPrivilegeEscalation"] is False, where
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], where
+        assert sc.get("privileged", False) is False, where
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile"))
+        assert seccomp == {"type": "RuntimeDefault"}, where
+        assert isinstance(sc.get("runAsUser", pod_sc.get("runAsUser")), int), where
+        assert sc.get("runAsUser", pod_sc.get("runAsUser")) != 0, where
+
+
+def test_namespace_enforces_the_restricted_pod_security_standard(rendered):
+    for target, objects in rendered.items():
+        (ns,) = [o for o in objects if o["kind"] == "Namespace"]
+        level = ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+        # The TrainJob's pods come from the Kubeflow runtime's template, not ours.
+        assert level == ("baseline" if target.endswith("kubeflow") else "restricted"), target
+
+
+def test_every_image_is_pinned_by_a_tag(rendered):
+    tags = set()
+    for target, c in all_containers(rendered):
+        image = c.image
+        _, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
+        assert tag and tag != "latest", f"{target}: {c.where}: image {image!r} is not pinned"
+        if c.is_vidalign:
+            tags.add(tag)
+    assert len(tags) == 1, f"the vidalign images use different tags: {tags}"
+    compose = compose_config()
+    for service in compose["services"].values():
+        assert (
+            not service["image"].endswith((":latest",)) and ":" in service["image"].split("/")[-1]
+        )
+        if service["image"].startswith("vidalign/"):
+            assert service["image"].split(":")[1] in tags
+
+
+# --- the teacher --------------------------------------------------------------------
+
+
+def test_teacher_has_grpc_startup_readiness_and_liveness_probes(rendered):
+    from vidalign_teacher.server import SERVICE_NAME
+
+    for target, objects in rendered.items():
+        teacher = manifests.pod_spec(manifests.find(objects, "Deployment", "teacher"))
+        (container,) = [c for c in teacher["containers"] if c["name"] == "teacher"]
+        assert {"containerPort": TEACHER_PORT, "name": "grpc"} in container["ports"]
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = container[kind]
+            assert probe["grpc"]["port"] == TEACHER_PORT, (target, kind)
+            assert probe["grpc"].get("service", "") in ("", SERVICE_NAME), (target, kind)
+        assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+        startup = container["startupProbe"]
+        # Real models load for minutes: the startup probe must wait at least 10.
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+
+
+def test_teacher_service_is_headless_and_reaches_the_grpc_port(rendered):
+    for target, objects in rendered.items():
+        service = manifests.find(objects, "Service", "teacher-headless")
+        assert service["spec"]["clusterIP"] == "None", target
+        assert service["spec"].get("publishNotReadyAddresses", False) is False
+        deployment = manifests.find(objects, "Deployment", "teacher")
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items()
+        (port,) = service["spec"]["ports"]
+        assert port["port"] == TEACHER_PORT and port["targetPort"] in (TEACHER_PORT, "grpc")
+        pdb = manifests.find(objects, "PodDisruptionBudget", "teacher")
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_trainer_reaches_the_teacher_through_the_headless_service(rendered):
+    for target, objects in rendered.items():
+        ns = namespace_of(objects)
+        address = f"dns:///teacher-headless.{ns}.svc.cluster.local:{TEACHER_PORT}"
+        assert manifests.config_data(objects, "vidalign-config")["TEACHER_ADDRESS"] == address
+        trainers = [
+            c for c in manifests.containers(objects) if c.spec.get("name", "trainer") == "trainer"
+        ]
+        assert trainers, target
+        for c in trainers:
+            env = manifests.container_env(c, objects)
+            words = [w for cmd in manifests.commands(c, env) for w in cmd]
+            assert f"--set=teacher.address={address}" in words, target
+
+
+# --- secrets ------------------------------------------------------------------------
+
+
+def test_no_secret_is_committed_or_written_into_a_manifest(rendered):
+    example = manifests.example_credentials()
+    assert set(example) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for path in ("k8s/base/minio.env", "deploy/.env"):
+        tracked = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", path], cwd=ROOT, capture_output=True
+        )
+        assert tracked.returncode != 0, f"{path} is tracked by git"
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+        assert ignored.returncode == 0, f"{path} is not gitignored"
+    for target, objects in rendered.items():
+        secrets = [o for o in objects if o["kind"] == "Secret"]
+        assert [s["metadata"]["name"].rsplit("-", 1)[0] for s in secrets] == ["minio-credentials"]
+        # The one Secret holds exactly what the generator read (here: the example).
+        assert manifests.secret_data(objects, "minio-credentials") == example
+        assert "stringData" not in secrets[0]
+        for o in objects:
+            if o["kind"] == "ConfigMap":
+                keys = o.get("data", {})
+                assert not any(manifests.SECRET_ENV.search(k) for k in keys), o["metadata"]["name"]
+        for c in manifests.containers(objects):
+            for item in c.spec.get("env", []):
+                if manifests.SECRET_ENV.search(item["name"]):
+                    assert "value" not in item, (
+                        f"{target}: {c.where}: {item['name']} has a literal value"
+                    )
+                value = str(item.get("value", ""))
+                assert example["AWS_SECRET_ACCESS_KEY"] not in value
+            words = " ".join(c.spec.get("command", []) + c.spec.get("args", []))
+            assert example["AWS_SECRET_ACCESS_KEY"] not in words
+    compose_text = (ROOT / "deploy" / "compose.yaml").read_text()
+    assert example["AWS_SECRET_ACCESS_KEY"] not in compose_text
+
+
+def references(node: Any, kinds=("configMapRef", "configMapKeyRef", "secretRef", "secretKeyRef")):
+    """(kind, name) of every ConfigMap/Secret reference and volume under ``node``."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in kinds and isinstance(value, dict):
+                yield ("Secret" if key.startswith("secret") else "ConfigMap"), value["name"]
+            elif key == "configMap" and isinstance(value, dict) and "name" in value:
+                yield "ConfigMap", value["name"]
+            elif key == "secret" and isinstance(value, dict) and "secretName" in value:
+                yield "Secret", value["secretName"]
+            else:
+                yield from references(value, kinds)
+    elif isinstance(node, list):
+        for item in node:
+            yield from references(item, kinds)
+
+
+def test_every_referenced_configmap_and_secret_is_rendered_under_that_name(rendered):
+    for target, objects in rendered.items():
+        present = {(o["kind"], o["metadata"]["name"]) for o in objects}
+        ns = namespace_of(objects)
+        for obj in objects:
+            if obj["kind"] not in ("Namespace",):
+                assert obj["metadata"].get("namespace") == ns, (target, obj["metadata"]["name"])
+            for ref in references(obj.get("spec", {})):
+                assert ref in present, f"{target}: {obj['kind']}/{obj['metadata']['name']} -> {ref}"
+
+
+def test_a_changed_secret_rolls_every_pod_that_uses_it():
+    """secretGenerator's hash suffix: new credentials, new name, new pod templates."""
+
+    def render_with(secret: str) -> list[dict[str, Any]]:
+        with tempfile.TemporaryDirectory() as tmp:
+            manifests._copy_tree(Path(tmp))
+            (Path(tmp) / "k8s/base/minio.env").write_text(
+                f"AWS_ACCESS_KEY_ID=a\nAWS_SECRET_ACCESS_KEY={secret}\n"
+            )
+            out = subprocess.run(
+                [str(manifests.tool("kubectl")), "kustomize", f"{tmp}/k8s/overlays/cpu"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+
+    before, after = render_with("first-secret"), render_with("second-secret")
+    for kind, name in (
+        ("StatefulSet", "minio"),
+        ("Deployment", "teacher"),
+        ("Job", "stage2"),
+        ("Job", "bucket"),
+    ):
+        old = manifests.find(before, kind, name)["spec"]["template"]
+        new = manifests.find(after, kind, name)["spec"]["template"]
+        assert old != new, f"{kind}/{name} would not roll on a credential change"
+    for objects in (before, after):
+        (secret,) = [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"]
+        text = yaml.safe_dump_all(objects)
+        assert text.count("name: minio-credentials\n") == 0  # every reference is the hashed name
+        assert secret in text
+
+
+# --- jobs ---------------------------------------------------------------------------
+
+
+def test_bucket_creation_is_idempotent(rendered):
+    for target, objects in rendered.items():
+        job = manifests.find(objects, "Job", "bucket")
+        (mc,) = manifests.pod_spec(job)["containers"]
+        script = " ".join(mc.get("command", []) + mc.get("args", []))
+        assert "mc mb --ignore-existing" in script, target
+        # The credentials are read at run time, never written into the manifest.
+        assert "$AWS_SECRET_ACCESS_KEY" in script
+    bucket = compose_config()["services"]["bucket"]
+    assert "mc mb --ignore-existing" in " ".join(bucket["entrypoint"] + bucket["command"])
+
+
+def test_stage2_is_an_indexed_job_with_a_rendezvous_service(rendered):
+    for target in ("k8s/overlays/cpu", "k8s/overlays/gpu"):
+        objects = rendered[target]
+        ns = namespace_of(objects)
+        job = manifests.find(objects, "Job", "stage2")
+        spec = job["spec"]
+        assert spec["completionMode"] == "Indexed"
+        pod = spec["template"]["spec"]
+        (trainer,) = [c for c in manifests.containers(objects) if c.owner is job and not c.init]
+        env = manifests.container_env(trainer, objects)
+        assert int(env["NNODES"]) == spec["completions"] == spec["parallelism"]
+        service = manifests.find(objects, "Service", pod["subdomain"])
+        assert (
+            service["spec"]["clusterIP"] == "None"
+            and service["spec"]["publishNotReadyAddresses"] is True
+        )
+        assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+        host, port = env["RDZV_ENDPOINT"].rsplit(":", 1)
+        assert host == f"{job['metadata']['name']}-0.{pod['subdomain']}.{ns}.svc.cluster.local"
+        assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+        index = next(e for e in trainer.spec["env"] if e["name"] == "NODE_RANK")
+        assert "job-completion-index" in index["valueFrom"]["fieldRef"]["fieldPath"]
+
+
+def test_kubeflow_overlay_replaces_the_indexed_job_with_a_trainjob(rendered):
+    objects = rendered["k8s/overlays/kubeflow"]
+    assert sorted(o["metadata"]["name"] for o in objects if o["kind"] == "Job") == [
+        "bucket",
+        "weights",
+    ]
+    assert not [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "stage2"]
+    (trainjob,) = [o for o in objects if o["kind"] == "TrainJob"]
+    assert trainjob["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    assert trainjob["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": "torch-distributed",
+    }
+    assert trainjob["metadata"]["namespace"] == namespace_of(objects)
+    # kustomize reached the TrainJob's references (hash suffixes) and image tag.
+    names = {o["metadata"]["name"] for o in objects if o["kind"] in ("ConfigMap", "Secret")}
+    for item in trainjob["spec"]["trainer"]["env"]:
+        ref = item["valueFrom"].get("configMapKeyRef") or item["valueFrom"].get("secretKeyRef")
+        assert ref["name"] in names, item
+    assert trainjob["spec"]["trainer"]["image"].startswith("vidalign/trainer:")
+
+
+# --- the commands are the CLI's ----------------------------------------------------------
+
+
+def check_command(words: list[str], stage2_config: Path) -> str:
+    """Parse one command as the container would run it; returns what it runs."""
+    from torch.distributed.run import get_args_parser
+
+    from vidalign.config import load_config
+    from vidalign.diffusion import TEACHER_MODELS
+    from vidalign.students import STUDENT_MODELS
+    from vidalign_cli.main import build_parser
+    from vidalign_trainer.stage2 import Stage2Config
+
+    if words[0] == "torchrun":
+        launch = get_args_parser().parse_args(words[1:])
+        assert launch.module and launch.training_script == "vidalign_cli.main", words
+        words = ["vidalign", *launch.training_script_args]
+    assert words[0] == "vidalign", words
+    args = build_parser().parse_args(words[1:])  # SystemExit on an unknown flag
+    if args.command == "teacher" and args.action == "serve":
+        assert args.model in TEACHER_MODELS and args.adapter, words
+    elif args.command == "adapter":
+        assert args.teacher_model in TEACHER_MODELS and args.student in STUDENT_MODELS, words
+    elif args.command == "models" and args.action == "pull":
+        assert args.name in TEACHER_MODELS or args.name in STUDENT_MODELS, words
+        assert args.to.startswith("s3://"), words
+    elif args.command == "train" and args.stage == "stage2":
+        # Every --set key and value must fit the config (unknown keys are errors).
+        load_config(Stage2Config, stage2_config, args.set)
+    return " ".join(words[1:3])
+
+
+def test_every_command_in_the_manifests_is_a_real_vidalign_command(rendered, tmp_path):
+    seen = set()
+    for target, objects in rendered.items():
+        stage2_config = tmp_path / "stage2.yaml"
+        stage2_config.write_text(manifests.config_data(objects, "stage2-config")["stage2.yaml"])
+        for c in manifests.containers(objects):
+            if not c.is_vidalign:
+                continue
+            env = manifests.container_env(c, objects)
+            runs = [cmd for cmd in manifests.commands(c, env) if cmd[0] in ("vidalign", "torchrun")]
+            assert runs, f"{target}: {c.where} runs no vidalign command"
+            for words in runs:
+                assert not any("$(" in w or "${" in w for w in words), (
+                    f"{target}: unexpanded {words}"
+                )
+                seen.add(check_command(words, stage2_config))
+    assert seen == {"teacher serve", "adapter init", "train stage2", "models pull"}
+
+
+def test_gpu_pods_load_the_weights_that_the_weights_job_stages(rendered):
+    for target in GPU_TARGETS:
+        objects = rendered[target]
+        config = manifests.config_data(objects, "vidalign-config")
+        pulled, loaded = {}, {}
+        for c in manifests.containers(objects):
+            if not c.is_vidalign:
+                continue
+            for words in manifests.commands(c, manifests.container_env(c, objects)):
+                if words[1:3] == ["models", "pull"]:
+                    pulled[words[3]] = next(w for w in words if w.startswith("--to=")).split(
+                        "=", 1
+                    )[1]
+                for w in words:
+                    if w.startswith("--weights="):
+                        loaded[config["TEACHER_MODEL"]] = w.split("=", 1)[1]
+                    if w.startswith("--set=student_weights="):
+                        loaded[config["STUDENT_MODEL"]] = w.split("=", 2)[2]
+        assert pulled == loaded, target
+        assert set(pulled) == {config["TEACHER_MODEL"], config["STUDENT_MODEL"]}
+
+
+def test_a_renamed_flag_would_fail_the_command_check(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    with pytest.raises(SystemExit):
+        check_command(
+            ["vidalign", "teacher", "serve", "--model=tiny-animatediff", "--adapters=x"], config
+        )
+    from vidalign.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        check_command(["vidalign", "train", "stage2", "--set=teacher.adress=x"], config)
+
+
+def test_both_pods_initialise_the_same_adapter(rendered):
+    """The trainer sends the id of its own adapter file; only identical commands give identical bytes."""
+    for target, objects in rendered.items():
+        inits = []
+        for c in manifests.containers(objects):
+            env = manifests.container_env(c, objects)
+            for cmd in manifests.commands(c, env) if c.is_vidalign else []:
+                if cmd[1:3] == ["adapter", "init"]:
+                    inits.append([w for w in cmd[1:] if not w.startswith("--out=")])
+        assert len(inits) == 2 and inits[0] == inits[1], (target, inits)
+        # ... and the teacher loads the adapter that stage 2 names.
+        config = manifests.config_data(objects, "vidalign-config")
+        words = [
+            w
+            for c in manifests.containers(objects)
+            if c.is_vidalign
+            for cmd in manifests.commands(c, manifests.container_env(c, objects))
+            for w in cmd
+        ]
+        assert f"--adapter={config['ADAPTER']}" in words, target
+        assert f"--set=teacher.adapter={config['ADAPTER']}" in words, target
+
+
+# --- images and compose --------------------------------------------------------------------
+
+
+def compose_config() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = Path(tmp) / ".env"
+        shutil.copyfile(ROOT / "deploy" / ".env.example", env)
+        out = subprocess.run(
+            [
+                str(manifests.tool("docker-compose")),
+                "-f",
+                str(ROOT / "deploy" / "compose.yaml"),
+                "--env-file",
+                str(env),
+                "--profile",
+                "tools",
+                "config",
+                "--format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return json.loads(out)
+
+
+def test_compose_stack_waits_for_health_and_reserves_a_gpu():
+    services = compose_config()["services"]
+    assert set(services) == {"minio", "bucket", "weights", "adapter", "teacher", "trainer"}
+    assert services["minio"]["image"].startswith("quay.io/minio/minio:RELEASE.")
+    assert "healthcheck" in services["minio"] and "healthcheck" in services["teacher"]
+    devices = services["teacher"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    depends = {name: cond["condition"] for name, cond in services["trainer"]["depends_on"].items()}
+    assert depends == {
+        "teacher": "service_healthy",
+        "bucket": "service_completed_successfully",
+        "adapter": "service_completed_successfully",
+    }
+    assert services["bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    volumes = {v["target"]: v for v in services["minio"]["volumes"]}
+    assert volumes["/data"]["type"] == "volume"
+    with tempfile.TemporaryDirectory() as tmp:
+        stage2_config = Path(tmp) / "stage2.yaml"
+        shutil.copyfile(ROOT / "k8s" / "base" / "stage2.yaml", stage2_config)
+        for name in ("adapter", "teacher", "trainer"):
+            check_command(["vidalign", *services[name]["command"]], stage2_config)
+        weights = services["weights"]
+        script = weights["command"][0].replace("$$", "$")
+        pulls = manifests.shell_commands(script, weights["environment"])
+        assert [words[:3] for words in pulls] == [["vidalign", "models", "pull"]] * 2
+        for words in pulls:
+            check_command(words, stage2_config)
+    teacher_args = services["teacher"]["command"]
+    trainer_args = services["trainer"]["command"]
+    assert f"--weights={weights['environment']['TEACHER_WEIGHTS']}" in teacher_args
+    assert f"--set=student_weights={weights['environment']['STUDENT_WEIGHTS']}" in trainer_args
+
+
+def test_compose_refuses_to_start_without_credentials(tmp_path):
+    empty = tmp_path / ".env"
+    empty.write_text("")
+    proc = subprocess.run(
+        [
+            str(manifests.tool("docker-compose")),
+            "-f",
+            str(ROOT / "deploy" / "compose.yaml"),
+            "--env-file",
+            str(empty),
+            "config",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    # Which missing variable compose names first varies from run to run.
+    assert proc.returncode != 0 and "is missing a value: set AWS_" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("service", ["teacher", "trainer"])
+def test_dockerfile(service):
+    instructions = dockerfile.parse_file(str(ROOT / "services" / service / "Dockerfile"))
+    args = {}
+    for i in instructions:
+        if i.cmd == "ARG" and "=" in i.value[0]:
+            key, _, value = i.value[0].partition("=")
+            args[key] = value
+    cmds = [i.cmd for i in instructions]
+    bases = [args.get(i.value[0].strip("${}"), i.value[0]) for i in instructions if i.cmd == "FROM"]
+    assert bases[-1].startswith("nvidia/cuda:12.8")
+    for base in bases:
+        assert ":" in base and not base.endswith(":latest"), base
+    runs = [i.value[0] for i in instructions if i.cmd == "RUN"]
+    assert any(
+        "download.pytorch.org/whl/cu128 torch==2.13.0"
+        in r.replace("${TORCH_INDEX}", args["TORCH_INDEX"])
+        for r in runs
+    )
+    assert any("-r requirements.txt" in r for r in runs)
+    copies = [i.value for i in instructions if i.cmd == "COPY" and not i.flags]
+    first_source = next(n for n, c in enumerate(copies) if c[0] in ("libs", "services"))
+    deps = next(n for n, c in enumerate(copies) if "pyproject.toml" in c)
+    assert deps < first_source, "dependencies must be installed before the source is copied"
+    assert any("pip install --no-deps ." in r for r in runs)
+    (user,) = [i.value[0] for i in instructions if i.cmd == "USER"]
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+    entry = next(i for i in instructions if i.cmd == "ENTRYPOINT")
+    assert entry.json and list(entry.value) == ["vidalign"]
+    cmd = next(i for i in instructions if i.cmd == "CMD")
+    assert cmd.json
+    from vidalign_cli.main import build_parser
+
+    build_parser().parse_args(list(cmd.value))
+    assert ("HEALTHCHECK" in cmds) == (service == "teacher")
+    assert cmds.index("USER") > cmds.index("RUN")
+
+
+def test_dockerignore_keeps_the_venv_caches_runs_and_credentials_out():
+    lines = [
+        line
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "allow-list: everything is excluded first"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert allowed == {
+        "pyproject.toml",
+        "requirements.txt",
+        "requirements-dev.txt",
+        "README.md",
+        "libs",
+        "services",
+    }
+
+
+# --- the CPU overlay, run as local processes ---------------------------------------
+
+
+@pytest.mark.slow
+def test_cpu_overlay_pods_run_as_local_processes(tmp_path):
+    import run_cpu_overlay_locally
+
+    result = run_cpu_overlay_locally.run(tmp_path, steps=2, timeout=300)
+    names = {p.name for p in result["files"]}
+    assert "encoder.safetensors" in names, names
+    assert result["adapter_sha256"]
