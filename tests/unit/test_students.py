@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -313,3 +314,206 @@ def test_any_module_can_be_wrapped():
         VideoEncoder.from_module(
             _FrameMeanConv(4), d_v=4, num_frames=4, image_size=20, mean=(0.5,) * 3, std=(0.0,) * 3
         )
+
+
+# --- other families: Qwen2.5-VL, InternVL3, LLaVA-NeXT-Video ------------------------------
+
+FAMILIES = {
+    # name: (builder, F_V steps for 8 frames, d_v, module of the full model that is E_phi)
+    "tiny-qwen2.5-vl": ("build_tiny_qwen2_5_vl", 4, 32, "visual"),
+    "tiny-internvl3": ("build_tiny_internvl", 8, 32, "vision_tower"),
+    "tiny-llava-next-video": ("build_tiny_llava_next_video", 8, 32, "vision_tower"),
+}
+
+
+def _family_video():
+    return torch.randint(
+        0, 256, (2, 12, 40, 36, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_feature_shape_gradient_and_determinism(name):
+    import vidalign.students as students
+
+    builder, steps, d_v, module = FAMILIES[name]
+    encoder = load_student(name).train()
+    x = encoder.preprocess(_family_video())
+    assert x.shape[:2] == (2, 8)
+    features = encoder(x)
+    assert features.shape == (2, steps, d_v) and features.dtype == torch.float32
+    grid = load_student(name, pooling="grid:2")(x)
+    assert grid.shape == (2, steps * 4, d_v)
+    # Frame-major: the mean of a step's 2 x 2 grid is its frame feature.
+    torch.testing.assert_close(grid.view(2, steps, 4, d_v).mean(dim=2), features)
+
+    features.square().sum().backward()
+    trainable = [(n, p) for n, p in encoder.tower.named_parameters() if p.requires_grad]
+    assert trainable
+    for n, p in trainable:
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+    before = torch.random.get_rng_state()
+    again = load_student(name)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    full = getattr(students, builder)()
+    tower = full.model.get_submodule(module).state_dict()
+    for (k, a), b in zip(again.tower.state_dict().items(), tower.values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_checkpoint_round_trip(name, tmp_path):
+    import vidalign.students as students
+
+    builder = FAMILIES[name][0]
+    getattr(students, builder)().save_pretrained(tmp_path)
+    tiny = load_student(name)
+    x = tiny.preprocess(_family_video())
+    loaded = load_student(name, path=str(tmp_path))
+    torch.testing.assert_close(loaded(x), tiny(x), rtol=0, atol=0)
+
+
+def test_qwen_odd_frame_count_repeats_the_last_frame():
+    encoder = load_student("tiny-qwen2.5-vl")
+    x = encoder.preprocess(_family_video())[:, :7]
+    padded = torch.cat([x, x[:, -1:]], dim=1)
+    torch.testing.assert_close(encoder(x), encoder(padded), rtol=0, atol=0)
+    assert encoder(x).shape == (2, 4, 32)
+
+
+def test_registry_has_the_real_families():
+    expected = {
+        "qwen2.5-vl-7b": ("qwen2.5-vl", "Qwen/Qwen2.5-VL-7B-Instruct"),
+        "internvl3-8b": ("internvl", "OpenGVLab/InternVL3-8B-hf"),
+        "llava-next-video-7b": ("llava-next-video", "llava-hf/LLaVA-NeXT-Video-7B-hf"),
+    }
+    for name, (family, hf_id) in expected.items():
+        spec = STUDENT_MODELS[name]
+        assert (spec.family, spec.hf_id, spec.tiny) == (family, hf_id, False)
+
+
+# --- the whole VideoLLM (stage 3 and evaluation) ------------------------------------------
+
+VIDEOLLMS = ["tiny-videollava", "tiny-llava-next-video", "tiny-qwen2.5-vl", "tiny-internvl3"]
+PROMPTS = ["Describe the video.", "Which direction does the square move?"]
+TARGETS = ["a red square on a gray background moves left", "up"]
+
+
+def test_tiny_tokenizer_and_chat_template_need_no_download():
+    from vidalign.students.videollm import tiny_tokenizer
+
+    tok = tiny_tokenizer("tiny-videollava")
+    user = {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Hi?"}]}
+    reply = {"role": "assistant", "content": [{"type": "text", "text": "up"}]}
+    assert tok.apply_chat_template([user], tokenize=False, add_generation_prompt=True) == (
+        "USER: <video>\nHi? ASSISTANT: "
+    )
+    assert tok.apply_chat_template([user, reply], tokenize=False) == "USER: <video>\nHi? ASSISTANT: up</s>"
+    ids = tok("<video>ab</s>", add_special_tokens=False)["input_ids"]
+    assert ids[0] == 127 and ids[-1] == tok.eos_token_id == 2 and len(ids) == 4
+    assert tok.decode(ids, skip_special_tokens=True) == "ab"
+    qwen = tiny_tokenizer("tiny-qwen2.5-vl")
+    assert qwen.apply_chat_template([user], tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Hi?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert qwen.convert_tokens_to_ids("<|video_pad|>") == 126
+
+
+@pytest.mark.parametrize("name", VIDEOLLMS)
+def test_videollm_loss_is_cross_entropy_on_the_targets_only(name):
+    from vidalign.students.videollm import IGNORE_INDEX, load_videollm
+
+    llm = load_videollm(name)
+    video = _family_video()
+    inputs = llm.build_inputs(video, PROMPTS, TARGETS)
+    labels = inputs.pop("labels")
+    # Labels are exactly the reply tokens (+ end of turn), right-aligned with padding after.
+    for row, target in zip(labels, TARGETS, strict=True):
+        reply = llm.tokenizer.decode(row[row != IGNORE_INDEX], skip_special_tokens=True)
+        assert reply.strip() == target
+    assert (inputs["input_ids"] == llm.video_token_id).sum() > 0
+    logits = llm.model(**inputs).logits
+    expected = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+    loss = llm.loss(video, PROMPTS, TARGETS)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in llm.encoder.tower.parameters())
+
+
+@pytest.mark.parametrize("name", VIDEOLLMS)
+def test_videollm_batched_greedy_generation_matches_one_by_one(name):
+    from vidalign.students.videollm import load_videollm
+
+    llm = load_videollm(name)
+    video = _family_video()
+    batched = llm.generate(video, PROMPTS, max_new_tokens=5)
+    single = [llm.generate(video[i : i + 1], [p], max_new_tokens=5)[0] for i, p in enumerate(PROMPTS)]
+    assert batched == single and len(batched) == 2
+
+
+@pytest.mark.parametrize("name", VIDEOLLMS)
+def test_videollm_tower_is_the_stage2_encoder(name):
+    from vidalign.students.videollm import load_videollm
+
+    llm = load_videollm(name)
+    encoder = load_student(name)
+    x = encoder.preprocess(_family_video())
+    torch.testing.assert_close(llm.encoder(x), encoder(x), rtol=0, atol=0)
+    # A stage-2 state dict (keys tower.*) lands in the model's own tower.
+    state = {k: v + 0.01 for k, v in encoder.state_dict().items()}
+    encoder.load_state_dict(state)
+    llm.load_encoder_state(state)
+    torch.testing.assert_close(llm.encoder(x), encoder(x), rtol=0, atol=0)
+    assert llm.encoder.tower is llm.model.model.get_submodule(FAMILY_TOWER[name])
+    with pytest.raises(InvalidInput, match="do not fit"):
+        llm.load_encoder_state({"tower.nope": torch.zeros(1)})
+
+
+FAMILY_TOWER = {
+    "tiny-videollava": "video_tower",
+    "tiny-llava-next-video": "vision_tower",
+    "tiny-qwen2.5-vl": "visual",
+    "tiny-internvl3": "vision_tower",
+}
+
+
+def test_qwen_patches_follow_qwens_own_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    encoder = load_student("tiny-qwen2.5-vl")
+    frame = encoder.preprocess(_family_video())[:1, :1]  # (1, 1, 3, 16, 16)
+    patches, grid_thw = encoder.patchify(frame)  # one frame, repeated to a temporal patch
+    # An image is a temporal patch of two equal frames in Qwen's image processor.
+    expected, gh, gw = Qwen2VLImageProcessorPil().patchify(
+        frame[0, 0].numpy(), patch_size=4, merge_size=2, temporal_patch_size=2
+    )
+    assert grid_thw.tolist() == [[1, gh, gw]] == [[1, 4, 4]]
+    torch.testing.assert_close(patches, torch.from_numpy(np.ascontiguousarray(expected)))
+
+
+@pytest.mark.parametrize(
+    ("name", "hub_prefix", "module_prefix"),
+    [
+        ("tiny-qwen2.5-vl", "visual.", "model.visual."),
+        ("tiny-internvl3", "vision_tower.", "model.vision_tower."),
+        ("tiny-llava-next-video", "vision_tower.", "model.vision_tower.vision_model."),
+    ],
+)
+def test_family_checkpoint_key_namings(name, hub_prefix, module_prefix, tmp_path):
+    import vidalign.students as students
+
+    getattr(students, FAMILIES[name][0])().save_pretrained(tmp_path / "saved")
+    root, tensors = _rewrite(
+        tmp_path / "saved",
+        tmp_path / "renamed",
+        lambda k: module_prefix + k.removeprefix(hub_prefix) if k.startswith(hub_prefix) else k,
+    )
+    assert any(k.startswith(module_prefix) for k in tensors)
+    save_file(tensors, root / "model.safetensors")
+    tiny = load_student(name)
+    x = tiny.preprocess(_family_video())
+    torch.testing.assert_close(load_student(name, path=str(root))(x), tiny(x), rtol=0, atol=0)

@@ -16,10 +16,10 @@ Plug-in point: any ``nn.Module`` that maps preprocessed frames
 
 Families. A family is a :class:`VideoEncoder` subclass (how features are read
 out of the tower) plus a loader registered in ``_FAMILY_LOADERS`` (how the
-tower is built, tiny or from a checkpoint). Video-LLaVA is the first one, here.
-Later families (Qwen2.5-VL's vision tower + merger, InternVL3's vision model,
-LLaVA-NeXT-Video's CLIP tower) each get their own module with the same two
-parts; nothing else changes.
+tower is built, tiny or from a checkpoint). Video-LLaVA is here; Qwen2.5-VL,
+InternVL3 and LLaVA-NeXT-Video live in ``vidalign.students.families`` (which
+registers itself when the package is imported) and share the checkpoint
+reader :func:`_load_tower`.
 
 transformers is imported inside the functions that need it: importing it takes
 seconds, and listing students (``STUDENT_MODELS``) should not pay for that.
@@ -70,7 +70,9 @@ class VideoEncoder(nn.Module):
     ``num_frames`` (T sampled by ``preprocess``), ``image_size`` (S),
     ``mean``/``std``, ``pooling`` (``"frame"``: one token per frame;
     ``"grid:G"``: G x G tokens per frame) and ``tokens_per_frame`` (F_V has
-    ``T * tokens_per_frame`` tokens, frame-major).
+    ``T * tokens_per_frame`` tokens, frame-major) and ``frames_per_step``
+    (frames that become one temporal position: 1, except Qwen2.5-VL's
+    temporal patches of 2; F_V then has ``ceil(T / frames_per_step)`` steps).
 
     The base class runs ``tower`` on the whole pixel tensor, which is the
     contract of a wrapped module (:meth:`from_module`); families override
@@ -110,6 +112,7 @@ class VideoEncoder(nn.Module):
         self.pooling = pooling
         self.grid = _parse_pooling(pooling)
         self.tokens_per_frame = 1 if self.grid is None else self.grid**2
+        self.frames_per_step = 1
 
     @classmethod
     def from_module(
@@ -165,7 +168,9 @@ class VideoEncoder(nn.Module):
         return ((x - mean) / std).view(b, t, 3, s, s)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        """``(B, T, 3, S, S)`` pixels -> F_V ``(B, T * tokens_per_frame, d_v)`` float32.
+        """``(B, T, 3, S, S)`` pixels -> F_V ``(B, T' * tokens_per_frame, d_v)`` float32.
+
+        ``T' = ceil(T / frames_per_step)``: T itself for per-frame towers.
 
         T need not equal ``num_frames``: the towers are per-frame, and a caller
         may encode more frames than the VideoLLM samples. Pixels are moved to
@@ -191,7 +196,8 @@ class VideoEncoder(nn.Module):
             pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
         features = self._features(pixel_values)
         b, t = pixel_values.shape[:2]
-        expected = (b, t * self.tokens_per_frame, self.d_v)
+        steps = -(-t // self.frames_per_step)
+        expected = (b, steps * self.tokens_per_frame, self.d_v)
         if tuple(features.shape) != expected:
             raise InvalidInput(
                 f"features of {type(self.tower).__name__}: expected shape {expected} "
@@ -322,13 +328,13 @@ _TOWER_PREFIXES = ("model.video_tower.", "video_tower.")
 original hub naming (which transformers 5 also writes in ``save_pretrained``)."""
 
 
-def _tower_key(key: str) -> str | None:
+def _tower_key(key: str, prefixes: Sequence[str] = _TOWER_PREFIXES) -> str | None:
     """Checkpoint key -> key in the tower's state dict, or ``None`` if not a tower key.
 
     Hub checkpoints converted before transformers 5 nest CLIP under
     ``vision_model.``; transformers 5's ``CLIPVisionModel`` does not.
     """
-    for prefix in _TOWER_PREFIXES:
+    for prefix in prefixes:
         if key.startswith(prefix):
             return key.removeprefix(prefix).removeprefix("vision_model.")
     return None
@@ -354,8 +360,21 @@ def _load_video_llava_tower(
     path: str | None, hf_id: str | None
 ) -> tuple[VideoLlavaConfig, nn.Module]:
     """Build the video tower from the checkpoint's config and load only its tensors."""
+    return _load_tower(path, hf_id, model_type="video_llava", prefixes=_TOWER_PREFIXES)
+
+
+def _load_tower(
+    path: str | None,
+    hf_id: str | None,
+    *,
+    model_type: str,
+    prefixes: Sequence[str],
+    vision_config: Callable[[object], object] = lambda config: config.vision_config,  # type: ignore[attr-defined]
+) -> tuple:
+    """The VideoLLM's config and its vision tower, built from ``vision_config(config)``
+    and filled with only the checkpoint tensors under one of ``prefixes``."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModel, VideoLlavaConfig
+    from transformers import AutoConfig, AutoModel
     from transformers.initialization import no_init_weights
 
     source = path if path is not None else hf_id
@@ -363,17 +382,17 @@ def _load_video_llava_tower(
     if not (root / "config.json").is_file():
         raise NotFound(f"config.json: not found in student checkpoint {source!r}")
     config = AutoConfig.from_pretrained(root)
-    if not isinstance(config, VideoLlavaConfig):
+    if config.model_type != model_type:
         raise InvalidInput(
-            f"config.json of {source!r}: expected model_type 'video_llava', got {config.model_type!r}"
+            f"config.json of {source!r}: expected model_type {model_type!r}, got {config.model_type!r}"
         )
     if (root / _INDEX_FILE).is_file():
         weight_map = json.loads((root / _INDEX_FILE).read_text())["weight_map"]
-        shards = sorted({f for key, f in weight_map.items() if _tower_key(key) is not None})
+        shards = sorted({f for key, f in weight_map.items() if _tower_key(key, prefixes) is not None})
     else:
         shards = [_SINGLE_FILE]
     if not shards:
-        raise InvalidInput(f"{_INDEX_FILE} of {source!r}: no key starts with {_TOWER_PREFIXES}")
+        raise InvalidInput(f"{_INDEX_FILE} of {source!r}: no key starts with {tuple(prefixes)}")
     if path is None:
         root = _checkpoint_dir(None, hf_id, shards)
     missing_files = [f for f in shards if not (root / f).is_file()]
@@ -387,7 +406,7 @@ def _load_video_llava_tower(
     for shard in shards:
         with safe_open(root / shard, framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 -- safe_open is not a Mapping
-                name = _tower_key(key)
+                name = _tower_key(key, prefixes)
                 if name is None:
                     continue
                 if name in state:
@@ -397,7 +416,7 @@ def _load_video_llava_tower(
     # Every tensor is overwritten below, so random init would be wasted work
     # (seconds for ViT-L); non-persistent buffers are still computed.
     with no_init_weights():
-        tower = AutoModel.from_config(config.vision_config)
+        tower = AutoModel.from_config(vision_config(config))
     expected = tower.state_dict()
     problems = {
         "missing": sorted(expected.keys() - state.keys()),

@@ -19,7 +19,8 @@ class StudentSpec:
     name: str
     """Registry key, e.g. ``"video-llava-7b"``."""
     family: str
-    """Model family; selects the encoder implementation (``"video-llava"``)."""
+    """Model family; selects the encoder implementation (``"video-llava"``, ``"qwen2.5-vl"``,
+    ``"internvl"``, ``"llava-next-video"``)."""
     hf_id: str | None
     """Hugging Face repository of the full VideoLLM; ``None`` for tiny presets."""
     tiny: bool
@@ -48,6 +49,54 @@ STUDENT_MODELS: dict[str, StudentSpec] = {
             tiny=False,
             num_frames=8,
             description="Video-LLaVA 7B; its LanguageBind video encoder (CLIP ViT-L/14, 224 px) is E_phi.",
+        ),
+        StudentSpec(
+            name="tiny-qwen2.5-vl",
+            family="qwen2.5-vl",
+            hf_id=None,
+            tiny=True,
+            num_frames=8,
+            description="Qwen2.5-VL classes at toy size (ViT 32 wide, 2 blocks, patch 4, 16 px); random init.",
+        ),
+        StudentSpec(
+            name="qwen2.5-vl-7b",
+            family="qwen2.5-vl",
+            hf_id="Qwen/Qwen2.5-VL-7B-Instruct",
+            tiny=False,
+            num_frames=16,
+            description="Qwen2.5-VL 7B Instruct; its vision transformer + merger (224 px, 2-frame temporal patches) is E_phi.",
+        ),
+        StudentSpec(
+            name="tiny-internvl3",
+            family="internvl",
+            hf_id=None,
+            tiny=True,
+            num_frames=8,
+            description="InternVL classes at toy size (InternViT 32 wide, 2 layers, 32 px); random init.",
+        ),
+        StudentSpec(
+            name="internvl3-8b",
+            family="internvl",
+            hf_id="OpenGVLab/InternVL3-8B-hf",
+            tiny=False,
+            num_frames=8,
+            description="InternVL3 8B; its InternViT-300M vision tower (448 px, frames as images) is E_phi.",
+        ),
+        StudentSpec(
+            name="tiny-llava-next-video",
+            family="llava-next-video",
+            hf_id=None,
+            tiny=True,
+            num_frames=8,
+            description="LLaVA-NeXT-Video classes at toy size (CLIP ViT 32 wide, 2 layers, 32 px); random init.",
+        ),
+        StudentSpec(
+            name="llava-next-video-7b",
+            family="llava-next-video",
+            hf_id="llava-hf/LLaVA-NeXT-Video-7B-hf",
+            tiny=False,
+            num_frames=8,
+            description="LLaVA-NeXT-Video 7B; its CLIP ViT-L/14 (336 px) vision tower is E_phi.",
         ),
     )
 }

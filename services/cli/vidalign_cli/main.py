@@ -3,6 +3,7 @@
     vidalign teacher serve --model tiny-animatediff --port 50051 --adapter A.safetensors
     vidalign teacher info --address 127.0.0.1:50051
     vidalign train stage2 --config configs/stage2-tiny.yaml [--set train.steps=10] [--resume]
+    vidalign train stage3 --config configs/stage3-tiny.yaml [--resume]
     vidalign adapter init --teacher-model tiny-animatediff --student tiny-videollava --out A.safetensors
     vidalign models list
     vidalign models pull animatediff-v1-5-2 --to s3://vidalign/models/animatediff-v1-5-2
@@ -72,6 +73,14 @@ def _train_stage2(args: argparse.Namespace) -> None:
 
     config = load_config(Stage2Config, args.config, args.set)
     run_stage2(config, resume=args.resume)
+
+
+def _train_stage3(args: argparse.Namespace) -> None:
+    from vidalign.config import load_config
+    from vidalign_trainer.stage3 import Stage3Config, run_stage3
+
+    config = load_config(Stage3Config, args.config, args.set)
+    run_stage3(config, resume=args.resume)
 
 
 def _adapter_init(args: argparse.Namespace) -> None:
@@ -213,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stage2.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     stage2.set_defaults(func=_train_stage2)
+
+    stage3 = train.add_parser("stage3", help="VDA stage 3: LoRA on the student's LLM, encoder frozen")
+    stage3.add_argument("--config", help="YAML config (see configs/)")
+    stage3.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    stage3.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    stage3.set_defaults(func=_train_stage3)
 
     adapter = sub.add_parser("adapter", help="conditioning adapters (W_proj + LoRA)").add_subparsers(
         dest="action", required=True, metavar="ACTION"
