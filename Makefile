@@ -53,9 +53,10 @@ protos: $(STAMP) ## regenerate libs/vidalign/teacher/v1 from protos/
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=libs --pyi_out=libs \
 		--grpc_python_out=libs $(PROTO_SRC)
 
-bench: $(STAMP) ## wire throughput and stage-2 step time, gRPC vs in-process (see BENCHMARKS.md)
+bench: $(STAMP) ## wire throughput, stage-2 gRPC vs in-process, attention capture memory (BENCHMARKS.md)
 	$(BIN)/python bench/wire.py
 	$(BIN)/python bench/stage2.py
+	$(BIN)/python bench/attention_capture.py
 
 demo: $(STAMP) ## teacher on loopback + VDA stage 2 on tiny models (does its own set-up)
 	VIDALIGN_LOG_FORMAT=$${VIDALIGN_LOG_FORMAT:-console} $(BIN)/vidalign demo --out runs/demo

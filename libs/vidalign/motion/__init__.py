@@ -1,0 +1,50 @@
+"""MotionEnhancer prior extraction: CogVideoX teacher, streaming attention capture, MHS, MTTI.
+
+``load_cogvideox`` gives a frozen CogVideoX (real checkpoint or tiny preset);
+``capture_attention`` installs a streaming processor that keeps only what MHS and
+MTTI need (DESIGN decision 6); ``extract_priors`` runs DDIM inversion, guided
+denoising with cross-stream memory, head selection and token selection.
+"""
+
+from vidalign.motion.attention import (
+    AttentionStats,
+    StreamingAttnProcessor,
+    TokenGrid,
+    capture_attention,
+)
+from vidalign.motion.cogvideox import (
+    COGVIDEOX_MODELS,
+    CogVideoXSpec,
+    CogVideoXTeacher,
+    load_cogvideox,
+    tiny_cogvideox_components,
+    tiny_t5_tokenizer,
+)
+from vidalign.motion.inversion import Priors, ddim_denoise, ddim_invert, extract_priors
+from vidalign.motion.mhs import MHSResult, head_metrics, select_heads
+from vidalign.motion.mtti import MTTIResult, SelectedToken, pool_tokens, select_tokens, token_spans
+
+__all__ = [
+    "COGVIDEOX_MODELS",
+    "AttentionStats",
+    "CogVideoXSpec",
+    "CogVideoXTeacher",
+    "MHSResult",
+    "MTTIResult",
+    "Priors",
+    "SelectedToken",
+    "StreamingAttnProcessor",
+    "TokenGrid",
+    "capture_attention",
+    "ddim_denoise",
+    "ddim_invert",
+    "extract_priors",
+    "head_metrics",
+    "load_cogvideox",
+    "pool_tokens",
+    "select_heads",
+    "select_tokens",
+    "tiny_cogvideox_components",
+    "tiny_t5_tokenizer",
+    "token_spans",
+]
