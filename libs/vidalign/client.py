@@ -27,24 +27,38 @@ exact, so ``loss.backward()`` works unchanged under plain PyTorch, DDP
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 import torch
 
 from vidalign import protocol
 from vidalign.diffusion.loss import DenoisingLossResult
-from vidalign.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, VidalignError
+from vidalign.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    VidalignError,
+)
 from vidalign.log import get_logger
-from vidalign.protocol import DenoisingLossRequest, TeacherInfo
+from vidalign.protocol import AttentionPriorsRequest, DenoisingLossRequest, TeacherInfo
 from vidalign.teacher.v1 import teacher_pb2 as pb
 from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from vidalign.engine import TeacherEngine
+    from vidalign.motion.engine import PriorsEngine
+    from vidalign.motion.inversion import Priors
 
 log = get_logger(__name__)
 
@@ -77,6 +91,18 @@ class LocalTeacher:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
+        from vidalign.motion.engine import PriorsEngine, is_cogvideox
+
+        self.engine: TeacherEngine | PriorsEngine
+        if is_cogvideox(model):  # MotionEnhancer priors: AttentionPriors only
+            from vidalign.motion import load_cogvideox
+
+            if adapters:
+                raise InvalidInput("adapters: a CogVideoX teacher takes no conditioning adapters")
+            self.engine = PriorsEngine(
+                load_cogvideox(model, device=device, dtype=dtype), model_name=model
+            )
+            return
         from vidalign.diffusion import load_teacher
         from vidalign.engine import TeacherEngine
 
@@ -94,6 +120,10 @@ class LocalTeacher:
         )
         return self.engine.denoising_loss(detached)
 
+    def attention_priors(self, request: AttentionPriorsRequest) -> Priors:
+        """MotionEnhancer priors of one clip (CogVideoX teachers only)."""
+        return self.engine.attention_priors(request)
+
     def close(self) -> None:
         pass
 
@@ -106,6 +136,7 @@ _STATUS_TO_ERROR: dict[grpc.StatusCode, type[VidalignError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
 }
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
@@ -200,8 +231,69 @@ class GrpcTeacher:
 
         return self._call("DenoisingLoss", call)
 
+    def attention_priors(self, request: AttentionPriorsRequest) -> Priors:
+        """MotionEnhancer priors of one clip from a CogVideoX teacher service."""
+
+        def call(md):
+            responses = self._stub.AttentionPriors(
+                protocol.priors_request_messages(request, self.chunk_bytes),
+                timeout=self.timeout,
+                metadata=md,
+            )
+            return protocol.parse_priors_result(responses)
+
+        return self._call("AttentionPriors", call)
+
     def close(self) -> None:
         self._channel.close()
+
+
+class PooledTeacher:
+    """Several teacher replicas named by address; calls go round-robin.
+
+    A replica that is UNAVAILABLE is skipped and the call goes to the next;
+    when every replica is down the pool waits (jittered backoff) and tries
+    again, up to ``retries`` rounds. Safe because randomness is part of the
+    request: any replica gives the same answer.
+    """
+
+    def __init__(self, teachers: Sequence[GrpcTeacher], *, retries: int = 5) -> None:
+        if not teachers:
+            raise InvalidInput("a teacher pool needs at least one address")
+        self.teachers = list(teachers)
+        self.retries = retries
+        self._turn = itertools.count()
+
+    def _call(self, name: str, fn):
+        start = next(self._turn)
+        errors = []
+        for round_ in range(self.retries + 1):
+            for i in range(len(self.teachers)):
+                teacher = self.teachers[(start + i) % len(self.teachers)]
+                try:
+                    return fn(teacher)
+                except Unavailable as err:
+                    errors.append(str(err))
+            if round_ < self.retries:
+                time.sleep(min(30.0, 0.5 * 2**round_) * (0.5 + random.random()))
+        raise Unavailable(f"no teacher replica answered {name}: {errors[-1]}")
+
+    def info(self) -> TeacherInfo:
+        infos = [t.info() for t in self.teachers]
+        models = {i.model for i in infos}
+        if len(models) > 1:
+            raise InvalidInput(f"the teacher replicas host different models: {sorted(models)}")
+        return infos[0]
+
+    def denoising_loss(self, request: DenoisingLossRequest) -> DenoisingLossResult:
+        return self._call("DenoisingLoss", lambda t: t.denoising_loss(request))
+
+    def attention_priors(self, request: AttentionPriorsRequest) -> Priors:
+        return self._call("AttentionPriors", lambda t: t.attention_priors(request))
+
+    def close(self) -> None:
+        for teacher in self.teachers:
+            teacher.close()
 
 
 def connect(
@@ -213,16 +305,27 @@ def connect(
     timeout: float = 600.0,
     retries: int = 5,
 ) -> Teacher:
-    """A teacher by address: ``local`` (needs ``model``), ``host:port`` or ``dns:///name:port``."""
+    """A teacher by address.
+
+    ``local`` (needs ``model``) runs it in this process; ``host:port`` or
+    ``dns:///name:port`` (round-robin over the name's addresses) reach the
+    service; ``host1:port,host2:port`` is a pool of replicas, round-robin with
+    failover.
+    """
     if address == "local":
         if not model:
             raise InvalidInput("address 'local' needs a model name (e.g. tiny-animatediff)")
         return LocalTeacher(model, adapters=adapters, device=device)
-    if ":" not in address:
+    addresses = [a.strip() for a in address.split(",") if a.strip()]
+    bad = [a for a in addresses if ":" not in a]
+    if not addresses or bad:
         raise InvalidInput(
-            f"teacher address '{address}' is not 'local', 'host:port' or 'dns:///name:port'"
+            f"teacher address '{address}' is not 'local', 'host:port', 'dns:///name:port' "
+            "or a comma-separated list of them"
         )
-    return GrpcTeacher(address, timeout=timeout, retries=retries)
+    if len(addresses) == 1:
+        return GrpcTeacher(addresses[0], timeout=timeout, retries=retries)
+    return PooledTeacher([GrpcTeacher(a, timeout=timeout, retries=0) for a in addresses], retries=retries)
 
 
 # --- the differentiable loss ------------------------------------------------
@@ -232,22 +335,42 @@ class _DenoisingLossFn(torch.autograd.Function):
     """Forward: the teacher's per-sample loss. Backward: grad_output x the teacher's dL/dF_V."""
 
     @staticmethod
-    def forward(ctx, features, teacher, request, sink):  # type: ignore[override]
-        want_grad = bool(ctx.needs_input_grad[0])
-        result = teacher.denoising_loss(
-            replace(request, features=features.detach(), want_grad=want_grad)
-        )
-        sink.append(result)
-        if want_grad:
+    def forward(ctx, features, result):  # type: ignore[override]
+        if ctx.needs_input_grad[0]:
             if result.grad is None or result.grad.shape != features.shape:
-                raise Unavailable("the teacher returned no gradient of the features' shape")
+                raise Unavailable(
+                    "the teacher returned no gradient of the features' shape; was the request "
+                    "sent with want_grad (features that require grad, grad mode on)?"
+                )
             ctx.save_for_backward(result.grad.to(features.device, features.dtype))
         return result.losses.mean(dim=1).to(features.device, torch.float32)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad_output.to(grad.dtype)[:, None, None] * grad, None, None, None
+        return grad_output.to(grad.dtype)[:, None, None] * grad, None
+
+
+_EXECUTOR: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=8, thread_name_prefix="teacher-call")
+    return _EXECUTOR
+
+
+class PendingLoss:
+    """A teacher call in flight; ``result()`` waits and returns the differentiable loss."""
+
+    def __init__(self, owner: RemoteDenoisingLoss, features: torch.Tensor, future: Future) -> None:
+        self._owner, self._features, self._future = owner, features, future
+
+    def result(self) -> torch.Tensor:
+        result = self._future.result()
+        self._owner.last_result = result
+        return _DenoisingLossFn.apply(self._features, result)
 
 
 class RemoteDenoisingLoss(torch.nn.Module):
@@ -255,6 +378,9 @@ class RemoteDenoisingLoss(torch.nn.Module):
 
     Returns one loss per sample, the mean over its ``num_draws`` noise draws.
     The last call's per-draw losses and timesteps are in ``last_result``.
+    ``submit`` sends a call and returns at once, so the caller can compute the
+    next micro-batch's features while the teacher works (the weights do not
+    change within an optimizer step, so this is exact).
     """
 
     def __init__(
@@ -276,6 +402,30 @@ class RemoteDenoisingLoss(torch.nn.Module):
         self.timesteps = list(timesteps) if timesteps is not None else None
         self.last_result: DenoisingLossResult | None = None
 
+    def _request(
+        self,
+        features: torch.Tensor,
+        sample_ids: Sequence[str],
+        seed: int,
+        latents: torch.Tensor | None,
+        pixels: torch.Tensor | None,
+        captions: Sequence[str] | None,
+    ) -> DenoisingLossRequest:
+        return DenoisingLossRequest(
+            sample_ids=list(sample_ids),
+            features=features.detach(),
+            latents=None if latents is None else latents.detach().cpu(),
+            pixels=None if pixels is None else pixels.detach().cpu(),
+            captions=None if captions is None else list(captions),
+            adapter_id=self.adapter_id,
+            model=self.model,
+            seed=seed,
+            num_draws=self.num_draws,
+            timestep_range=self.timestep_range,
+            timesteps=self.timesteps,
+            want_grad=features.requires_grad and torch.is_grad_enabled(),
+        )
+
     def forward(
         self,
         features: torch.Tensor,
@@ -286,19 +436,19 @@ class RemoteDenoisingLoss(torch.nn.Module):
         pixels: torch.Tensor | None = None,
         captions: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        request = DenoisingLossRequest(
-            sample_ids=list(sample_ids),
-            latents=None if latents is None else latents.detach().cpu(),
-            pixels=None if pixels is None else pixels.detach().cpu(),
-            captions=None if captions is None else list(captions),
-            adapter_id=self.adapter_id,
-            model=self.model,
-            seed=seed,
-            num_draws=self.num_draws,
-            timestep_range=self.timestep_range,
-            timesteps=self.timesteps,
-        )
-        sink: list[DenoisingLossResult] = []
-        loss = _DenoisingLossFn.apply(features, self.teacher, request, sink)
-        self.last_result = sink[0]
-        return loss
+        request = self._request(features, sample_ids, seed, latents, pixels, captions)
+        self.last_result = self.teacher.denoising_loss(request)
+        return _DenoisingLossFn.apply(features, self.last_result)
+
+    def submit(
+        self,
+        features: torch.Tensor,
+        *,
+        sample_ids: Sequence[str],
+        seed: int,
+        latents: torch.Tensor | None = None,
+        pixels: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
+    ) -> PendingLoss:
+        request = self._request(features, sample_ids, seed, latents, pixels, captions)
+        return PendingLoss(self, features, _executor().submit(self.teacher.denoising_loss, request))

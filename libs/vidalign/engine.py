@@ -24,9 +24,14 @@ from safetensors.torch import save as safetensors_save
 import vidalign
 from vidalign.diffusion import Adapter, DiffusionTeacher
 from vidalign.diffusion.loss import DenoisingLossResult, loss_and_grad
-from vidalign.errors import InvalidInput, NotFound, require_finite
+from vidalign.errors import FailedPrecondition, InvalidInput, NotFound, require_finite
 from vidalign.log import get_logger
-from vidalign.protocol import AdapterInfo, DenoisingLossRequest, TeacherInfo
+from vidalign.protocol import (
+    AdapterInfo,
+    AttentionPriorsRequest,
+    DenoisingLossRequest,
+    TeacherInfo,
+)
 from vidalign.store import Store, materialize
 
 log = get_logger(__name__)
@@ -102,6 +107,7 @@ class TeacherEngine:
         # Second level behind the memory LRU, shared by replicas and restarts.
         self.latent_store = latent_store
         self._adapters: dict[str, tuple[Adapter, str]] = {}
+        self.requests_served = 0
         # One model, one device: requests take turns (GPU work serialises anyway),
         # and LoRA activation is model state that must not interleave.
         self._lock = threading.Lock()
@@ -161,6 +167,15 @@ class TeacherEngine:
             max_message_bytes=self.max_message_bytes,
             max_request_bytes=self.max_request_bytes,
             version=vidalign.__version__,
+            height=t.resolution,
+            width=t.resolution,
+        )
+
+    def attention_priors(self, request: AttentionPriorsRequest | None = None):
+        raise FailedPrecondition(
+            f"AttentionPriors needs a CogVideoX teacher; this one serves '{self.model_name}' "
+            f"({self.teacher.family}); point the client at a CogVideoX teacher pool "
+            "(e.g. `vidalign teacher serve --model tiny-cogvideox`)"
         )
 
     # -- the loss -------------------------------------------------------------
@@ -198,6 +213,7 @@ class TeacherEngine:
                 timesteps=request.timesteps,
                 want_grad=request.want_grad,
             )
+            self.requests_served += 1
         return DenoisingLossResult(
             losses=result.losses.detach().cpu(),
             timesteps=result.timesteps.cpu(),

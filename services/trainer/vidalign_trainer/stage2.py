@@ -16,10 +16,12 @@ k therefore repeats exactly what an uninterrupted run does after step k.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -83,11 +85,19 @@ class TrainConfig:
     timestep_range: list[int] = field(default_factory=lambda: [0, 1000])
     text: bool = True
     """Condition the teacher on the static caption; false is VDA's no-text ablation."""
+    micro_batches: int = 1
+    """Split each batch into this many teacher calls, sent as soon as their features are
+    ready, so the teacher works on one while the encoder computes the next."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.num_draws < 1:
             raise ValueError("train.steps, train.batch_size and train.num_draws must be >= 1")
+        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"train.micro_batches ({self.micro_batches}) must divide train.batch_size "
+                f"({self.batch_size})"
+            )
         if self.lr <= 0:
             raise ValueError(f"train.lr must be positive, got {self.lr}")
         if len(self.timestep_range) != 2 or not 0 <= self.timestep_range[0] < self.timestep_range[1]:
@@ -166,10 +176,36 @@ def resolve_adapter_id(adapter: str) -> str:
     return file_digest(local)
 
 
+def init_distributed() -> tuple[int, int]:
+    """(world size, rank); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return world, rank
+
+
+def global_mean(value: torch.Tensor, world: int) -> float:
+    """The mean of a scalar over ranks (each rank holds the mean of an equal slice)."""
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    return value.item()
+
+
 def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher | None = None) -> list[float]:
     """Train; returns the mean loss of each step run by this call."""
     run = RunDir(config.output.dir)
+    world, rank = init_distributed()
     device = torch.device(config.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if config.train.batch_size % world:
+        raise InvalidInput(
+            f"train.batch_size ({config.train.batch_size}) must be divisible by the {world} ranks"
+        )
     adapter_id = resolve_adapter_id(config.teacher.adapter)
     own_teacher = teacher is None
     if teacher is None:
@@ -200,6 +236,9 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
         # Parameters that cannot reach F_V (layers after the feature layer) are
         # frozen by the loader; DDP and ZeRO fail on params that never get a grad.
         trainable = [p for p in encoder.parameters() if p.requires_grad]
+        # Data parallel: each rank trains on its slice of the global batch; DDP averages
+        # the gradients, which is the gradient of the global batch mean.
+        model = DistributedDataParallel(encoder) if world > 1 else encoder
         optimizer = torch.optim.AdamW(
             trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
         )
@@ -218,6 +257,12 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
         run.start_metrics(ckpt)
 
         data = ToyDataset(config.data)
+        per_rank = config.train.batch_size // world
+        if per_rank % config.train.micro_batches:
+            raise InvalidInput(
+                f"train.micro_batches ({config.train.micro_batches}) must divide the per-rank "
+                f"batch ({per_rank})"
+            )
         criterion = RemoteDenoisingLoss(
             teacher,
             adapter_id=adapter_id,
@@ -244,23 +289,39 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
             desc="stage2",
             unit="step",
             dynamic_ncols=True,
-            disable=None,  # no bar when stderr is not a terminal (CI, log files)
+            disable=None if rank == 0 else True,  # none off a terminal (CI, logs) or off rank 0
         ) as bar:
             for step in range(start, config.train.steps):
                 tic = time.perf_counter()
                 batch = data.batch(step, config.train.batch_size, config.train.seed)
-                features = encoder(encoder.preprocess(batch.video.to(device)))
-                teacher_video = sample_frames(batch.video, info.frames, info.resolution)
-                t_teacher = time.perf_counter()
-                per_sample = criterion(
-                    features,
-                    pixels=teacher_video,
-                    captions=batch.static_captions if config.train.text else None,
-                    sample_ids=batch.ids,
-                    seed=step_seed(config.train.seed, step),
-                )
+                local = slice(rank * per_rank, (rank + 1) * per_rank)
+                video = batch.video[local]
+                ids = batch.ids[local]
+                teacher_video = sample_frames(video, info.frames, info.resolution)
+                captions = batch.static_captions[local] if config.train.text else None
+                size = per_rank // config.train.micro_batches
+                parts = [slice(lo, lo + size) for lo in range(0, per_rank, size)]
+                if world > 1:
+                    # One DDP forward per backward: compute all features, then send the parts.
+                    whole = model(encoder.preprocess(video.to(device)))
+                    features = [whole[part] for part in parts]
+                else:
+                    features = []
+                pending = []
+                for i, part in enumerate(parts):
+                    if world == 1:  # the encoder computes part i+1 while the teacher has part i
+                        features.append(model(encoder.preprocess(video[part].to(device))))
+                    pending.append(criterion.submit(
+                        features[i],
+                        pixels=teacher_video[part],
+                        captions=None if captions is None else captions[part],
+                        sample_ids=ids[part],
+                        seed=step_seed(config.train.seed, step),
+                    ))
+                t_teacher = time.perf_counter()  # teacher_s: waiting on the teacher after the last send
+                # Equal micro-batches: the mean of their means is the batch mean.
+                loss = torch.stack([p.result().mean() for p in pending]).mean()
                 t_teacher = time.perf_counter() - t_teacher
-                loss = per_sample.mean()
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     trainable,
@@ -268,7 +329,7 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
                 )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                value = loss.item()
+                value = global_mean(loss.detach(), world)
                 if not math.isfinite(value):
                     raise FloatingPointError(f"stage 2 loss is {value} at step {step + 1}")
                 losses.append(value)
@@ -279,11 +340,13 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
                     "step_s": round(time.perf_counter() - tic, 4),
                     "teacher_s": round(t_teacher, 4),
                 }
-                run.log_metrics(record)
-                log.info("stage2_step", **record)
+                if rank == 0:
+                    run.log_metrics(record)
+                    log.info("stage2_step", **record)
                 bar.set_postfix(loss=f"{value:.4f}")
                 bar.update(1)
-                if (step + 1) % config.output.checkpoint_every == 0 or step + 1 == config.train.steps:
+                last = step + 1 == config.train.steps
+                if rank == 0 and ((step + 1) % config.output.checkpoint_every == 0 or last):
                     checkpointer.save(
                         step + 1,
                         weights={"encoder": encoder.state_dict()},
@@ -301,6 +364,10 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
                         },
                         extra_files={METRICS: run.metrics_path},
                     )
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            return losses
         final = checkpointer.latest()
         assert final is not None and final.step == config.train.steps
         commit_artifact(
