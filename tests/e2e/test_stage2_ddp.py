@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load
 
 from vidalign.store import open_store, read_artifact_file
