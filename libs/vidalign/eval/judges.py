@@ -18,27 +18,23 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import re
 import string
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from tqdm import tqdm
 
-from vidalign.errors import InvalidInput, Unavailable
+from vidalign.errors import InvalidInput
+from vidalign.llm import ChatClient
 from vidalign.log import get_logger
 
 log = get_logger("vidalign.eval.judges")
 
-ENV_BASE_URL = "VIDALIGN_JUDGE_BASE_URL"
-ENV_MODEL = "VIDALIGN_JUDGE_MODEL"
-ENV_API_KEY = "VIDALIGN_JUDGE_API_KEY"
+ENV_PREFIX = "VIDALIGN_JUDGE"
+"""The judge reads VIDALIGN_JUDGE_BASE_URL, VIDALIGN_JUDGE_MODEL, VIDALIGN_JUDGE_API_KEY."""
 
 # VDA (papers/000_55efefc0211ef1b7.txt), appendix A, table 5, word for word.
 # The PDF's text runs "Correct Answer: ..." and "Predicted Answer: ..." onto
@@ -101,10 +97,6 @@ class ExactMatchJudge:
         return Verdict("yes" if same else "no", 5.0 if same else 0.0)
 
 
-class _Retry(Exception):
-    """A failure worth another attempt: a timeout, 429, 5xx or a reply we cannot parse."""
-
-
 def parse_verdict(reply: str) -> Verdict:
     """The judge's dict, from the first ``{...}`` in ``reply``; InvalidInput when there is none."""
     match = re.search(r"\{.*?\}", reply, re.S)
@@ -130,39 +122,16 @@ def parse_verdict(reply: str) -> Verdict:
 
 
 @dataclass
-class LLMJudge:
-    """A chat-completions endpoint (``POST {base_url}/chat/completions``) as the judge.
-
-    ``base_url`` includes the API version, e.g. ``https://api.openai.com/v1``.
-    Timeouts, HTTP 429 and 5xx and unparsable replies are retried, up to
-    ``max_attempts`` in all, ``backoff`` seconds apart, doubling; other HTTP
-    errors (a refused key, an unknown model) fail at once. The key is sent
-    only in the Authorization header: it is not in ``repr`` or any message.
-    """
-
-    base_url: str
-    model: str
-    api_key: str = field(repr=False)
-    timeout: float = 60.0
-    max_attempts: int = 4
-    backoff: float = 1.0
-    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise InvalidInput(f"max_attempts: expected >= 1, got {self.max_attempts}")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise InvalidInput(f"base_url: expected an http(s) URL, got {self.base_url!r}")
+class LLMJudge(ChatClient):
+    """VDA's table-5 judge on a chat-completions endpoint (see ``vidalign.llm.ChatClient``)."""
 
     @classmethod
     def from_env(cls, **overrides) -> LLMJudge:
         """Endpoint, model and key from ``VIDALIGN_JUDGE_{BASE_URL,MODEL,API_KEY}``."""
-        values = {}
-        for name, var in (("base_url", ENV_BASE_URL), ("model", ENV_MODEL), ("api_key", ENV_API_KEY)):
-            value = os.environ.get(var, "")
-            if not value:
-                raise InvalidInput(f"LLM judge: environment variable {var} is not set")
-            values[name] = value
+        try:
+            values = cls.env_values(ENV_PREFIX)
+        except InvalidInput as err:
+            raise InvalidInput(f"LLM judge: {err}") from None
         return cls(**values, **overrides)
 
     def judge(self, question: str, answer: str, prediction: str) -> Verdict:
@@ -172,50 +141,7 @@ class LLMJudge:
                 question=question, answer=answer, prediction=prediction
             )},
         ]
-        problem = ""
-        for attempt in range(self.max_attempts):
-            if attempt:
-                delay = self.backoff * 2 ** (attempt - 1)
-                log.warning("judge retry", attempt=attempt + 1, delay_s=delay, problem=problem)
-                self.sleep(delay)
-            try:
-                reply = self._complete(messages)  # refusals raise InvalidInput through here
-            except _Retry as err:
-                problem = str(err)
-                continue
-            try:
-                return parse_verdict(reply)
-            except InvalidInput as err:
-                problem = str(err)
-        raise Unavailable(
-            f"LLM judge: no usable reply after {self.max_attempts} attempts; last: {problem}"
-        )
-
-    def _complete(self, messages: list[dict[str, str]]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0}).encode()
-        request = urllib.request.Request(
-            self.base_url.rstrip("/") + "/chat/completions",
-            data=body,
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"},
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as err:
-            if err.code == 429 or err.code >= 500:
-                raise _Retry(f"HTTP {err.code} from {self.base_url}") from None
-            raise InvalidInput(
-                f"LLM judge: HTTP {err.code} from {self.base_url} for model {self.model!r} "
-                "(check the model name and the API key)"
-            ) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            reason = getattr(err, "reason", err)
-            raise _Retry(f"cannot reach {self.base_url}: {reason}") from None
-        try:
-            return json.loads(payload)["choices"][0]["message"]["content"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise _Retry(f"not a chat-completions reply: {payload[:200]!r}") from None
+        return self.ask(messages, parse_verdict, "LLM judge")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
     vidalign teacher serve --model tiny-animatediff --port 50051 --adapter A.safetensors
     vidalign teacher info --address 127.0.0.1:50051
+    vidalign features extract --config configs/features-tiny.yaml
+    vidalign train stage1 --config configs/stage1-tiny.yaml [--resume]
     vidalign train stage2 --config configs/stage2-tiny.yaml [--set train.steps=10] [--resume]
     vidalign train stage3 --config configs/stage3-tiny.yaml [--resume]
     vidalign adapter init --teacher-model tiny-animatediff --student tiny-videollava --out A.safetensors
@@ -73,6 +75,18 @@ def _train_stage2(args: argparse.Namespace) -> None:
 
     config = load_config(Stage2Config, args.config, args.set)
     run_stage2(config, resume=args.resume)
+
+
+def _train_stage1(args: argparse.Namespace) -> None:
+    from vidalign_trainer.stage1 import run_from_args
+
+    run_from_args(args)  # load_config + run_stage1; leaves the process group under torchrun
+
+
+def _features_extract(args: argparse.Namespace) -> None:
+    from vidalign_trainer.features import run_from_args
+
+    run_from_args(args)
 
 
 def _train_stage3(args: argparse.Namespace) -> None:
@@ -215,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="training stages").add_subparsers(
         dest="stage", required=True, metavar="STAGE"
     )
+    stage1 = train.add_parser("stage1", help="VDA stage 1: train W_proj + UNet LoRA (encoder frozen)")
+    stage1.add_argument("--config", help="YAML config (see configs/stage1-tiny.yaml)")
+    stage1.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    stage1.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    stage1.set_defaults(func=_train_stage1)
+
     stage2 = train.add_parser("stage2", help="VDA stage 2: train the video encoder via the teacher")
     stage2.add_argument("--config", help="YAML config (see configs/)")
     stage2.add_argument(
@@ -230,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stage3.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     stage3.set_defaults(func=_train_stage3)
+
+    features = sub.add_parser("features", help="encoder features F_V for stage 1").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    extract = features.add_parser(
+        "extract", help="frozen encoder over a dataset -> sharded F_V in the store (resumable)"
+    )
+    extract.add_argument("--config", help="YAML config (see configs/features-tiny.yaml)")
+    extract.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    extract.set_defaults(func=_features_extract)
 
     adapter = sub.add_parser("adapter", help="conditioning adapters (W_proj + LoRA)").add_subparsers(
         dest="action", required=True, metavar="ACTION"
