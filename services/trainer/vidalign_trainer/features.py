@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -42,7 +42,7 @@ from vidalign.hub import weights_component
 from vidalign.log import configure_logging, get_logger
 from vidalign.store import commit_artifact, open_store, read_artifact_file, read_manifest
 from vidalign.students import load_student
-from vidalign_trainer.stage2 import DataConfig, ToyDataset
+from vidalign_trainer.common import ClipDataset, DataConfig, open_dataset
 
 log = get_logger("vidalign.features")
 
@@ -53,46 +53,6 @@ PRODUCER = "vidalign features extract"
 
 
 # --- datasets -------------------------------------------------------------------
-
-
-@dataclass
-class ClipBatch:
-    """Some clips of a dataset, in the order asked for."""
-
-    ids: list[str]
-    video: torch.Tensor
-    """uint8 (B, F, H, W, 3)."""
-    static_captions: list[str]
-
-
-class ClipDataset(Protocol):
-    """What feature extraction and stage 1 need from a dataset."""
-
-    ids: list[str]
-    """Clip ids, unique and stable: F_V, latents and draws are keyed by them."""
-    static_captions: list[str]
-    """One static-only caption per clip (same order as ``ids``): cheap metadata, no video read."""
-
-    def clips(self, indices: Sequence[int]) -> ClipBatch: ...
-
-
-class ToyClips(ToyDataset):
-    """The toy moving squares (``data.kind: toy``) as a ``ClipDataset``."""
-
-    def clips(self, indices: Sequence[int]) -> ClipBatch:
-        picks = list(indices)
-        return ClipBatch(
-            ids=[self.ids[i] for i in picks],
-            video=self.videos[picks],
-            static_captions=[self.static_captions[i] for i in picks],
-        )
-
-
-def open_dataset(config: DataConfig) -> ClipDataset:
-    """The dataset a ``data`` config section names (real datasets plug in here)."""
-    if config.kind == "toy":
-        return ToyClips(config)
-    raise InvalidInput(f"data.kind: no dataset of kind {config.kind!r}")
 
 
 # --- config ---------------------------------------------------------------------

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -51,8 +49,16 @@ from vidalign.log import configure_logging, get_logger
 from vidalign.run import METRICS, RunDir
 from vidalign.store import Store, commit_artifact, read_artifact_file, read_manifest
 from vidalign.video import sample_frames
-from vidalign_trainer.features import ClipDataset, FeatureSet, load_features, open_dataset
-from vidalign_trainer.stage2 import DataConfig, step_seed
+from vidalign_trainer.common import (
+    ClipDataset,
+    DataConfig,
+    Dist,
+    global_mean,
+    init_distributed,
+    open_dataset,
+    step_seed,
+)
+from vidalign_trainer.features import FeatureSet, load_features
 
 log = get_logger("vidalign.stage1")
 
@@ -177,29 +183,6 @@ class Stage1Result:
 # --- distributed ----------------------------------------------------------------
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Dist:
-    """torchrun's rendezvous from the environment; world size 1 without it."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank)
-
-
 def _device(config: Stage1Config, ranks: Dist) -> torch.device:
     if config.device == "cuda" and ranks.world_size > 1:
         return torch.device(f"cuda:{ranks.local_rank}")
@@ -289,16 +272,6 @@ class Stage1Data:
 
     def caption(self, ids: Sequence[str]) -> list[str]:
         return [self.captions[i] for i in ids]
-
-    def order(self, step: int, batch_size: int, seed: int) -> list[int]:
-        """Clip indices of step ``step``'s global batch: a fresh permutation each epoch."""
-        n = len(self.dataset.ids)
-        picks = []
-        for position in range(step * batch_size, (step + 1) * batch_size):
-            epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-            picks.append(int(order[offset]))
-        return picks
 
 
 # --- evaluation -----------------------------------------------------------------
@@ -473,7 +446,7 @@ def _fit(
     ) as bar:
         for step in range(start, train.steps):
             tic = time.perf_counter()
-            picks = data.order(step, train.batch_size, train.seed)
+            picks = data.dataset.order(step, train.batch_size, train.seed)
             picks = picks[ranks.rank * per_rank : (ranks.rank + 1) * per_rank]
             ids = [data.dataset.ids[i] for i in picks]
             text_emb = teacher.encode_text(data.caption(ids)) if train.text else None
@@ -493,11 +466,7 @@ def _fit(
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            value = loss.detach()
-            if ranks.world_size > 1:
-                dist.all_reduce(value)
-                value /= ranks.world_size
-            value = value.item()
+            value = global_mean(loss.detach(), ranks)
             if not math.isfinite(value):
                 raise FloatingPointError(f"stage 1 loss is {value} at step {step + 1}")
             losses.append(value)

@@ -16,7 +16,6 @@ k therefore repeats exactly what an uninterrupted run does after step k.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +27,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from vidalign.checkpoint import rng_state, set_rng_state
 from vidalign.client import RemoteDenoisingLoss, Teacher, connect
 from vidalign.config import config_digest, to_dict
-from vidalign.data.toy import moving_squares
 from vidalign.diffusion.adapter import file_digest
 from vidalign.errors import InvalidInput
 from vidalign.hub import weights_component
@@ -37,6 +35,13 @@ from vidalign.run import METRICS, RunDir
 from vidalign.store import commit_artifact, materialize
 from vidalign.students import load_student
 from vidalign.video import sample_frames
+from vidalign_trainer.common import (
+    DataConfig,
+    ToyDataset,
+    global_mean,
+    init_distributed,
+    step_seed,
+)
 
 log = get_logger("vidalign.stage2")
 
@@ -53,22 +58,6 @@ class TeacherConfig:
     """Deadline of one teacher call."""
     retries: int = 5
     """Retries of a call that found the teacher UNAVAILABLE (backoff 0.5 s doubling, jittered)."""
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    kind: str = "toy"
-    """``toy``: procedurally generated moving squares (vidalign.data.toy)."""
-    num_clips: int = 32
-    frames: int = 16
-    size: int = 32
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind != "toy":
-            raise ValueError(f"data.kind: only 'toy' is available, got {self.kind!r}")
-        if self.num_clips < 1:
-            raise ValueError("data.num_clips must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -125,46 +114,6 @@ class Stage2Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
-@dataclass
-class Batch:
-    ids: list[str]
-    video: torch.Tensor  # uint8 (B, F, H, W, 3)
-    static_captions: list[str]
-
-
-class ToyDataset:
-    """Clips in memory; the batch of step s is a function of (seed, s) only."""
-
-    def __init__(self, config: DataConfig) -> None:
-        clips = moving_squares(
-            config.num_clips, frames=config.frames, size=config.size, seed=config.seed
-        )
-        self.ids = [c.clip_id for c in clips]
-        self.videos = torch.stack([torch.from_numpy(c.video) for c in clips])
-        self.static_captions = [c.static_caption for c in clips]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def batch(self, step: int, batch_size: int, seed: int) -> Batch:
-        n = len(self)
-        picks = []
-        for position in range(step * batch_size, (step + 1) * batch_size):
-            epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-            picks.append(int(order[offset]))
-        return Batch(
-            ids=[self.ids[i] for i in picks],
-            video=self.videos[picks],
-            static_captions=[self.static_captions[i] for i in picks],
-        )
-
-
-def step_seed(seed: int, step: int) -> int:
-    """The teacher's seed for one step: distinct across steps and runs."""
-    return (seed << 32) | step
-
-
 def resolve_adapter_id(adapter: str) -> str:
     if not adapter:
         raise InvalidInput("teacher.adapter is required: an adapter file, store URI or sha256 id")
@@ -176,32 +125,14 @@ def resolve_adapter_id(adapter: str) -> str:
     return file_digest(local)
 
 
-def init_distributed() -> tuple[int, int]:
-    """(world size, rank); joins the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    return world, rank
-
-
-def global_mean(value: torch.Tensor, world: int) -> float:
-    """The mean of a scalar over ranks (each rank holds the mean of an equal slice)."""
-    if world > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value /= world
-    return value.item()
-
-
 def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher | None = None) -> list[float]:
     """Train; returns the mean loss of each step run by this call."""
     run = RunDir(config.output.dir)
-    world, rank = init_distributed()
+    ranks = init_distributed(config.device)
+    world, rank = ranks.world_size, ranks.rank
     device = torch.device(config.device)
     if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", ranks.local_rank)
     if config.train.batch_size % world:
         raise InvalidInput(
             f"train.batch_size ({config.train.batch_size}) must be divisible by the {world} ranks"
@@ -329,7 +260,7 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
                 )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                value = global_mean(loss.detach(), world)
+                value = global_mean(loss.detach(), ranks)
                 if not math.isfinite(value):
                     raise FloatingPointError(f"stage 2 loss is {value} at step {step + 1}")
                 losses.append(value)
