@@ -2,13 +2,12 @@
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.support.chat_server import ChatServer
 from tests.unit.test_loaders import FIXTURES, make_videos
 from vidalign.data.benchmarks import QAItem, load_benchmark, load_motionbench
 from vidalign.data.synth import MOTION_CATEGORIES, STATIC_CATEGORY, generate, write_dataset
@@ -145,53 +144,16 @@ def test_malformed_verdicts_are_rejected(reply):
         parse_verdict(reply)
 
 
-class ChatServer:
-    """A chat-completions endpoint on 127.0.0.1 that plays scripted replies, then judges by equality."""
-
-    def __init__(self):
-        self.script: list[tuple[int, str]] = []
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({
-                    "path": self.path, "auth": self.headers.get("Authorization"), "body": body,
-                })
-                status, content = server.script.pop(0) if server.script else (200, server.default(body))
-                if status != 200:
-                    self.send_error(status)
-                    return
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(payload.encode())
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def default(body: dict) -> str:
-        user = body["messages"][1]["content"]
-        answer = re.search(r"Correct Answer: (.*)\n", user).group(1)
-        prediction = re.search(r"Predicted Answer: (.*)\n", user).group(1)
-        return "{'pred': 'yes', 'score': 4.5}" if answer in prediction else "{'pred': 'no', 'score': 1.0}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def _judge_by_equality(body: dict) -> str:
+    user = body["messages"][1]["content"]
+    answer = re.search(r"Correct Answer: (.*)\n", user).group(1)
+    prediction = re.search(r"Predicted Answer: (.*)\n", user).group(1)
+    return "{'pred': 'yes', 'score': 4.5}" if answer in prediction else "{'pred': 'no', 'score': 1.0}"
 
 
 @pytest.fixture
 def chat():
-    server = ChatServer()
+    server = ChatServer(_judge_by_equality)
     yield server
     server.close()
 

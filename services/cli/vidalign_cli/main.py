@@ -143,6 +143,16 @@ def _data_synth(args: argparse.Namespace) -> None:
     print(write_dataset(clips, args.out, fps=args.fps))
 
 
+def _data_prepare(args: argparse.Namespace) -> None:
+    import json
+
+    from vidalign.data.prepare import prepare
+
+    report = prepare(args.csv, args.n, args.out, rewriter=args.rewriter, seed=args.seed,
+                     bins=args.bins, video_dir=args.video_dir)
+    print(json.dumps({"subset": f"{args.out.rstrip('/')}/subset", "ks": report}, indent=2))
+
+
 def _eval(args: argparse.Namespace) -> None:
     import json
     import tempfile
@@ -301,6 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
     synth.add_argument("--fps", type=int, default=8, help="mp4 frame rate")
     synth.set_defaults(func=_data_synth)
+
+    prep = data.add_parser(
+        "prepare", help="VDA training subset: stratified sample of an OpenVid-style CSV + static captions"
+    )
+    prep.add_argument("--csv", required=True, help="OpenVid-1M-style CSV")
+    prep.add_argument("--n", type=int, required=True, help="clips in the subset (VDA: 10000)")
+    prep.add_argument("--out", required=True, help="store URI; the subset is committed as OUT/subset")
+    prep.add_argument("--rewriter", default="rule", choices=["rule", "llm"],
+                      help="static captions: offline rules, or VDA's prompt on the endpoint in "
+                           "VIDALIGN_REWRITER_{BASE_URL,MODEL,API_KEY}")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--bins", type=int, default=4, help="quantile bins per stratification column")
+    prep.add_argument("--video-dir", help="where the videos are (default: beside the CSV)")
+    prep.set_defaults(func=_data_prepare)
 
     from vidalign.data.benchmarks import QA_BENCHMARKS
     from vidalign.eval import BASELINES
