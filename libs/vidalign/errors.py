@@ -27,6 +27,11 @@ class Unavailable(VidalignError):
     """The service cannot answer now (still loading, shutting down, unreachable)."""
 
 
+class FailedPrecondition(VidalignError):
+    """The service cannot answer this kind of request as configured (e.g. an RPC
+    that the hosted model family does not support)."""
+
+
 class Unauthenticated(VidalignError):
     """A server rejected the credentials (the message never includes them)."""
 

@@ -9,15 +9,21 @@ message streams of ``vidalign.teacher.v1`` using the tensor codec in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from vidalign import wire
 from vidalign.diffusion.loss import DenoisingLossResult
 from vidalign.errors import InvalidInput
 from vidalign.teacher.v1 import teacher_pb2 as pb
+
+if TYPE_CHECKING:  # the motion package pulls in CogVideoX classes: import on use
+    from vidalign.motion.inversion import Priors
 
 
 @dataclass(kw_only=True)
@@ -50,6 +56,29 @@ class DenoisingLossRequest:
 
 
 @dataclass(kw_only=True)
+class AttentionPriorsRequest:
+    """One clip for MotionEnhancer prior extraction on a CogVideoX teacher.
+
+    Defaults are ``vidalign.motion.extract_priors``'s. Extraction is
+    deterministic, so there is no seed.
+    """
+
+    video: torch.Tensor | np.ndarray
+    """uint8 (F, H, W, 3) RGB frames, F = 4k + 1, H and W multiples of the patch size in pixels."""
+    prompt: str
+    """The clip's caption (or question); must not be empty."""
+    negative_prompt: str = ""
+    steps: int = 5
+    guidance: float = 6.0
+    head_ratio: float = 0.5
+    token_ratio: float = 0.5
+    chunk_size: int = 256
+    memory: bool = True
+    model: str = ""
+    """The model the caller expects the teacher to host; empty accepts any."""
+
+
+@dataclass(kw_only=True)
 class AdapterInfo:
     id: str
     feature_dim: int
@@ -72,6 +101,9 @@ class TeacherInfo:
     max_message_bytes: int = 0
     max_request_bytes: int = 0
     version: str = ""
+    height: int = 0
+    """Pixel height the model expects (0 from servers older than this field: use resolution)."""
+    width: int = 0
 
 
 # --- requests ---------------------------------------------------------------
@@ -200,6 +232,8 @@ def info_message(info: TeacherInfo) -> pb.GetInfoResponse:
         max_message_bytes=info.max_message_bytes,
         max_request_bytes=info.max_request_bytes,
         version=info.version,
+        height=info.height,
+        width=info.width,
     )
 
 
@@ -226,4 +260,122 @@ def parse_info(message: pb.GetInfoResponse) -> TeacherInfo:
         max_message_bytes=message.max_message_bytes,
         max_request_bytes=message.max_request_bytes,
         version=message.version,
+        height=message.height or message.resolution,
+        width=message.width or message.resolution,
+    )
+
+
+# --- attention priors -------------------------------------------------------
+
+_PRIORS_TENSORS = ("prior", "head_scores", "token_scores")
+
+
+def priors_request_messages(
+    request: AttentionPriorsRequest, chunk_bytes: int = wire.CHUNK_BYTES
+) -> Iterator[pb.AttentionPriorsRequest]:
+    """The request as a message stream: parameters first, then the video's pieces."""
+    params = pb.AttentionPriorsParams(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        steps=request.steps,
+        guidance=request.guidance,
+        head_ratio=request.head_ratio,
+        token_ratio=request.token_ratio,
+        chunk_size=request.chunk_size,
+        memory=request.memory,
+        model=request.model,
+    )
+    video = request.video
+    if isinstance(video, np.ndarray):
+        video = torch.from_numpy(np.ascontiguousarray(video))
+    for index, pieces in enumerate(wire.pack({"video": video}, chunk_bytes)):
+        message = pb.AttentionPriorsRequest(tensors=pieces)
+        if index == 0:
+            message.params.CopyFrom(params)
+        yield message
+
+
+def parse_priors_request(
+    messages: Iterable[pb.AttentionPriorsRequest], max_bytes: int | None = None
+) -> AttentionPriorsRequest:
+    """Assemble a request stream; InvalidInput/ResourceExhausted on malformed or oversized input."""
+    assembler = wire.TensorAssembler(max_bytes)
+    params: pb.AttentionPriorsParams | None = None
+    for message in messages:
+        if message.HasField("params"):
+            if params is not None:
+                raise InvalidInput("params were sent twice; send them in the first message only")
+            params = message.params
+        elif params is None:
+            raise InvalidInput("the first message of an AttentionPriors stream must carry params")
+        assembler.add(message.tensors)
+    if params is None:
+        raise InvalidInput("empty AttentionPriors request stream")
+    tensors = assembler.finish()
+    unknown = set(tensors) - {"video"}
+    if unknown:
+        raise InvalidInput(f"unknown tensors {sorted(unknown)}; an AttentionPriors request carries video")
+    if "video" not in tensors:
+        raise InvalidInput("video: missing; send the clip as a uint8 (F, H, W, 3) tensor 'video'")
+    defaults = AttentionPriorsRequest(video=torch.empty(0), prompt="")
+    optional = {
+        name: getattr(params, name) if params.HasField(name) else getattr(defaults, name)
+        for name in ("steps", "guidance", "head_ratio", "token_ratio", "chunk_size", "memory")
+    }
+    return AttentionPriorsRequest(
+        video=tensors["video"],
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        model=params.model,
+        **optional,
+    )
+
+
+def priors_result_messages(
+    priors: Priors, chunk_bytes: int = wire.CHUNK_BYTES
+) -> Iterator[pb.AttentionPriorsResponse]:
+    selection = pb.AttentionPriorsSelection(
+        selected_heads=[int(h) for h in priors.selected_heads],
+        selected_tokens=[
+            pb.SelectedToken(
+                index=t.index, start=t.span[0], end=t.span[1], text=t.text, score=t.score
+            )
+            for t in priors.selected_tokens
+        ],
+        metadata_json=json.dumps(priors.metadata, default=str),
+    )
+    tensors = {
+        name: getattr(priors, name).detach().float().cpu().contiguous() for name in _PRIORS_TENSORS
+    }
+    for index, pieces in enumerate(wire.pack(tensors, chunk_bytes)):
+        message = pb.AttentionPriorsResponse(tensors=pieces)
+        if index == 0:
+            message.selection.CopyFrom(selection)
+        yield message
+
+
+def parse_priors_result(messages: Iterable[pb.AttentionPriorsResponse]) -> Priors:
+    from vidalign.motion.inversion import Priors
+    from vidalign.motion.mtti import SelectedToken
+
+    assembler = wire.TensorAssembler()
+    selection: pb.AttentionPriorsSelection | None = None
+    for message in messages:
+        if message.HasField("selection"):
+            selection = message.selection
+        assembler.add(message.tensors)
+    tensors = assembler.finish()
+    if selection is None or not set(_PRIORS_TENSORS) <= tensors.keys():
+        raise InvalidInput("the teacher's AttentionPriors response lacks the selection or a tensor")
+    metadata: dict[str, Any] = json.loads(selection.metadata_json or "{}")
+    return Priors(
+        head_scores=tensors["head_scores"],
+        selected_heads=list(selection.selected_heads),
+        token_scores=tensors["token_scores"],
+        selected_tokens=[
+            SelectedToken(index=t.index, span=(t.start, t.end), text=t.text, score=t.score)
+            for t in selection.selected_tokens
+        ],
+        prior=tensors["prior"],
+        metadata=metadata,
     )

@@ -6,9 +6,13 @@
     vidalign train stage1 --config configs/stage1-tiny.yaml [--resume]
     vidalign train stage2 --config configs/stage2-tiny.yaml [--set train.steps=10] [--resume]
     vidalign train stage3 --config configs/stage3-tiny.yaml [--resume]
+    vidalign train sft --config configs/sft-tiny.yaml [--resume]
+    vidalign vda run --config configs/vda/tiny-videollava.yaml
     vidalign adapter init --teacher-model tiny-animatediff --student tiny-videollava --out A.safetensors
     vidalign models list
     vidalign models pull animatediff-v1-5-2 --to s3://vidalign/models/animatediff-v1-5-2
+    vidalign priors extract --data data/synth --out s3://vidalign/priors/synth [--teacher HOST:PORT]
+    vidalign priors show --priors s3://vidalign/priors/synth --clip synth-0-00000 --out png/
     vidalign demo
 
 Errors that a user can fix (bad config, unknown model, unreachable teacher)
@@ -97,6 +101,37 @@ def _train_stage3(args: argparse.Namespace) -> None:
     run_stage3(config, resume=args.resume)
 
 
+def _train_sft(args: argparse.Namespace) -> None:
+    from vidalign.config import load_config
+    from vidalign_trainer.sft import SFTConfig, run_sft
+
+    config = load_config(SFTConfig, args.config, args.set)
+    run_sft(config, resume=args.resume)
+
+
+def _vda_run(args: argparse.Namespace) -> None:
+    from vidalign.config import load_config
+    from vidalign_trainer.vda import VDAConfig, run_vda, summary
+
+    config = load_config(VDAConfig, args.config, args.set)
+    for step, status in run_vda(config).items():
+        print(f"{step}: {status}")
+    if config.eval is not None:
+        print(summary(config))
+
+
+def _priors_extract(args: argparse.Namespace) -> None:
+    from vidalign_teacher.priors import run_extract
+
+    run_extract(args)
+
+
+def _priors_show(args: argparse.Namespace) -> None:
+    from vidalign_teacher.priors import run_show
+
+    run_show(args)
+
+
 def _adapter_init(args: argparse.Namespace) -> None:
     from vidalign.diffusion import Adapter, load_teacher
     from vidalign.students import load_student
@@ -181,7 +216,14 @@ def _eval(args: argparse.Namespace) -> None:
         result = score_outputs(bench.items, read_outputs(args.predictions), judge=judge,
                                judge_dir=judge_dir, progress=True)
     else:
-        result = evaluate(bench.items, BASELINES[args.answerer], batch_size=args.batch_size,
+        answerer = BASELINES[args.answerer]
+        if args.model:
+            from vidalign.students.answerer import load_trained_videollm, videollm_answerer
+
+            llm = load_trained_videollm(args.model, encoder=args.encoder or "", lora=args.lora or "",
+                                        device=args.device)
+            answerer = videollm_answerer(llm, max_new_tokens=args.max_new_tokens)
+        result = evaluate(bench.items, answerer, batch_size=args.batch_size,
                           frames=args.frames, fps=args.fps, skip_missing=args.skip_missing,
                           judge=judge, judge_dir=judge_dir)
     run = args.model or args.answerer
@@ -263,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
     stage3.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     stage3.set_defaults(func=_train_stage3)
 
+    sft = train.add_parser("sft", help="MotionEnhancer SFT: CE + lambda * L_align, whole VLM trainable")
+    sft.add_argument("--config", help="YAML config (see configs/sft-tiny.yaml)")
+    sft.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    sft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    sft.set_defaults(func=_train_sft)
+
+    vda = sub.add_parser("vda", help="the whole VDA recipe").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    vda_run = vda.add_parser(
+        "run", help="features -> stage 1 -> stage 2 -> stage 3 -> eval, skipping committed steps"
+    )
+    vda_run.add_argument("--config", required=True, help="YAML config (see configs/vda/)")
+    vda_run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    vda_run.set_defaults(func=_vda_run)
+
     features = sub.add_parser("features", help="encoder features F_V for stage 1").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -326,6 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--video-dir", help="where the videos are (default: beside the CSV)")
     prep.set_defaults(func=_data_prepare)
 
+    from vidalign_teacher.priors import add_extract_arguments, add_show_arguments
+
+    priors = sub.add_parser(
+        "priors", help="MotionEnhancer attention priors (CogVideoX teacher)"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    priors_extract = priors.add_parser(
+        "extract", help="priors of a dataset's clips -> store (sharded, resumable)"
+    )
+    add_extract_arguments(priors_extract)
+    priors_extract.set_defaults(func=_priors_extract)
+    priors_show = priors.add_parser("show", help="PNG overlays of selected tokens + head-score chart")
+    add_show_arguments(priors_show)
+    priors_show.set_defaults(func=_priors_show)
+
     from vidalign.data.benchmarks import QA_BENCHMARKS
     from vidalign.eval import BASELINES
 
@@ -336,7 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictions", help="JSONL of {uid, output} or {id, pred} to score")
     ev.add_argument("--answerer", default="oracle", choices=sorted(BASELINES),
                     help="model-free answerer when no --predictions (oracle must score 100%%)")
-    ev.add_argument("--model", help="run name in the result table")
+    ev.add_argument("--model", help="student VideoLLM to evaluate (vidalign models list); "
+                    "without it, --answerer scores a model-free baseline")
+    ev.add_argument("--encoder", help="stage-2 encoder artifact URI to put into --model")
+    ev.add_argument("--lora", help="stage-3 LoRA artifact URI (peft format) to apply to --model")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--judge", default="exact", choices=["exact", "llm"],
                     help="open-ended judge; llm reads VIDALIGN_JUDGE_{BASE_URL,MODEL,API_KEY}")
     ev.add_argument("--judge-dir", help="one result file per judged item (restartable)")

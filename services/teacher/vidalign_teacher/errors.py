@@ -16,7 +16,14 @@ from typing import Any
 import grpc
 import structlog
 
-from vidalign.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, VidalignError
+from vidalign.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    VidalignError,
+)
 from vidalign.log import get_logger
 
 log = get_logger("vidalign.teacher.rpc")
@@ -26,6 +33,7 @@ STATUS_OF: list[tuple[type[VidalignError], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 

@@ -1,5 +1,10 @@
 """The teacher gRPC server: one diffusion model per process.
 
+The model decides the RPCs: a diffusion-loss teacher (AnimateDiff, SD 1.5,
+``vidalign.diffusion``) answers DenoisingLoss; a CogVideoX teacher
+(``vidalign.motion.COGVIDEOX_MODELS``) answers AttentionPriors. Either answers
+the other RPC with FAILED_PRECONDITION and a message naming the right pool.
+
 Start-up order matters to orchestrators: the port opens first with health
 NOT_SERVING (so a probe gets an answer, not a refused connection), the model
 loads, adapters load, and only then does health flip to SERVING. On SIGTERM
@@ -25,6 +30,7 @@ from vidalign.config import ConfigError
 from vidalign.engine import TeacherEngine
 from vidalign.errors import Unavailable
 from vidalign.log import get_logger
+from vidalign.motion.engine import PriorsEngine, is_cogvideox
 from vidalign.store import is_store_uri, materialize, open_store, safe_key
 from vidalign.teacher.v1 import teacher_pb2 as pb
 from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
@@ -69,9 +75,9 @@ class ServerConfig:
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.engine: TeacherEngine | None = None
+        self.engine: TeacherEngine | PriorsEngine | None = None
 
-    def _engine(self) -> TeacherEngine:
+    def _engine(self) -> TeacherEngine | PriorsEngine:
         if self.engine is None:
             raise Unavailable(f"the teacher is still loading {self.config.model}; retry shortly")
         return self.engine
@@ -94,6 +100,22 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         )
         result = engine.denoising_loss(request)
         return protocol.result_messages(result)
+
+    def AttentionPriors(
+        self, request_iterator: Iterator[pb.AttentionPriorsRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.AttentionPriorsResponse]:
+        engine = self._engine()
+        if not isinstance(engine, PriorsEngine):
+            engine.attention_priors(None)  # FailedPrecondition, before reading the stream
+        request = protocol.parse_priors_request(request_iterator, self.config.max_request_bytes)
+        log.info(
+            "attention_priors",
+            frames=int(request.video.shape[0]) if request.video.ndim else 0,
+            steps=request.steps,
+            prompt_chars=len(request.prompt),
+        )
+        priors = engine.attention_priors(request)
+        return protocol.priors_result_messages(priors)
 
 
 class TeacherServer:
@@ -135,6 +157,9 @@ class TeacherServer:
 
         dtype = getattr(torch, self.config.dtype)
         model = self.config.model
+        if is_cogvideox(model):
+            self._start_cogvideox(dtype)
+            return
         sources: dict[str, str | None] = {}
         if self.config.weights:
             sources = {
@@ -171,6 +196,34 @@ class TeacherServer:
             device=self.config.device,
             dtype=self.config.dtype,
             adapters=[a.id for a in info.adapters],
+        )
+
+    def _start_cogvideox(self, dtype: torch.dtype) -> None:
+        from vidalign.motion import load_cogvideox
+
+        if self.config.adapters:
+            raise ConfigError(
+                f"{self.config.model} is a CogVideoX teacher (AttentionPriors only): it takes no --adapter"
+            )
+        if self.config.latent_store:
+            log.warning("latent_store_unused", model=self.config.model)
+        repo = str(materialize(self.config.weights)) if self.config.weights else None
+        teacher = load_cogvideox(self.config.model, device=self.config.device, dtype=dtype, repo=repo)
+        engine = PriorsEngine(
+            teacher,
+            model_name=self.config.model,
+            max_message_bytes=self.config.max_message_bytes,
+            max_request_bytes=self.config.max_request_bytes,
+        )
+        self.servicer.engine = engine
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "teacher_serving",
+            port=self.port,
+            model=self.config.model,
+            family=engine.info().family,
+            device=self.config.device,
+            dtype=self.config.dtype,
         )
 
     def stop(self, grace: float = 5.0) -> None:

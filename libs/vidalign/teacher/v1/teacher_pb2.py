@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!vidalign/teacher/v1/teacher.proto\x12\x13vidalign.teacher.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x10\n\x0eGetInfoRequest\"\xb1\x02\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x10\n\x08\x63ond_dim\x18\x03 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x05\x12\x12\n\nresolution\x18\x05 \x01(\x05\x12\x17\n\x0flatent_channels\x18\x06 \x01(\x05\x12\x18\n\x10vae_scale_factor\x18\x07 \x01(\x05\x12\x1b\n\x13num_train_timesteps\x18\x08 \x01(\x05\x12\x32\n\x08\x61\x64\x61pters\x18\t \x03(\x0b\x32 .vidalign.teacher.v1.AdapterInfo\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12\x19\n\x11max_request_bytes\x18\x0b \x01(\x03\x12\x0f\n\x07version\x18\x0c \x01(\t\"e\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x02 \x01(\x05\x12\x12\n\nprojection\x18\x03 \x01(\t\x12\x11\n\tlora_rank\x18\x04 \x01(\x05\x12\x0e\n\x06source\x18\x05 \x01(\t\")\n\rTimestepRange\x12\x0b\n\x03min\x18\x01 \x01(\x05\x12\x0b\n\x03max\x18\x02 \x01(\x05\"\xe1\x01\n\x13\x44\x65noisingLossParams\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12\x10\n\x08\x63\x61ptions\x18\x02 \x03(\t\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x11\n\tnum_draws\x18\x05 \x01(\x05\x12:\n\x0etimestep_range\x18\x06 \x01(\x0b\x32\".vidalign.teacher.v1.TimestepRange\x12\x11\n\ttimesteps\x18\x07 \x03(\x05\x12\x11\n\twant_grad\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\"~\n\x14\x44\x65noisingLossRequest\x12\x38\n\x06params\x18\x01 \x01(\x0b\x32(.vidalign.teacher.v1.DenoisingLossParams\x12,\n\x07tensors\x18\x02 \x03(\x0b\x32\x1b.vidalign.teacher.v1.Tensor\"E\n\x15\x44\x65noisingLossResponse\x12,\n\x07tensors\x18\x01 \x03(\x0b\x32\x1b.vidalign.teacher.v1.Tensor2\xd2\x01\n\x0eTeacherService\x12T\n\x07GetInfo\x12#.vidalign.teacher.v1.GetInfoRequest\x1a$.vidalign.teacher.v1.GetInfoResponse\x12j\n\rDenoisingLoss\x12).vidalign.teacher.v1.DenoisingLossRequest\x1a*.vidalign.teacher.v1.DenoisingLossResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!vidalign/teacher/v1/teacher.proto\x12\x13vidalign.teacher.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x10\n\x0eGetInfoRequest\"\xd0\x02\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x10\n\x08\x63ond_dim\x18\x03 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x05\x12\x12\n\nresolution\x18\x05 \x01(\x05\x12\x17\n\x0flatent_channels\x18\x06 \x01(\x05\x12\x18\n\x10vae_scale_factor\x18\x07 \x01(\x05\x12\x1b\n\x13num_train_timesteps\x18\x08 \x01(\x05\x12\x32\n\x08\x61\x64\x61pters\x18\t \x03(\x0b\x32 .vidalign.teacher.v1.AdapterInfo\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12\x19\n\x11max_request_bytes\x18\x0b \x01(\x03\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x0e\n\x06height\x18\r \x01(\x05\x12\r\n\x05width\x18\x0e \x01(\x05\"e\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x02 \x01(\x05\x12\x12\n\nprojection\x18\x03 \x01(\t\x12\x11\n\tlora_rank\x18\x04 \x01(\x05\x12\x0e\n\x06source\x18\x05 \x01(\t\")\n\rTimestepRange\x12\x0b\n\x03min\x18\x01 \x01(\x05\x12\x0b\n\x03max\x18\x02 \x01(\x05\"\xe1\x01\n\x13\x44\x65noisingLossParams\x12\x12\n\nsample_ids\x18\x01 \x03(\t\x12\x10\n\x08\x63\x61ptions\x18\x02 \x03(\t\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x11\n\tnum_draws\x18\x05 \x01(\x05\x12:\n\x0etimestep_range\x18\x06 \x01(\x0b\x32\".vidalign.teacher.v1.TimestepRange\x12\x11\n\ttimesteps\x18\x07 \x03(\x05\x12\x11\n\twant_grad\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\"~\n\x14\x44\x65noisingLossRequest\x12\x38\n\x06params\x18\x01 \x01(\x0b\x32(.vidalign.teacher.v1.DenoisingLossParams\x12,\n\x07tensors\x18\x02 \x03(\x0b\x32\x1b.vidalign.teacher.v1.Tensor\"E\n\x15\x44\x65noisingLossResponse\x12,\n\x07tensors\x18\x01 \x03(\x0b\x32\x1b.vidalign.teacher.v1.Tensor\"\xab\x02\n\x15\x41ttentionPriorsParams\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\x05steps\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08guidance\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nhead_ratio\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x0btoken_ratio\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\nchunk_size\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x13\n\x06memory\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12\r\n\x05model\x18\t \x01(\tB\x08\n\x06_stepsB\x0b\n\t_guidanceB\r\n\x0b_head_ratioB\x0e\n\x0c_token_ratioB\r\n\x0b_chunk_sizeB\t\n\x07_memory\"\x82\x01\n\x16\x41ttentionPriorsRequest\x12:\n\x06params\x18\x01 \x01(\x0b\x32*.vidalign.teacher.v1.AttentionPriorsParams\x12,\n\x07tensors\x18\x02 \x03(\x0b\x32\x1b.vidalign.teacher.v1.Tensor\"W\n\rSelectedToken\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\"\x86\x01\n\x18\x41ttentionPriorsSelection\x12\x16\n\x0eselected_heads\x18\x01 \x03(\x05\x12;\n\x0fselected_tokens\x18\x02 \x03(\x0b\x32\".vidalign.teacher.v1.SelectedToken\x12\x15\n\rmetadata_json\x18\x03 \x01(\t\"\x89\x01\n\x17\x41ttentionPriorsResponse\x12@\n\tselection\x18\x01 \x01(\x0b\x32-.vidalign.teacher.v1.AttentionPriorsSelection\x12,\n\x07tensors\x18\x02 \x03(\x0b\x32\x1b.vidalign.teacher.v1.Tensor2\xc4\x02\n\x0eTeacherService\x12T\n\x07GetInfo\x12#.vidalign.teacher.v1.GetInfoRequest\x1a$.vidalign.teacher.v1.GetInfoResponse\x12j\n\rDenoisingLoss\x12).vidalign.teacher.v1.DenoisingLossRequest\x1a*.vidalign.teacher.v1.DenoisingLossResponse(\x01\x30\x01\x12p\n\x0f\x41ttentionPriors\x12+.vidalign.teacher.v1.AttentionPriorsRequest\x1a,.vidalign.teacher.v1.AttentionPriorsResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=126
   _globals['_GETINFOREQUEST']._serialized_end=142
   _globals['_GETINFORESPONSE']._serialized_start=145
-  _globals['_GETINFORESPONSE']._serialized_end=450
-  _globals['_ADAPTERINFO']._serialized_start=452
-  _globals['_ADAPTERINFO']._serialized_end=553
-  _globals['_TIMESTEPRANGE']._serialized_start=555
-  _globals['_TIMESTEPRANGE']._serialized_end=596
-  _globals['_DENOISINGLOSSPARAMS']._serialized_start=599
-  _globals['_DENOISINGLOSSPARAMS']._serialized_end=824
-  _globals['_DENOISINGLOSSREQUEST']._serialized_start=826
-  _globals['_DENOISINGLOSSREQUEST']._serialized_end=952
-  _globals['_DENOISINGLOSSRESPONSE']._serialized_start=954
-  _globals['_DENOISINGLOSSRESPONSE']._serialized_end=1023
-  _globals['_TEACHERSERVICE']._serialized_start=1026
-  _globals['_TEACHERSERVICE']._serialized_end=1236
+  _globals['_GETINFORESPONSE']._serialized_end=481
+  _globals['_ADAPTERINFO']._serialized_start=483
+  _globals['_ADAPTERINFO']._serialized_end=584
+  _globals['_TIMESTEPRANGE']._serialized_start=586
+  _globals['_TIMESTEPRANGE']._serialized_end=627
+  _globals['_DENOISINGLOSSPARAMS']._serialized_start=630
+  _globals['_DENOISINGLOSSPARAMS']._serialized_end=855
+  _globals['_DENOISINGLOSSREQUEST']._serialized_start=857
+  _globals['_DENOISINGLOSSREQUEST']._serialized_end=983
+  _globals['_DENOISINGLOSSRESPONSE']._serialized_start=985
+  _globals['_DENOISINGLOSSRESPONSE']._serialized_end=1054
+  _globals['_ATTENTIONPRIORSPARAMS']._serialized_start=1057
+  _globals['_ATTENTIONPRIORSPARAMS']._serialized_end=1356
+  _globals['_ATTENTIONPRIORSREQUEST']._serialized_start=1359
+  _globals['_ATTENTIONPRIORSREQUEST']._serialized_end=1489
+  _globals['_SELECTEDTOKEN']._serialized_start=1491
+  _globals['_SELECTEDTOKEN']._serialized_end=1578
+  _globals['_ATTENTIONPRIORSSELECTION']._serialized_start=1581
+  _globals['_ATTENTIONPRIORSSELECTION']._serialized_end=1715
+  _globals['_ATTENTIONPRIORSRESPONSE']._serialized_start=1718
+  _globals['_ATTENTIONPRIORSRESPONSE']._serialized_end=1855
+  _globals['_TEACHERSERVICE']._serialized_start=1858
+  _globals['_TEACHERSERVICE']._serialized_end=2182
 # @@protoc_insertion_point(module_scope)

@@ -23,7 +23,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model", "family", "cond_dim", "frames", "resolution", "latent_channels", "vae_scale_factor", "num_train_timesteps", "adapters", "max_message_bytes", "max_request_bytes", "version")
+    __slots__ = ("model", "family", "cond_dim", "frames", "resolution", "latent_channels", "vae_scale_factor", "num_train_timesteps", "adapters", "max_message_bytes", "max_request_bytes", "version", "height", "width")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     COND_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,8 @@ class GetInfoResponse(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
     model: str
     family: str
     cond_dim: int
@@ -48,7 +50,9 @@ class GetInfoResponse(_message.Message):
     max_message_bytes: int
     max_request_bytes: int
     version: str
-    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., cond_dim: _Optional[int] = ..., frames: _Optional[int] = ..., resolution: _Optional[int] = ..., latent_channels: _Optional[int] = ..., vae_scale_factor: _Optional[int] = ..., num_train_timesteps: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    height: int
+    width: int
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., cond_dim: _Optional[int] = ..., frames: _Optional[int] = ..., resolution: _Optional[int] = ..., latent_channels: _Optional[int] = ..., vae_scale_factor: _Optional[int] = ..., num_train_timesteps: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., version: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
     __slots__ = ("id", "feature_dim", "projection", "lora_rank", "source")
@@ -107,3 +111,65 @@ class DenoisingLossResponse(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class AttentionPriorsParams(_message.Message):
+    __slots__ = ("prompt", "negative_prompt", "steps", "guidance", "head_ratio", "token_ratio", "chunk_size", "memory", "model")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_RATIO_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_RATIO_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    head_ratio: float
+    token_ratio: float
+    chunk_size: int
+    memory: bool
+    model: str
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., head_ratio: _Optional[float] = ..., token_ratio: _Optional[float] = ..., chunk_size: _Optional[int] = ..., memory: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+
+class AttentionPriorsRequest(_message.Message):
+    __slots__ = ("params", "tensors")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    params: AttentionPriorsParams
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, params: _Optional[_Union[AttentionPriorsParams, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class SelectedToken(_message.Message):
+    __slots__ = ("index", "start", "end", "text", "score")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    start: int
+    end: int
+    text: str
+    score: float
+    def __init__(self, index: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class AttentionPriorsSelection(_message.Message):
+    __slots__ = ("selected_heads", "selected_tokens", "metadata_json")
+    SELECTED_HEADS_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    selected_heads: _containers.RepeatedScalarFieldContainer[int]
+    selected_tokens: _containers.RepeatedCompositeFieldContainer[SelectedToken]
+    metadata_json: str
+    def __init__(self, selected_heads: _Optional[_Iterable[int]] = ..., selected_tokens: _Optional[_Iterable[_Union[SelectedToken, _Mapping]]] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+
+class AttentionPriorsResponse(_message.Message):
+    __slots__ = ("selection", "tensors")
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    selection: AttentionPriorsSelection
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, selection: _Optional[_Union[AttentionPriorsSelection, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...

@@ -45,6 +45,11 @@ class TeacherServiceStub:
                 request_serializer=vidalign_dot_teacher_dot_v1_dot_teacher__pb2.DenoisingLossRequest.SerializeToString,
                 response_deserializer=vidalign_dot_teacher_dot_v1_dot_teacher__pb2.DenoisingLossResponse.FromString,
                 _registered_method=True)
+        self.AttentionPriors = channel.stream_stream(
+                '/vidalign.teacher.v1.TeacherService/AttentionPriors',
+                request_serializer=vidalign_dot_teacher_dot_v1_dot_teacher__pb2.AttentionPriorsRequest.SerializeToString,
+                response_deserializer=vidalign_dot_teacher_dot_v1_dot_teacher__pb2.AttentionPriorsResponse.FromString,
+                _registered_method=True)
 
 
 class TeacherServiceServicer:
@@ -69,6 +74,18 @@ class TeacherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttentionPriors(self, request_iterator, context):
+        """AttentionPriors runs MotionEnhancer's prior extraction on one clip: DDIM
+        inversion, guided re-denoising with attention capture, motion-aware head
+        selection (MHS) and motion-aware text token identification (MTTI). Only a
+        CogVideoX teacher answers it; a diffusion-loss teacher (AnimateDiff, SD
+        1.5) answers FAILED_PRECONDITION, as a CogVideoX teacher does to
+        DenoisingLoss. Streams have the shape of DenoisingLoss's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +98,11 @@ def add_TeacherServiceServicer_to_server(servicer, server):
                     servicer.DenoisingLoss,
                     request_deserializer=vidalign_dot_teacher_dot_v1_dot_teacher__pb2.DenoisingLossRequest.FromString,
                     response_serializer=vidalign_dot_teacher_dot_v1_dot_teacher__pb2.DenoisingLossResponse.SerializeToString,
+            ),
+            'AttentionPriors': grpc.stream_stream_rpc_method_handler(
+                    servicer.AttentionPriors,
+                    request_deserializer=vidalign_dot_teacher_dot_v1_dot_teacher__pb2.AttentionPriorsRequest.FromString,
+                    response_serializer=vidalign_dot_teacher_dot_v1_dot_teacher__pb2.AttentionPriorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +160,33 @@ class TeacherService:
             '/vidalign.teacher.v1.TeacherService/DenoisingLoss',
             vidalign_dot_teacher_dot_v1_dot_teacher__pb2.DenoisingLossRequest.SerializeToString,
             vidalign_dot_teacher_dot_v1_dot_teacher__pb2.DenoisingLossResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttentionPriors(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vidalign.teacher.v1.TeacherService/AttentionPriors',
+            vidalign_dot_teacher_dot_v1_dot_teacher__pb2.AttentionPriorsRequest.SerializeToString,
+            vidalign_dot_teacher_dot_v1_dot_teacher__pb2.AttentionPriorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,611 @@
+"""MotionEnhancer priors over a dataset, on the teacher pool: ``vidalign priors extract | show``.
+
+``extract`` reads a MotionBench-layout dataset (SynthMotion included) with the
+benchmark loaders, asks a CogVideoX teacher for the priors of every clip
+(in process by default, or a ``vidalign teacher serve --model ...`` service
+with ``--teacher host:port``) and writes them to a store::
+
+    <out>/shard-00000/<clip>.safetensors   one priors file per clip (vidalign.motion.io format)
+    <out>/shard-00000/MANIFEST.json        meta: clip_ids, keys, source (what made them)
+    <out>/shard-00001/...
+    <out>/index/index.json                 every clip: id, key, shard, prompt, video; source
+
+A unit is one video with its caption when the dataset has a SynthMotion
+sidecar (``synthmotion.jsonl``), else one question (prompt = the question
+text, its segment of the video). Each shard is an artifact (files first,
+manifest last): a killed run leaves whole shards only, and a rerun skips the
+shards committed with the same source and the same clips. The index is
+committed last; ``load_priors_set`` refuses a set without it.
+
+``show`` renders, per clip, one PNG per selected token (its attention over the
+video-token grid, upsampled and overlaid on the frames, titled with the token
+text) and ``heads.png``, a bar chart of the MHS head scores (selected heads
+highlighted). PNGs are drawn with Pillow (matplotlib is not a dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from vidalign.errors import InvalidInput, NotFound, VidalignError
+from vidalign.log import configure_logging, get_logger
+from vidalign.protocol import AttentionPriorsRequest, TeacherInfo
+from vidalign.store import commit_artifact, open_store, read_artifact_file, read_manifest
+
+log = get_logger("vidalign.priors")
+
+INDEX = "index"
+INDEX_FILE = "index.json"
+PRODUCER = "vidalign priors extract"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def clip_key(clip_id: str) -> str:
+    """A file-name-safe key for a clip id (ids may hold '/' or spaces)."""
+    key = re.sub(r"[^A-Za-z0-9._-]", "_", clip_id).strip(".") or "clip"
+    if key != clip_id:  # keep distinct ids distinct
+        key += "-" + hashlib.sha256(clip_id.encode()).hexdigest()[:8]
+    return key
+
+
+# --- the dataset ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PriorsClip:
+    """One unit of extraction: a video (or a segment of it) and its prompt."""
+
+    clip_id: str
+    video_path: Path
+    prompt: str
+    segment: tuple[float, float] | None = None
+
+
+def dataset_clips(
+    data: str | Path, *, bench: str = "motionbench", video_dir: str | Path | None = None,
+    skip_missing: bool = False,
+) -> list[PriorsClip]:
+    """The units of a dataset: per video with a sidecar caption, else per question."""
+    from vidalign.data.benchmarks import load_benchmark
+    from vidalign.data.synth import SIDECAR_FILE, read_sidecar
+
+    loaded = load_benchmark(bench, data, video_dir=video_dir)
+    if loaded.missing and not skip_missing:
+        raise NotFound(
+            f"data: {len(loaded.missing)} videos are missing (first: {loaded.missing[0]}); "
+            "fetch them or pass --skip-missing"
+        )
+    missing = {Path(p).resolve() for p in loaded.missing}
+    root = Path(data) if Path(data).is_dir() else Path(data).parent
+    captions: dict[Path, tuple[str, str]] = {}
+    if (root / SIDECAR_FILE).is_file():
+        captions = {r.video_path.resolve(): (r.clip_id, r.caption) for r in read_sidecar(root)}
+    clips: list[PriorsClip] = []
+    seen_videos: set[Path] = set()
+    for item in loaded.items:
+        video = Path(item.video_path).resolve()
+        if video in missing:
+            continue
+        if video in captions and captions[video][1].strip():
+            if video in seen_videos:
+                continue
+            seen_videos.add(video)
+            clip_id, caption = captions[video]
+            clips.append(PriorsClip(clip_id=clip_id, video_path=video, prompt=caption))
+        else:
+            clips.append(PriorsClip(
+                clip_id=item.uid, video_path=video, prompt=item.question, segment=item.segment
+            ))
+    ids = [c.clip_id for c in clips]
+    if len(set(ids)) != len(ids):
+        raise InvalidInput("data: clip ids are not unique; priors are keyed by them")
+    keys = [clip_key(i) for i in ids]
+    if len(set(keys)) != len(keys):
+        raise InvalidInput("data: clip ids collide after sanitising for file names")
+    return clips
+
+
+def load_frames(
+    video_path: str | Path, *, frames: int, height: int, width: int,
+    segment: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """uint8 (frames, height, width, 3): ``frames`` spread uniformly, resized when needed."""
+    from vidalign.data.frames import decode_frames
+
+    start, end = segment if segment is not None else (None, None)
+    video = decode_frames(video_path, num_frames=frames, start=start, end=end)
+    if video.shape[1:3] != (height, width):
+        x = torch.from_numpy(video).permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.interpolate(
+            x, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+        )
+        video = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return video
+
+
+# --- extraction -----------------------------------------------------------------
+
+
+class PriorsTeacher(Protocol):
+    """What extraction needs: ``LocalTeacher`` or ``GrpcTeacher`` on a CogVideoX model."""
+
+    def info(self) -> TeacherInfo: ...
+
+    def attention_priors(self, request: AttentionPriorsRequest) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(kw_only=True)
+class ExtractConfig:
+    data: str
+    """Dataset directory (or its meta file) in a benchmark loader's layout."""
+    out: str
+    """Store URI (local dir or s3://bucket/prefix) of the priors set."""
+    bench: str = "motionbench"
+    """Loader name (``vidalign.data.benchmarks.QA_BENCHMARKS``); SynthMotion is motionbench."""
+    video_dir: str | None = None
+    model: str = "tiny-cogvideox"
+    """CogVideoX model: loaded in process, or the model the --teacher service must host."""
+    teacher: str = ""
+    """host:port of a CogVideoX teacher service; empty: in process."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    shard_size: int = 64
+    """Clips per shard: the unit of commit and of resumption."""
+    frames: int = 0
+    """Frames sampled per clip; 0: the model's."""
+    height: int = 0
+    """Frame size the clips are resized to; 0: the model's."""
+    width: int = 0
+    steps: int = 5
+    guidance: float = 6.0
+    head_ratio: float = 0.5
+    token_ratio: float = 0.5
+    chunk_size: int = 256
+    memory: bool = True
+    skip_missing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise InvalidInput(f"shard_size: expected >= 1, got {self.shard_size}")
+
+
+def _connect(config: ExtractConfig) -> PriorsTeacher:
+    from vidalign.client import GrpcTeacher, LocalTeacher
+
+    if config.teacher:
+        teacher = GrpcTeacher(config.teacher)
+        teacher.wait_ready(timeout=60.0)
+        return teacher
+    return LocalTeacher(config.model, device=config.device)
+
+
+def extract_dataset_priors(config: ExtractConfig, *, teacher: PriorsTeacher | None = None) -> str:
+    """Priors of every clip of ``config.data`` into ``config.out``; returns the set's URI.
+
+    Shards already committed from the same source and clips are kept, so a
+    rerun after a crash (or of a finished job) only does the missing work.
+    """
+    clips = dataset_clips(
+        config.data, bench=config.bench, video_dir=config.video_dir, skip_missing=config.skip_missing
+    )
+    if not clips:
+        raise InvalidInput(f"data: {config.data} holds no clips")
+    store = open_store(config.out)
+    own_teacher = teacher is None
+    teacher = teacher if teacher is not None else _connect(config)
+    try:
+        info = teacher.info()
+        if info.family != "cogvideox":
+            raise InvalidInput(
+                f"teacher: '{info.model}' is a {info.family} teacher; priors need a CogVideoX one"
+            )
+        if config.teacher and config.model and info.model != config.model:
+            raise NotFound(
+                f"teacher {config.teacher} hosts '{info.model}', not '{config.model}'; "
+                "pass the model it hosts with --model or point --teacher at the right pool"
+            )
+        frames = config.frames or info.frames
+        height = config.height or info.height or info.resolution
+        width = config.width or info.width or info.resolution
+        source = {
+            "model": info.model,
+            "steps": config.steps,
+            "guidance": config.guidance,
+            "head_ratio": config.head_ratio,
+            "token_ratio": config.token_ratio,
+            "chunk_size": config.chunk_size,
+            "memory": config.memory,
+            "frames": frames,
+            "height": height,
+            "width": width,
+        }
+        size = config.shard_size
+        shards = [clips[s : s + size] for s in range(0, len(clips), size)]
+        todo = []
+        for k, shard in enumerate(shards):
+            manifest = read_manifest(store, shard_name(k))
+            ids = [c.clip_id for c in shard]
+            if manifest is not None and manifest.meta.get("source") == source and (
+                manifest.meta.get("clip_ids") == ids
+            ):
+                continue
+            if manifest is not None:
+                log.warning("priors_shard_stale", shard=shard_name(k), uri=store.uri)
+            todo.append(k)
+        log.info(
+            "priors_start", model=info.model, teacher=config.teacher or "in-process",
+            clips=len(clips), shards=len(shards), todo=len(todo), output=store.uri,
+        )
+        with logging_redirect_tqdm(), tqdm(
+            total=len(clips),
+            initial=len(clips) - sum(len(shards[k]) for k in todo),
+            desc="priors",
+            unit="clip",
+            dynamic_ncols=True,
+            disable=None,
+        ) as bar:
+            for k in todo:
+                tic = time.perf_counter()
+                files: dict[str, bytes] = {}
+                for clip in shards[k]:
+                    files[f"{clip_key(clip.clip_id)}.safetensors"] = _clip_priors(
+                        teacher, clip, config, frames=frames, height=height, width=width
+                    )
+                    bar.update(1)
+                commit_artifact(
+                    store,
+                    shard_name(k),
+                    files,
+                    producer=PRODUCER,
+                    meta={
+                        "clip_ids": [c.clip_id for c in shards[k]],
+                        "keys": [clip_key(c.clip_id) for c in shards[k]],
+                        "source": source,
+                    },
+                )
+                log.info("priors_shard", shard=shard_name(k), clips=len(files),
+                         shard_s=round(time.perf_counter() - tic, 3))
+    finally:
+        if own_teacher:
+            teacher.close()
+    index = {
+        "clips": [
+            {
+                "id": c.clip_id,
+                "key": clip_key(c.clip_id),
+                "shard": shard_name(i // size),
+                "prompt": c.prompt,
+                "video": str(c.video_path),
+                "segment": c.segment,
+            }
+            for i, c in enumerate(clips)
+        ],
+        "shards": [shard_name(k) for k in range(len(shards))],
+        "source": source,
+    }
+    commit_artifact(
+        store, INDEX, {INDEX_FILE: json.dumps(index, indent=2).encode()}, producer=PRODUCER,
+        meta={"clips": len(clips), "model": info.model},
+    )
+    log.info("priors_done", clips=len(clips), shards=len(shards), priors=store.uri)
+    return store.uri
+
+
+def _clip_priors(
+    teacher: PriorsTeacher, clip: PriorsClip, config: ExtractConfig, *, frames: int, height: int,
+    width: int,
+) -> bytes:
+    from vidalign.motion.io import priors_to_bytes
+
+    video = load_frames(clip.video_path, frames=frames, height=height, width=width, segment=clip.segment)
+    priors = teacher.attention_priors(AttentionPriorsRequest(
+        video=video,
+        prompt=clip.prompt,
+        steps=config.steps,
+        guidance=config.guidance,
+        head_ratio=config.head_ratio,
+        token_ratio=config.token_ratio,
+        chunk_size=config.chunk_size,
+        memory=config.memory,
+        model=config.model if config.teacher else "",
+    ))
+    meta = {
+        "clip_id": clip.clip_id,
+        "video": str(clip.video_path),
+        "segment": clip.segment,
+        "frames": frames,
+        "height": height,
+        "width": width,
+    }
+    return priors_to_bytes(priors, prompt=clip.prompt, meta=meta)
+
+
+# --- reading --------------------------------------------------------------------
+
+
+@dataclass
+class PriorsSet:
+    """A committed priors set: its index, and each clip's priors read on demand."""
+
+    uri: str
+    clips: list[dict[str, Any]]
+    source: dict[str, Any]
+
+    @property
+    def ids(self) -> list[str]:
+        return [c["id"] for c in self.clips]
+
+    def get(self, clip_id: str):
+        """(Priors, prompt) of one clip, verified against its shard's manifest."""
+        from vidalign.motion.io import priors_from_bytes
+
+        entry = next((c for c in self.clips if c["id"] == clip_id), None)
+        if entry is None:
+            raise NotFound(f"priors {self.uri}: no clip {clip_id!r} (it has {len(self.clips)})")
+        rel = f"{entry['key']}.safetensors"
+        data = read_artifact_file(open_store(self.uri), entry["shard"], rel)
+        return priors_from_bytes(data, f"{self.uri}/{entry['shard']}/{rel}")
+
+
+def load_priors_set(uri: str) -> PriorsSet:
+    store = open_store(uri)
+    if read_manifest(store, INDEX) is None:
+        raise NotFound(
+            f"priors {store.uri}: no committed index; run `vidalign priors extract` "
+            "(an interrupted extraction resumes where it stopped)"
+        )
+    index = json.loads(read_artifact_file(store, INDEX, INDEX_FILE))
+    return PriorsSet(uri=store.uri, clips=index["clips"], source=index["source"])
+
+
+# --- rendering ------------------------------------------------------------------
+
+_COLORMAP = np.array(  # inferno-like anchors, 0 -> 1
+    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66],
+     [245, 125, 21], [250, 193, 39], [252, 255, 164]], dtype=np.float32
+)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB (..., 3)."""
+    x = np.clip(values, 0, 1) * (len(_COLORMAP) - 1)
+    lo = np.floor(x).astype(int).clip(0, len(_COLORMAP) - 2)
+    t = (x - lo)[..., None]
+    return ((1 - t) * _COLORMAP[lo] + t * _COLORMAP[lo + 1]).round().astype(np.uint8)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def render_token(
+    prior: np.ndarray, frames: np.ndarray | None, title: str, *, min_side: int = 128
+) -> Any:
+    """One token's prior (F_tok, h, w) over F_tok representative frames -> a PIL image."""
+    from PIL import Image, ImageDraw
+
+    f_tok, h, w = prior.shape
+    if frames is None:
+        frames = np.full((f_tok, h * 8, w * 8, 3), 96, np.uint8)
+    height, width = frames.shape[1:3]
+    scale = max(1, math.ceil(min_side / min(height, width)))
+    ph, pw = height * scale, width * scale
+    lo, hi = float(prior.min()), float(prior.max())
+    norm = (prior - lo) / (hi - lo) if hi > lo else np.zeros_like(prior)
+    pad, title_h, label_h = 8, 28, 18
+    canvas = Image.new("RGB", (pad + f_tok * (pw + pad), title_h + ph + label_h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 6), title, fill="black", font=_font(16))
+    # Token frame j covers the pixel frames around j * (F - 1) / (F_tok - 1).
+    picks = np.linspace(0, len(frames) - 1, f_tok).round().astype(int) if f_tok > 1 else [0]
+    for j in range(f_tok):
+        frame = Image.fromarray(frames[picks[j]]).resize((pw, ph), Image.NEAREST)
+        heat = Image.fromarray(colormap(norm[j])).resize((pw, ph), Image.BILINEAR)
+        panel = Image.blend(frame, heat, 0.55)
+        x = pad + j * (pw + pad)
+        canvas.paste(panel, (x, title_h))
+        draw.text((x, title_h + ph + 2), f"frame {picks[j]}", fill="black", font=_font(12))
+    return canvas
+
+
+def render_heads(scores: np.ndarray, selected: Sequence[int], title: str) -> Any:
+    """Bar chart of the MHS head scores; selected heads in orange."""
+    from PIL import Image, ImageDraw
+
+    n = len(scores)
+    bar, gap, left, top, bottom = max(6, min(32, 600 // max(n, 1))), 4, 48, 32, 28
+    plot_h = 200
+    width = max(320, left + n * (bar + gap) + 16)
+    canvas = Image.new("RGB", (width, top + plot_h + bottom), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 8), title, fill="black", font=_font(14))
+    lo, hi = min(0.0, float(scores.min())), max(0.0, float(scores.max()))
+    span = (hi - lo) or 1.0
+
+    def y(v: float) -> float:
+        return top + (hi - v) / span * plot_h
+
+    zero = y(0.0)
+    draw.line([(left - 4, zero), (width - 8, zero)], fill="black")
+    draw.text((4, top - 6), f"{hi:.3g}", fill="black", font=_font(10))
+    draw.text((4, top + plot_h - 6), f"{lo:.3g}", fill="black", font=_font(10))
+    chosen = set(int(h) for h in selected)
+    for i, value in enumerate(scores):
+        x0 = left + i * (bar + gap)
+        y0, y1 = sorted((zero, y(float(value))))
+        draw.rectangle([x0, y0, x0 + bar, max(y1, y0 + 1)],
+                       fill=(245, 125, 21) if i in chosen else (150, 150, 150))
+        if n <= 64:
+            draw.text((x0, top + plot_h + 6), str(i), fill="black", font=_font(10))
+    return canvas
+
+
+def show_priors(
+    priors: Any, prompt: str, out_dir: str | Path, *, frames: np.ndarray | None = None,
+    max_tokens: int = 0,
+) -> list[Path]:
+    """Write ``token-NN.png`` per selected token and ``heads.png``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prior = priors.prior.float().numpy()
+    tokens = priors.selected_tokens[: max_tokens or None]
+    paths = []
+    for rank, token in enumerate(tokens):
+        title = f"{token.text!r}  (token {token.index}, chars {token.span[0]}-{token.span[1]}, score {token.score:.4g})"
+        path = out / f"token-{rank:02d}.png"
+        render_token(prior[rank], frames, title).save(path, format="PNG")
+        paths.append(path)
+    heads = out / "heads.png"
+    render_heads(
+        priors.head_scores.float().numpy(), priors.selected_heads,
+        f"MHS head scores; selected {list(priors.selected_heads)}",
+    ).save(heads, format="PNG")
+    paths.append(heads)
+    return paths
+
+
+def show(
+    priors_uri: str, out_dir: str | Path, *, clip_ids: Sequence[str] = (), max_tokens: int = 0,
+    video_dir: str | None = None,
+) -> list[Path]:
+    """Render clips of a priors set (or one local priors file) to PNGs under ``out_dir/<clip>``."""
+    from vidalign.motion.io import load_priors
+
+    if priors_uri.endswith(".safetensors") and Path(priors_uri).is_file():
+        items = [load_priors(priors_uri)]
+    else:
+        priors_set = load_priors_set(priors_uri)
+        ids = list(clip_ids) or priors_set.ids[:1]
+        items = [priors_set.get(i) for i in ids]
+    paths: list[Path] = []
+    for priors, prompt in items:
+        meta = priors.metadata
+        clip_id = str(meta.get("clip_id") or Path(priors_uri).stem)
+        frames = None
+        video = meta.get("video")
+        if video:
+            video_path = Path(video_dir) / Path(video).name if video_dir else Path(video)
+            try:
+                frames = load_frames(
+                    video_path, frames=int(meta["frames"]), height=int(meta["height"]),
+                    width=int(meta["width"]),
+                    segment=tuple(meta["segment"]) if meta.get("segment") else None,
+                )
+            except (VidalignError, KeyError) as err:
+                log.warning("priors_show_no_frames", clip=clip_id, error=str(err))
+        paths += show_priors(
+            priors, prompt, Path(out_dir) / clip_key(clip_id), frames=frames, max_tokens=max_tokens
+        )
+    return paths
+
+
+# --- command line (also `python -m vidalign_teacher.priors extract|show`) ------------
+
+
+def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataset dir or meta file (MotionBench layout)")
+    parser.add_argument("--out", required=True, help="store URI of the priors set (dir or s3://...)")
+    parser.add_argument("--bench", default="motionbench", help="benchmark loader (default motionbench)")
+    parser.add_argument("--video-dir", help="where the videos are (default: beside the annotations)")
+    parser.add_argument("--model", default="tiny-cogvideox", help="CogVideoX model (registry name or dir)")
+    parser.add_argument("--teacher", default="", help="host:port of a CogVideoX teacher; default in-process")
+    parser.add_argument("--device", help="in-process device (default: cuda if available)")
+    parser.add_argument("--shard-size", type=int, default=64, help="clips per committed shard")
+    parser.add_argument("--frames", type=int, default=0, help="frames per clip (default: the model's)")
+    parser.add_argument("--height", type=int, default=0, help="resize height (default: the model's)")
+    parser.add_argument("--width", type=int, default=0, help="resize width (default: the model's)")
+    parser.add_argument("--steps", type=int, default=5, help="DDIM inversion/denoising steps")
+    parser.add_argument("--guidance", type=float, default=6.0)
+    parser.add_argument("--head-ratio", type=float, default=0.5)
+    parser.add_argument("--token-ratio", type=float, default=0.5)
+    parser.add_argument("--chunk-size", type=int, default=256, help="attention capture chunk (memory)")
+    parser.add_argument("--no-memory", action="store_true", help="denoise without cross-stream memory")
+    parser.add_argument("--skip-missing", action="store_true", help="skip clips whose video is missing")
+
+
+def add_show_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--priors", required=True, help="priors set URI, or one .safetensors file")
+    parser.add_argument("--clip", action="append", default=[], help="clip id (repeatable; default: the first)")
+    parser.add_argument("--out", required=True, help="directory for the PNGs")
+    parser.add_argument("--max-tokens", type=int, default=0, help="render at most N tokens (0: all)")
+    parser.add_argument("--video-dir", help="look for the videos here instead of the recorded paths")
+
+
+def run_extract(args: argparse.Namespace) -> None:
+    config = ExtractConfig(
+        data=args.data, out=args.out, bench=args.bench, video_dir=args.video_dir, model=args.model,
+        teacher=args.teacher, shard_size=args.shard_size, frames=args.frames, height=args.height,
+        width=args.width, steps=args.steps, guidance=args.guidance, head_ratio=args.head_ratio,
+        token_ratio=args.token_ratio, chunk_size=args.chunk_size, memory=not args.no_memory,
+        skip_missing=args.skip_missing,
+        **({"device": args.device} if args.device else {}),
+    )
+    print(extract_dataset_priors(config))
+
+
+def run_show(args: argparse.Namespace) -> None:
+    for path in show(args.priors, args.out, clip_ids=args.clip, max_tokens=args.max_tokens,
+                     video_dir=args.video_dir):
+        print(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vidalign priors", description="MotionEnhancer priors.")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    extract = sub.add_parser("extract", help="priors of a dataset's clips -> store (resumable)")
+    add_extract_arguments(extract)
+    extract.set_defaults(func=run_extract)
+    show_ = sub.add_parser("show", help="PNG overlays of selected tokens + head-score bar chart")
+    add_show_arguments(show_)
+    show_.set_defaults(func=run_show)
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        args.func(args)
+    except VidalignError as err:
+        print(f"vidalign: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = [
+    "ExtractConfig",
+    "PriorsClip",
+    "PriorsSet",
+    "dataset_clips",
+    "extract_dataset_priors",
+    "load_frames",
+    "load_priors_set",
+    "render_heads",
+    "render_token",
+    "show",
+    "show_priors",
+]
