@@ -39,11 +39,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from vidalign.checkpoint import rng_state, set_rng_state
 from vidalign.config import config_digest, to_dict
 from vidalign.data.toy import moving_squares
-from vidalign.errors import InvalidInput, NotFound
+from vidalign.errors import InvalidInput
 from vidalign.hub import weights_component
 from vidalign.log import get_logger
 from vidalign.run import METRICS, RunDir
-from vidalign.store import commit_artifact, materialize
+from vidalign.store import commit_artifact
+from vidalign.students.answerer import load_encoder_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
 
 log = get_logger("vidalign.stage3")
@@ -195,23 +196,12 @@ class Stage3Result:
     """The trained student; ``videollm.model`` is the ``PeftModel`` (merged when ``output.merge``)."""
 
 
-def encoder_state(location: str) -> dict[str, torch.Tensor]:
-    """The stage-2 ``VideoEncoder`` state dict at a store URI, directory or file."""
-    from safetensors.torch import load_file
-
-    local = materialize(location)
-    path = local / "encoder.safetensors" if local.is_dir() else local
-    if not path.is_file():
-        raise NotFound(f"encoder: {location} holds no encoder.safetensors")
-    return load_file(path)
-
-
 def load_student_for_stage3(config: Stage3Config) -> VideoLLM:
     """The student with its stage-2 encoder in place and everything frozen (no LoRA yet)."""
     weights = weights_component(config.student_weights, "model") if config.student_weights else None
     llm = load_videollm(config.student, device=config.device, path=weights)
     if config.encoder:
-        llm.load_encoder_state(encoder_state(config.encoder))
+        llm.load_encoder_state(load_encoder_artifact(config.encoder))
     llm.model.requires_grad_(False)
     return llm
 
