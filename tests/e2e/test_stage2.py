@@ -96,3 +96,24 @@ def test_cli_reports_config_and_teacher_errors(adapter_paths, tmp_path):
     )
     assert dead.returncode == 2, dead.stderr[-2000:]
     assert "127.0.0.1:1" in dead.stderr and "UNAVAILABLE" in dead.stderr
+
+
+def test_frames_for_the_diffusion_model_are_a_switch(adapter_paths, tmp_path):
+    from vidalign.client import LocalTeacher
+
+    frames: list[int] = []
+
+    class Recording(LocalTeacher):
+        def denoising_loss(self, request):
+            frames.append(request.pixels.shape[1])
+            return super().denoising_loss(request)
+
+    adapter = adapter_paths["tiny-animatediff"]
+    teacher = Recording("tiny-animatediff", adapters=[adapter])
+    cfg = config(adapter, tmp_path / "frames", 1)
+    cfg.teacher.frames = 5
+    run_stage2(cfg, teacher=teacher)
+    assert frames == [5]
+    cfg = config(adapter, tmp_path / "default", 1)
+    run_stage2(cfg, teacher=teacher)
+    assert frames == [5, teacher.info().frames]

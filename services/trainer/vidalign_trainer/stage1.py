@@ -80,8 +80,12 @@ class Stage1TeacherConfig:
     """Store URI (or dir) where `vidalign models pull` staged the weights; empty: the registry's sources."""
     dtype: str = "float32"
     """Teacher weights' dtype. The LoRA trains in it too: keep float32 unless memory forces otherwise."""
+    frames: int = 0
+    """Frames fed to the diffusion model (VDA: 24); 0: the model's registry default."""
 
     def __post_init__(self) -> None:
+        if self.frames < 0:
+            raise ValueError(f"teacher.frames must be >= 0, got {self.frames}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"teacher.dtype: expected float32, float16 or bfloat16, got {self.dtype!r}")
 
@@ -229,31 +233,33 @@ class Stage1Model(torch.nn.Module):
 
 
 def encode_latents(
-    teacher: DiffusionTeacher, dataset: ClipDataset, *, batch_size: int = 8
+    teacher: DiffusionTeacher, dataset: ClipDataset, *, frames: int = 0, batch_size: int = 8
 ) -> dict[str, Tensor]:
-    """Clean VAE latents (C, F, h, w) of every clip, at the teacher's frames and resolution."""
+    """Clean VAE latents (C, F, h, w) of every clip, at ``frames`` (default: the teacher's) and its resolution."""
     latents: dict[str, Tensor] = {}
     n = len(dataset.ids)
     for start in range(0, n, batch_size):
         batch = dataset.clips(range(start, min(start + batch_size, n)))
-        pixels = sample_frames(batch.video, teacher.frames, teacher.resolution)
+        pixels = sample_frames(batch.video, frames or teacher.frames, teacher.resolution)
         for clip_id, z in zip(batch.ids, teacher.encode_video(pixels).cpu(), strict=True):
             latents[clip_id] = z.contiguous()
     return latents
 
 
 def cached_latents(
-    store: Store, teacher: DiffusionTeacher, model: str, dataset: ClipDataset, data: DataConfig, ranks: Dist
+    store: Store, teacher: DiffusionTeacher, model: str, dataset: ClipDataset, data: DataConfig, ranks: Dist,
+    frames: int = 0,
 ) -> dict[str, Tensor]:
     """The clips' latents from the run's ``latents`` artifact, encoding (and committing) them once."""
-    key = {"teacher_model": model, "frames": teacher.frames, "resolution": teacher.resolution,
+    frames = frames or teacher.frames
+    key = {"teacher_model": model, "frames": frames, "resolution": teacher.resolution,
            "data": to_dict(data)}
     manifest = read_manifest(store, LATENTS)
     if manifest is not None and manifest.meta.get("key") == key:
         latents = safetensors_load(read_artifact_file(store, LATENTS, LATENTS_FILE))
         if set(latents) >= set(dataset.ids):
             return latents
-    latents = encode_latents(teacher, dataset)
+    latents = encode_latents(teacher, dataset, frames=frames)
     if ranks.main:
         commit_artifact(store, LATENTS, {LATENTS_FILE: safetensors_save(latents)},
                         producer=PRODUCER, meta={"key": key})
@@ -345,7 +351,8 @@ def run_stage1(
     # Rank 0 encodes and commits the latents once; the other ranks then read them.
     if ranks.world_size > 1 and not ranks.main:
         dist.barrier()
-    latents = cached_latents(run.store, teacher, config.teacher.model, dataset, config.data, ranks)
+    latents = cached_latents(run.store, teacher, config.teacher.model, dataset, config.data, ranks,
+                             frames=config.teacher.frames)
     if ranks.world_size > 1 and ranks.main:
         dist.barrier()
     data = Stage1Data(dataset, latents, features)

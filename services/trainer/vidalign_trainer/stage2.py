@@ -56,6 +56,8 @@ class TeacherConfig:
     """Adapter file or store URI (its digest is sent), or an id ``sha256:<hex>`` the server has loaded."""
     timeout_s: float = 600.0
     """Deadline of one teacher call."""
+    frames: int = 0
+    """Frames sent to the diffusion model (VDA: 24); 0: what the teacher reports it expects."""
     retries: int = 5
     """Retries of a call that found the teacher UNAVAILABLE (backoff 0.5 s doubling, jittered)."""
 
@@ -228,7 +230,7 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
                 local = slice(rank * per_rank, (rank + 1) * per_rank)
                 video = batch.video[local]
                 ids = batch.ids[local]
-                teacher_video = sample_frames(video, info.frames, info.resolution)
+                teacher_video = sample_frames(video, config.teacher.frames or info.frames, info.resolution)
                 captions = batch.static_captions[local] if config.train.text else None
                 size = per_rank // config.train.micro_batches
                 parts = [slice(lo, lo + size) for lo in range(0, per_rank, size)]

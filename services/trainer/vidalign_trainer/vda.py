@@ -7,7 +7,8 @@ committing an artifact; a step whose artifact is committed is skipped, and a
 step that was interrupted resumes from its newest checkpoint. The ablations of
 the paper are switches of the config: ``text`` (static caption or none),
 ``teacher`` (an AnimateDiff or an SD1.5 registry name), ``projection``
-(linear or mlp), ``skip_stage3``. The per-stage sections (``features``,
+(linear or mlp), ``teacher_frames`` (frames for the diffusion model),
+``skip_stage3``. The per-stage sections (``features``,
 ``stage1``, ``stage2``, ``stage3``) are merged into each stage's own config
 (see configs/*-tiny.yaml for their fields); the wiring between stages (data,
 URIs, student, teacher, ablations) is set here and wins.
@@ -51,6 +52,8 @@ class VDAConfig:
     """Condition the teacher on the static caption (false: the no-text ablation)."""
     projection: str = "linear"
     """W_proj: linear (paper) or mlp (appendix B)."""
+    teacher_frames: int = 0
+    """Frames fed to the diffusion model in stages 1 and 2 (VDA: 24); 0: the teacher's default."""
     skip_stage3: bool = False
     """Stages 1+2 only (appendix C)."""
     data: dict[str, Any] = field(default_factory=lambda: {"kind": "toy", "num_clips": 16})
@@ -95,13 +98,14 @@ def stage_configs(config: VDAConfig) -> dict[str, Any]:
         })),
         "stage1": from_dict(Stage1Config, _merge(config.stage1, {
             "device": config.device, "features": _uri(root, "features"),
-            "teacher": {"model": config.teacher}, "adapter": {"projection": config.projection},
+            "teacher": {"model": config.teacher, "frames": config.teacher_frames},
+            "adapter": {"projection": config.projection},
             "data": data, "train": {"text": config.text}, "output": {"dir": _uri(root, "stage1")},
         })),
         "stage2": from_dict(Stage2Config, _merge(config.stage2, {
             "student": config.student, "device": config.device,
             "teacher": {"address": config.stage2.get("teacher", {}).get("address", "local"),
-                        "model": config.teacher,
+                        "model": config.teacher, "frames": config.teacher_frames,
                         "adapter": _uri(root, "stage1", "adapter", "adapter.safetensors")},
             "data": data, "train": {"text": config.text}, "output": {"dir": _uri(root, "stage2")},
         })),
