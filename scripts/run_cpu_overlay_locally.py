@@ -9,15 +9,20 @@ environment taken from the rendered objects:
 2. the stage-2 pod: its ``adapter-init`` (it must write the same bytes as the
    teacher pod's, or the trainer would ask for an adapter the teacher lacks),
    then the trainer container (torchrun -> ``vidalign train stage2``) for a few
-   steps against the teacher; it must exit 0.
+   steps against the teacher; it must exit 0;
+3. with ``--pipeline features,stage1,stage3,eval`` (any of them, in that
+   order), the pipeline Jobs one after the other, as the README applies them:
+   init containers, then the container, each to exit 0, reading its upstream's
+   artifacts from the store (features -> stage 1; stage 2's encoder -> stage 3).
 
 What differs from the cluster, and only that: cluster DNS names become
 127.0.0.1 with a free port per (workload, container port); each pod's volumes
 become directories under the work dir (ConfigMap volumes get their files);
 the store URI ``s3://<bucket>`` becomes a local directory; ``--host=0.0.0.0``
-becomes 127.0.0.1; ``train.steps`` is lowered. Secrets are the example values.
+becomes 127.0.0.1; ``train.steps`` (and stage 1's ``eval.num_clips``) is lowered. Secrets are the example values.
 
-    .venv/bin/python scripts/run_cpu_overlay_locally.py [--steps 3] [--workdir DIR]
+    .venv/bin/python scripts/run_cpu_overlay_locally.py [--steps 3] [--workdir DIR] \
+        [--pipeline features,stage1,stage3,eval]
 """
 
 from __future__ import annotations
@@ -257,8 +262,43 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run(workdir: Path, steps: int, timeout: float = 600.0) -> dict[str, Any]:
-    """Run both pods; returns what happened (raises on any failure)."""
+PIPELINE = ("features", "stage1", "stage3", "eval")
+"""The pipeline Jobs (label vidalign.io/step), in the order the README applies them."""
+FAST = {
+    # Fewer steps and evaluation clips: the same commands, a shorter run.
+    "stage1": ("--set=train.steps={steps}", "--set=eval.num_clips=1"),
+    "stage3": ("--set=train.steps={steps}",),
+}
+
+
+def run_job(cluster: LocalCluster, name: str, steps: int, timeout: float, logs: Path) -> list[str]:
+    """Run the Job ``name``'s init containers, then its container, to exit 0; returns its argv."""
+    job = find(cluster.objects, "Job", name)
+    dirs = cluster.pod_dirs(job)
+    ours = [c for c in containers(cluster.objects) if c.owner is job]
+    for init in [c for c in ours if c.init]:
+        run_init(cluster, init, dirs, logs / f"{name}-{init.spec['name']}.log")
+    (main,) = [c for c in ours if not c.init]
+    extra = tuple(a.format(steps=steps) for a in FAST.get(name, ()))
+    argv, env = cluster.process(main, dirs, extra_args=extra)
+    print(f"[{main.where}] {' '.join(argv[2:])}", flush=True)
+    with (logs / f"{name}.log").open("w") as out:
+        result = subprocess.run(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout
+        )
+    if result.returncode != 0:
+        raise RuntimeError(f"Job {name} exited {result.returncode}; see {logs / f'{name}.log'}")
+    return argv
+
+
+def run(
+    workdir: Path, steps: int, timeout: float = 600.0, pipeline: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run both pods, then the ``pipeline`` Jobs in order; returns what happened (raises on any failure).
+
+    The pipeline Jobs read their upstream's artifacts from the (local) store, as
+    on the cluster: stage 1 needs features, stage 3 needs the stage-2 encoder.
+    """
     objects = render("k8s/overlays/cpu")
     cluster = LocalCluster(objects, workdir)
     logs = workdir / "logs"
@@ -324,7 +364,13 @@ def run(workdir: Path, steps: int, timeout: float = 600.0) -> dict[str, Any]:
         raise RuntimeError(
             f"the teacher exited {proc.returncode} on SIGTERM; see {logs / 'teacher.log'}"
         )
+    jobs = {}
+    for name in pipeline:
+        jobs[name] = run_job(cluster, name, steps, timeout, logs)
+        print(f"[{name}] exit 0", flush=True)
+    output = [p for p in cluster.store.rglob("*") if p.is_file()]
     return {
+        "jobs": jobs,
         "adapter_sha256": digests["teacher"],
         "store": cluster.store,
         "files": output,
@@ -337,11 +383,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="stage-2 steps (train.steps)")
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--pipeline",
+        default="",
+        help=f"comma-separated pipeline Jobs to run after stage 2, in order ({','.join(PIPELINE)})",
+    )
     args = parser.parse_args(argv)
+    pipeline = tuple(name for name in args.pipeline.split(",") if name)
+    if unknown := set(pipeline) - set(PIPELINE):
+        parser.error(f"--pipeline: unknown Jobs {sorted(unknown)}")
     with tempfile.TemporaryDirectory(prefix="vidalign-cpu-overlay-") as tmp:
         workdir = args.workdir or Path(tmp)
         try:
-            run(workdir, args.steps, args.timeout)
+            run(workdir, args.steps, args.timeout, pipeline)
         except (RuntimeError, TimeoutError, ValueError, OSError) as err:
             print(f"FAILED: {err}", file=sys.stderr)
             for log in sorted((workdir / "logs").glob("*.log")):
@@ -350,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
             return 1
-    print("the CPU overlay's teacher and stage-2 pods ran locally: OK")
+    print(f"the CPU overlay's pods ran locally (teacher, stage2, {', '.join(pipeline) or '-'}): OK")
     return 0
 
 

@@ -28,6 +28,16 @@ from manifests import ROOT, TARGETS, Container
 GPU = "nvidia.com/gpu"
 GPU_TARGETS = ("k8s/overlays/gpu", "k8s/overlays/kubeflow", "deploy")
 TEACHER_PORT = 50051
+PIPELINE = ("features", "stage1", "stage3", "eval")
+"""The pipeline Jobs, applied one at a time (label vidalign.io/step), in this order."""
+POOLS = {"teacher": "teacher", "stage2": "trainer", "stage1": "teacher"} | {
+    name: "trainer" for name in ("features", "stage3", "eval")
+}
+"""The GPU node pool of every workload that runs on one."""
+WITH_GPU = {("Deployment", "teacher", "teacher")} | {
+    ("Job", name, name) for name in ("features", "stage1", "stage3")
+}
+"""Every GPU container but stage 2's trainer (a Job or, in overlays/kubeflow, a TrainJob)."""
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +111,7 @@ def test_gpus_only_in_gpu_overlays_and_only_on_teacher_and_trainer(rendered):
             if target.endswith("kubeflow")
             else ("Job", "stage2", "trainer")
         )
-        assert with_gpu == {("Deployment", "teacher", "teacher"), trainer}, target
+        assert with_gpu == WITH_GPU | {trainer}, target
         for c in manifests.containers(rendered[target]):
             if gpu_request(c):
                 limits = (c.spec.get("resourcesPerNode") or c.spec["resources"])["limits"]
@@ -111,17 +121,15 @@ def test_gpus_only_in_gpu_overlays_and_only_on_teacher_and_trainer(rendered):
 def test_gpu_pools_place_teacher_and_trainer_apart(rendered):
     objects = rendered["k8s/overlays/gpu"]
     pools = {}
-    for kind, name in (("Deployment", "teacher"), ("Job", "stage2")):
+    for name in POOLS:
+        kind = "Deployment" if name == "teacher" else "Job"
         pod = manifests.pod_spec(manifests.find(objects, kind, name))
         pools[name] = pod["nodeSelector"]["vidalign.io/pool"]
         assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    assert pools == {"teacher": "teacher", "stage2": "trainer"}
+    assert pools == POOLS
     for c in manifests.containers(objects):
         if c.pod and not gpu_request(c):
-            assert "nodeSelector" not in c.pod or c.owner["metadata"]["name"] in (
-                "teacher",
-                "stage2",
-            )
+            assert "nodeSelector" not in c.pod or c.owner["metadata"]["name"] in POOLS
     for o in rendered["k8s/overlays/cpu"]:
         pod = manifests.pod_spec(o)
         assert pod is None or ("nodeSelector" not in pod and "tolerations" not in pod)
@@ -331,6 +339,7 @@ def test_a_changed_secret_rolls_every_pod_that_uses_it():
         ("Deployment", "teacher"),
         ("Job", "stage2"),
         ("Job", "bucket"),
+        *(("Job", name) for name in PIPELINE),
     ):
         old = manifests.find(before, kind, name)["spec"]["template"]
         new = manifests.find(after, kind, name)["spec"]["template"]
@@ -383,10 +392,9 @@ def test_stage2_is_an_indexed_job_with_a_rendezvous_service(rendered):
 
 def test_kubeflow_overlay_replaces_the_indexed_job_with_a_trainjob(rendered):
     objects = rendered["k8s/overlays/kubeflow"]
-    assert sorted(o["metadata"]["name"] for o in objects if o["kind"] == "Job") == [
-        "bucket",
-        "weights",
-    ]
+    assert sorted(o["metadata"]["name"] for o in objects if o["kind"] == "Job") == sorted(
+        ["bucket", "weights", *PIPELINE]
+    )
     assert not [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "stage2"]
     (trainjob,) = [o for o in objects if o["kind"] == "TrainJob"]
     assert trainjob["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
@@ -407,15 +415,22 @@ def test_kubeflow_overlay_replaces_the_indexed_job_with_a_trainjob(rendered):
 # --- the commands are the CLI's ----------------------------------------------------------
 
 
-def check_command(words: list[str], stage2_config: Path) -> str:
-    """Parse one command as the container would run it; returns what it runs."""
+def check_command(words: list[str], configs: Path) -> str:
+    """Parse one command as the container would run it; returns what it runs.
+
+    ``configs``: a directory with the config files that ``--config`` names
+    (by file name: the ConfigMaps mounted at /etc/vidalign).
+    """
     from torch.distributed.run import get_args_parser
 
     from vidalign.config import load_config
     from vidalign.diffusion import TEACHER_MODELS
     from vidalign.students import STUDENT_MODELS
     from vidalign_cli.main import build_parser
+    from vidalign_trainer.features import FeaturesConfig
+    from vidalign_trainer.stage1 import Stage1Config
     from vidalign_trainer.stage2 import Stage2Config
+    from vidalign_trainer.stage3 import Stage3Config
 
     if words[0] == "torchrun":
         launch = get_args_parser().parse_args(words[1:])
@@ -430,17 +445,33 @@ def check_command(words: list[str], stage2_config: Path) -> str:
     elif args.command == "models" and args.action == "pull":
         assert args.name in TEACHER_MODELS or args.name in STUDENT_MODELS, words
         assert args.to.startswith("s3://"), words
-    elif args.command == "train" and args.stage == "stage2":
+    elif args.command == "train" or (args.command, getattr(args, "action", "")) == (
+        "features",
+        "extract",
+    ):
         # Every --set key and value must fit the config (unknown keys are errors).
-        load_config(Stage2Config, stage2_config, args.set)
+        kind = {"stage1": Stage1Config, "stage2": Stage2Config, "stage3": Stage3Config}.get(
+            getattr(args, "stage", ""), FeaturesConfig
+        )
+        config = load_config(kind, configs / Path(args.config).name, args.set)
+        assert config.device in ("cpu", "cuda"), words
+    elif args.command == "eval":
+        assert args.out and args.out.startswith("s3://"), words
+        return "eval"
+    elif args.command == "data" and args.action == "synth":
+        assert args.n > 0, words
     return " ".join(words[1:3])
 
 
 def test_every_command_in_the_manifests_is_a_real_vidalign_command(rendered, tmp_path):
     seen = set()
     for target, objects in rendered.items():
-        stage2_config = tmp_path / "stage2.yaml"
-        stage2_config.write_text(manifests.config_data(objects, "stage2-config")["stage2.yaml"])
+        configs = tmp_path / target.replace("/", "-")
+        configs.mkdir()
+        for name in ("stage2", *PIPELINE[:-1]):
+            (configs / f"{name}.yaml").write_text(
+                manifests.config_data(objects, f"{name}-config")[f"{name}.yaml"]
+            )
         for c in manifests.containers(objects):
             if not c.is_vidalign:
                 continue
@@ -451,8 +482,89 @@ def test_every_command_in_the_manifests_is_a_real_vidalign_command(rendered, tmp
                 assert not any("$(" in w or "${" in w for w in words), (
                     f"{target}: unexpanded {words}"
                 )
-                seen.add(check_command(words, stage2_config))
-    assert seen == {"teacher serve", "adapter init", "train stage2", "models pull"}
+                seen.add(check_command(words, configs))
+    assert seen == {
+        "teacher serve",
+        "adapter init",
+        "train stage2",
+        "models pull",
+        "features extract",
+        "train stage1",
+        "train stage3",
+        "data synth",
+        "eval",
+    }
+
+
+def pipeline_commands(objects) -> dict[str, list[list[str]]]:
+    """The vidalign commands of each pipeline Job (init containers first)."""
+    runs: dict[str, list[list[str]]] = {}
+    for c in manifests.containers(objects):
+        name = c.owner["metadata"]["name"]
+        if c.owner["kind"] == "Job" and name in PIPELINE:
+            runs.setdefault(name, []).extend(
+                manifests.commands(c, manifests.container_env(c, objects))
+            )
+    return runs
+
+
+def setting(words: list[str], key: str) -> str:
+    (value,) = [w.split("=", 2)[2] for w in words if w.startswith(f"--set={key}=")]
+    return value
+
+
+def test_pipeline_jobs_read_their_upstream_artifacts(rendered):
+    """features -> stage 1, stage 2's encoder -> stage 3, all in the store; eval on SynthMotion."""
+    for target, objects in rendered.items():
+        config = manifests.config_data(objects, "vidalign-config")
+        runs = pipeline_commands(objects)
+        assert set(runs) == set(PIPELINE), target
+        (features,), (stage1,), (stage3,) = runs["features"], runs["stage1"], runs["stage3"]
+        assert setting(features, "output.dir") == config["FEATURES_OUTPUT"]
+        assert setting(stage1, "features") == config["FEATURES_OUTPUT"]
+        assert setting(stage1, "output.dir") == config["STAGE1_OUTPUT"]
+        assert setting(stage1, "teacher.model") == config["TEACHER_MODEL"]
+        assert setting(stage1, "device") == config["TEACHER_DEVICE"]
+        assert setting(features, "student") == setting(stage3, "student") == config["STUDENT_MODEL"]
+        assert setting(stage3, "encoder") == f"{config['STAGE2_OUTPUT']}/encoder"
+        assert setting(stage3, "output.dir") == config["STAGE3_OUTPUT"]
+        for uri in ("FEATURES_OUTPUT", "STAGE1_OUTPUT", "STAGE3_OUTPUT", "EVAL_OUTPUT"):
+            assert config[uri].startswith(config["STORE_URI"] + "/"), uri
+        # The training commands that can resume do.
+        assert "--resume" in stage1 and "--resume" in stage3
+        synth, evaluate = runs["eval"]
+        assert synth[1:3] == ["data", "synth"] and evaluate[1] == "eval"
+        out = next(w for w in synth if w.startswith("--out=")).split("=", 1)[1]
+        assert f"--data={out}" in evaluate and "--bench=motionbench" in evaluate
+        assert f"--out={config['EVAL_OUTPUT']}" in evaluate
+        # The same clips for the features and for stage 1 (it checks their digest).
+        data = {
+            name: yaml.safe_load(manifests.config_data(objects, f"{name}-config")[f"{name}.yaml"])[
+                "data"
+            ]
+            for name in ("features", "stage1")
+        }
+        assert data["features"] == data["stage1"], target
+
+
+def test_pipeline_jobs_are_applied_one_at_a_time(rendered):
+    """`kubectl apply -k ... -l '!vidalign.io/step'` leaves exactly the pipeline Jobs out."""
+    for target, objects in rendered.items():
+        steps = {
+            o["metadata"]["name"]
+            for o in objects
+            if "vidalign.io/step" in o["metadata"].get("labels", {})
+        }
+        assert steps == set(PIPELINE), target
+        for name in PIPELINE:
+            job = manifests.find(objects, "Job", name)
+            assert job["metadata"]["labels"]["vidalign.io/step"] == name
+            assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    text = (ROOT / "k8s" / "base" / "kustomization.yaml").read_text()
+    for name in PIPELINE:
+        assert f"-l vidalign.io/step={name}" in text
+    for name in ("features", "stage1", "stage3"):
+        assert f"wait --for=condition=complete --timeout=24h job/{name}" in text
 
 
 def test_gpu_pods_load_the_weights_that_the_weights_job_stages(rendered):
@@ -471,6 +583,11 @@ def test_gpu_pods_load_the_weights_that_the_weights_job_stages(rendered):
                 for w in words:
                     if w.startswith("--weights="):
                         loaded[config["TEACHER_MODEL"]] = w.split("=", 1)[1]
+                    if w.startswith("--set=teacher.weights="):
+                        assert w.split("=", 2)[2] == loaded.get(
+                            config["TEACHER_MODEL"], w.split("=", 2)[2]
+                        )
+                        loaded[config["TEACHER_MODEL"]] = w.split("=", 2)[2]
                     if w.startswith("--set=student_weights="):
                         loaded[config["STUDENT_MODEL"]] = w.split("=", 2)[2]
         assert pulled == loaded, target
@@ -478,8 +595,8 @@ def test_gpu_pods_load_the_weights_that_the_weights_job_stages(rendered):
 
 
 def test_a_renamed_flag_would_fail_the_command_check(tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text("{}\n")
+    (tmp_path / "stage2.yaml").write_text("{}\n")
+    config = tmp_path
     with pytest.raises(SystemExit):
         check_command(
             ["vidalign", "teacher", "serve", "--model=tiny-animatediff", "--adapters=x"], config
@@ -487,7 +604,10 @@ def test_a_renamed_flag_would_fail_the_command_check(tmp_path):
     from vidalign.config import ConfigError
 
     with pytest.raises(ConfigError):
-        check_command(["vidalign", "train", "stage2", "--set=teacher.adress=x"], config)
+        check_command(
+            ["vidalign", "train", "stage2", "--config=stage2.yaml", "--set=teacher.adress=x"],
+            config,
+        )
 
 
 def test_both_pods_initialise_the_same_adapter(rendered):
@@ -516,7 +636,7 @@ def test_both_pods_initialise_the_same_adapter(rendered):
 # --- images and compose --------------------------------------------------------------------
 
 
-def compose_config() -> dict[str, Any]:
+def compose_config(profiles: tuple[str, ...] = ("tools",)) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         env = Path(tmp) / ".env"
         shutil.copyfile(ROOT / "deploy" / ".env.example", env)
@@ -527,8 +647,7 @@ def compose_config() -> dict[str, Any]:
                 str(ROOT / "deploy" / "compose.yaml"),
                 "--env-file",
                 str(env),
-                "--profile",
-                "tools",
+                *(arg for profile in profiles for arg in ("--profile", profile)),
                 "config",
                 "--format",
                 "json",
@@ -557,8 +676,8 @@ def test_compose_stack_waits_for_health_and_reserves_a_gpu():
     volumes = {v["target"]: v for v in services["minio"]["volumes"]}
     assert volumes["/data"]["type"] == "volume"
     with tempfile.TemporaryDirectory() as tmp:
-        stage2_config = Path(tmp) / "stage2.yaml"
-        shutil.copyfile(ROOT / "k8s" / "base" / "stage2.yaml", stage2_config)
+        stage2_config = Path(tmp)
+        shutil.copyfile(ROOT / "k8s" / "base" / "stage2.yaml", stage2_config / "stage2.yaml")
         for name in ("adapter", "teacher", "trainer"):
             check_command(["vidalign", *services[name]["command"]], stage2_config)
         weights = services["weights"]
@@ -571,6 +690,37 @@ def test_compose_stack_waits_for_health_and_reserves_a_gpu():
     trainer_args = services["trainer"]["command"]
     assert f"--weights={weights['environment']['TEACHER_WEIGHTS']}" in teacher_args
     assert f"--set=student_weights={weights['environment']['STUDENT_WEIGHTS']}" in trainer_args
+
+
+def test_compose_pipeline_profiles_run_the_kubernetes_jobs_commands(rendered, tmp_path):
+    """One profile per pipeline Job; the same commands, configs and store URIs as the GPU overlay."""
+    services = compose_config(PIPELINE)["services"]
+    assert set(PIPELINE) <= set(services)
+    assert set(PIPELINE).isdisjoint(compose_config()["services"])  # not started without --profile
+    for name in ("stage2", *PIPELINE[:-1]):
+        shutil.copyfile(ROOT / "k8s" / "base" / f"{name}.yaml", tmp_path / f"{name}.yaml")
+    jobs = pipeline_commands(rendered["k8s/overlays/gpu"])
+    for name in PIPELINE:
+        service = services[name]
+        assert service["profiles"] == [name]
+        if name == "eval":
+            script = service["command"][0].replace("$$", "$")
+            runs = manifests.shell_commands(script, service["environment"])
+        else:
+            runs = [["vidalign", *service["command"]]]
+            mounts = {v["target"]: v["source"] for v in service["volumes"] if v["type"] == "bind"}
+            assert mounts == {
+                f"/etc/vidalign/{name}.yaml": str(ROOT / "k8s" / "base" / f"{name}.yaml")
+            }
+        for words in runs:
+            check_command(words, tmp_path)
+        # The Job's command, but for the paths inside the pod.
+        strip = ("--out=", "--data=")
+        assert [sorted(w for w in cmd if not w.startswith(strip)) for cmd in runs] == [
+            sorted(w for w in cmd if not w.startswith(strip)) for cmd in jobs[name]
+        ], name
+        gpu = "deploy" in service and service["deploy"]["resources"]["reservations"]["devices"]
+        assert bool(gpu) == (name != "eval"), name
 
 
 def test_compose_refuses_to_start_without_credentials(tmp_path):
@@ -658,7 +808,14 @@ def test_dockerignore_keeps_the_venv_caches_runs_and_credentials_out():
 def test_cpu_overlay_pods_run_as_local_processes(tmp_path):
     import run_cpu_overlay_locally
 
-    result = run_cpu_overlay_locally.run(tmp_path, steps=2, timeout=300)
+    # Then the pipeline Jobs, in the README's order, each reading its upstream's
+    # artifact from the store: features -> stage 1, stage 2's encoder -> stage 3.
+    result = run_cpu_overlay_locally.run(tmp_path, steps=2, timeout=300, pipeline=PIPELINE)
     names = {p.name for p in result["files"]}
     assert "encoder.safetensors" in names, names
     assert result["adapter_sha256"]
+    assert list(result["jobs"]) == list(PIPELINE)
+    store = result["store"]
+    assert (store / "runs" / "stage1" / "adapter" / "adapter.safetensors").is_file()
+    assert (store / "runs" / "stage3" / "lora" / "adapter_model.safetensors").is_file()
+    assert "motionbench.json" in names, names
