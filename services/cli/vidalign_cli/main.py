@@ -73,6 +73,25 @@ def _teacher_info(args: argparse.Namespace) -> None:
         teacher.close()
 
 
+def _teacher_gap(args: argparse.Namespace) -> None:
+    from vidalign.client import connect
+    from vidalign.data.toy import moving_squares
+    from vidalign.gap import conditioning_gap
+
+    teacher = connect(args.address, model=args.model)
+    try:
+        clips = moving_squares(args.n, frames=args.frames, size=args.size, seed=args.seed)
+        gaps = conditioning_gap(teacher, clips, timesteps=args.timesteps, seed=args.seed,
+                                draws=args.draws)
+    finally:
+        teacher.close()
+    print(f"conditioning gap of {args.model or args.address} on {args.n} clips "
+          "(true vs opposite direction, same noise)")
+    print(f"{'timestep':>8} {'true loss':>10} {'wrong loss':>11} {'gap':>8}")
+    for gap in gaps:
+        print(f"{gap.timestep:>8} {gap.true_loss:>10.5f} {gap.wrong_loss:>11.5f} {gap.relative:>+8.2%}")
+
+
 def _train_stage2(args: argparse.Namespace) -> None:
     from vidalign.config import load_config
     from vidalign_trainer.stage2 import Stage2Config, run_stage2
@@ -277,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--address", required=True, help="host:port or dns:///name:port")
     info.add_argument("--timeout", type=float, default=30.0)
     info.set_defaults(func=_teacher_info)
+
+    gap = teacher.add_parser(
+        "gap", help="the teacher's loss with the true vs a wrong motion description (check first)"
+    )
+    gap.add_argument("--address", default="local", help="local, host:port or dns:///name:port")
+    gap.add_argument("--model", default="tiny-animatediff", help="the model (loaded here for local)")
+    gap.add_argument("--n", type=int, default=16, help="toy clips")
+    gap.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700, 900])
+    gap.add_argument("--draws", type=int, default=4, help="noise draws per clip and timestep")
+    gap.add_argument("--frames", type=int, default=16)
+    gap.add_argument("--size", type=int, default=32)
+    gap.add_argument("--seed", type=int, default=0)
+    gap.set_defaults(func=_teacher_gap)
 
     train = sub.add_parser("train", help="training stages").add_subparsers(
         dest="stage", required=True, metavar="STAGE"
