@@ -11,7 +11,7 @@ import torch
 from vidalign.data.toy import moving_squares
 from vidalign.motion import extract_priors, load_cogvideox
 from vidalign.motion.align import AttentionAligner
-from vidalign.motion.io import save_priors
+from vidalign.motion.io import write_priors_set
 from vidalign.store import open_store, read_manifest
 from vidalign.students.videollm import load_videollm
 from vidalign_trainer.sft import (
@@ -28,14 +28,15 @@ CLIPS = DataConfig(num_clips=3, frames=16, size=32, seed=0, tasks=["caption", "q
 
 @pytest.fixture(scope="module")
 def priors_dir(tmp_path_factory):
-    """One ``<clip_id>.safetensors`` per toy clip, as a priors job writes them."""
+    """A committed priors set for the toy clips, in the layout `priors extract` writes."""
     root = tmp_path_factory.mktemp("priors")
     teacher = load_cogvideox("tiny-cogvideox")
+    items = {}
     for clip in moving_squares(
         CLIPS.num_clips, frames=CLIPS.frames, size=CLIPS.size, seed=CLIPS.seed
     ):
-        priors = extract_priors(teacher, clip.video, clip.caption, steps=1)
-        save_priors(priors, root / f"{clip.clip_id}.safetensors", prompt=clip.caption)
+        items[clip.clip_id] = (extract_priors(teacher, clip.video, clip.caption, steps=1), clip.caption)
+    write_priors_set(str(root), items)
     return root
 
 

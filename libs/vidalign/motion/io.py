@@ -1,5 +1,10 @@
 """Priors on disk: one safetensors file per (clip, prompt), reusable across VLMs and runs.
 
+A priors set (what `vidalign priors extract` writes, what `vidalign train sft`
+reads) is a store prefix of committed shards, ``shard-NNNNN/<clip key>.safetensors``,
+and an ``index`` artifact committed last that maps clip ids to their shard and
+prompt; ``load_priors_set`` refuses a set without it.
+
 Tensors: ``prior`` (n_tokens, F_tok, h, w) float32, ``head_scores`` (H,),
 ``token_scores`` (L,). Metadata (JSON under ``vidalign.priors``): the prompt,
 the selected heads, the selected tokens with their character spans in the
@@ -11,19 +16,26 @@ whatever its tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from vidalign.errors import InvalidInput
+from vidalign.errors import InvalidInput, NotFound
 from vidalign.motion.inversion import Priors
 from vidalign.motion.mtti import SelectedToken
+from vidalign.store import commit_artifact, open_store, read_artifact_file, read_manifest
 
 FORMAT = 1
 KEY = "vidalign.priors"
+INDEX = "index"
+INDEX_FILE = "index.json"
 
 
 def priors_to_bytes(priors: Priors, *, prompt: str, meta: dict[str, Any] | None = None) -> bytes:
@@ -83,3 +95,71 @@ def save_priors(priors: Priors, path: str | Path, *, prompt: str, meta: dict[str
 
 def load_priors(path: str | Path) -> tuple[Priors, str]:
     return priors_from_bytes(Path(path).read_bytes(), str(path))
+
+
+# --- priors sets in the store --------------------------------------------------------
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def clip_key(clip_id: str) -> str:
+    """A file-name-safe key for a clip id (ids may hold '/' or spaces)."""
+    key = re.sub(r"[^A-Za-z0-9._-]", "_", clip_id).strip(".") or "clip"
+    if key != clip_id:  # keep distinct ids distinct
+        key += "-" + hashlib.sha256(clip_id.encode()).hexdigest()[:8]
+    return key
+
+
+@dataclass
+class PriorsSet:
+    """A committed priors set: its index, and each clip's priors read on demand."""
+
+    uri: str
+    clips: list[dict[str, Any]]
+    source: dict[str, Any]
+
+    @property
+    def ids(self) -> list[str]:
+        return [c["id"] for c in self.clips]
+
+    def get(self, clip_id: str):
+        """(Priors, prompt) of one clip, verified against its shard's manifest."""
+        entry = next((c for c in self.clips if c["id"] == clip_id), None)
+        if entry is None:
+            raise NotFound(f"priors {self.uri}: no clip {clip_id!r} (it has {len(self.clips)})")
+        rel = f"{entry['key']}.safetensors"
+        data = read_artifact_file(open_store(self.uri), entry["shard"], rel)
+        return priors_from_bytes(data, f"{self.uri}/{entry['shard']}/{rel}")
+
+
+def load_priors_set(uri: str) -> PriorsSet:
+    store = open_store(uri)
+    if read_manifest(store, INDEX) is None:
+        raise NotFound(
+            f"priors {store.uri}: no committed index; run `vidalign priors extract` "
+            "(an interrupted extraction resumes where it stopped)"
+        )
+    index = json.loads(read_artifact_file(store, INDEX, INDEX_FILE))
+    return PriorsSet(uri=store.uri, clips=index["clips"], source=index["source"])
+
+
+def write_priors_set(
+    uri: str, items: Mapping[str, tuple[Priors, str]], *, source: Mapping[str, Any] | None = None
+) -> str:
+    """Commit ``clip id -> (priors, prompt)`` as a one-shard priors set at ``uri``."""
+    store = open_store(uri)
+    shard = shard_name(0)
+    files = {f"{clip_key(c)}.safetensors": priors_to_bytes(p, prompt=prompt) for c, (p, prompt) in items.items()}
+    commit_artifact(store, shard, files, producer="vidalign.motion.io",
+                    meta={"clip_ids": list(items), "keys": [clip_key(c) for c in items]})
+    index = {
+        "clips": [{"id": c, "key": clip_key(c), "shard": shard, "prompt": prompt}
+                  for c, (_, prompt) in items.items()],
+        "shards": [shard],
+        "source": dict(source or {}),
+    }
+    commit_artifact(store, INDEX, {INDEX_FILE: json.dumps(index, indent=2).encode()},
+                    producer="vidalign.motion.io", meta={"clips": len(items)})
+    return store.uri

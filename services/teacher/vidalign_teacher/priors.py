@@ -26,10 +26,8 @@ highlighted). PNGs are drawn with Pillow (matplotlib is not a dependency).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -44,26 +42,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vidalign.errors import InvalidInput, NotFound, VidalignError
 from vidalign.log import configure_logging, get_logger
+from vidalign.motion.io import INDEX, INDEX_FILE, PriorsSet, clip_key, load_priors_set, shard_name
 from vidalign.protocol import AttentionPriorsRequest, TeacherInfo
-from vidalign.store import commit_artifact, open_store, read_artifact_file, read_manifest
+from vidalign.store import commit_artifact, open_store, read_manifest
 
 log = get_logger("vidalign.priors")
 
-INDEX = "index"
-INDEX_FILE = "index.json"
 PRODUCER = "vidalign priors extract"
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
-
-
-def clip_key(clip_id: str) -> str:
-    """A file-name-safe key for a clip id (ids may hold '/' or spaces)."""
-    key = re.sub(r"[^A-Za-z0-9._-]", "_", clip_id).strip(".") or "clip"
-    if key != clip_id:  # keep distinct ids distinct
-        key += "-" + hashlib.sha256(clip_id.encode()).hexdigest()[:8]
-    return key
 
 
 # --- the dataset ----------------------------------------------------------------
@@ -340,41 +325,6 @@ def _clip_priors(
 
 
 # --- reading --------------------------------------------------------------------
-
-
-@dataclass
-class PriorsSet:
-    """A committed priors set: its index, and each clip's priors read on demand."""
-
-    uri: str
-    clips: list[dict[str, Any]]
-    source: dict[str, Any]
-
-    @property
-    def ids(self) -> list[str]:
-        return [c["id"] for c in self.clips]
-
-    def get(self, clip_id: str):
-        """(Priors, prompt) of one clip, verified against its shard's manifest."""
-        from vidalign.motion.io import priors_from_bytes
-
-        entry = next((c for c in self.clips if c["id"] == clip_id), None)
-        if entry is None:
-            raise NotFound(f"priors {self.uri}: no clip {clip_id!r} (it has {len(self.clips)})")
-        rel = f"{entry['key']}.safetensors"
-        data = read_artifact_file(open_store(self.uri), entry["shard"], rel)
-        return priors_from_bytes(data, f"{self.uri}/{entry['shard']}/{rel}")
-
-
-def load_priors_set(uri: str) -> PriorsSet:
-    store = open_store(uri)
-    if read_manifest(store, INDEX) is None:
-        raise NotFound(
-            f"priors {store.uri}: no committed index; run `vidalign priors extract` "
-            "(an interrupted extraction resumes where it stopped)"
-        )
-    index = json.loads(read_artifact_file(store, INDEX, INDEX_FILE))
-    return PriorsSet(uri=store.uri, clips=index["clips"], source=index["source"])
 
 
 # --- rendering ------------------------------------------------------------------

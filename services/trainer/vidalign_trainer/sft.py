@@ -59,7 +59,7 @@ from vidalign.motion.align import (
     vision_grid,
 )
 from vidalign.run import METRICS, RunDir
-from vidalign.store import commit_artifact, open_store
+from vidalign.store import commit_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
 
 log = get_logger("vidalign.sft")
@@ -159,17 +159,14 @@ class SFTConfig:
 
 
 def load_clip_priors(config: SFTConfig, clips: list) -> dict[str, PriorItem]:
-    """Priors by clip id: from ``priors.source`` or extracted in-process."""
-    from vidalign.motion.io import priors_from_bytes
+    """Priors by clip id: from the priors set at ``priors`` or extracted in-process."""
+    from vidalign.motion.io import load_priors_set
 
     out: dict[str, PriorItem] = {}
     if config.priors:
-        store = open_store(config.priors)
+        priors_set = load_priors_set(config.priors)
         for clip in clips:
-            key = f"{clip.clip_id}.safetensors"
-            if not store.exists(key):
-                raise InvalidInput(f"priors: {store.uri} has no {key}")
-            priors, prompt = priors_from_bytes(store.get_bytes(key), f"{store.uri}/{key}")
+            priors, prompt = priors_set.get(clip.clip_id)
             out[clip.clip_id] = _item(priors, prompt)
         return out
     from vidalign.motion import extract_priors, load_cogvideox
