@@ -11,13 +11,14 @@ MLP, hidden width ``align.hidden``). AdamW, weight decay 0.1 on matrices (none
 on biases and norm weights), linear warmup over ``ceil(warmup_ratio * steps)``
 steps then cosine to 0.
 
-Data: the toy clips (``vidalign.data.toy``) with a caption pair ("Describe the
-video." -> caption; the caption is the teacher's prompt, so its selected
-tokens are found inside the reply) and optionally a QA pair (CE only: the
-caption is not in that conversation). Priors come from a store prefix (URI or
-directory) holding ``<clip_id>.safetensors`` written by
-``vidalign.motion.io``, or, with ``priors: ""``, are extracted in-process
-with ``teacher`` (tests and the CPU demo).
+Data: the toy clips (``vidalign.data.toy``) or a SynthMotion directory
+(``data.kind: synth``), each with a caption pair ("Describe the video." ->
+caption; the caption is the teacher's prompt, so its selected tokens are found
+inside the reply) and optionally QA pairs (CE only: the caption is not in that
+conversation; SynthMotion's multiple-choice questions). Priors come from the
+priors set that ``vidalign priors extract`` wrote for the same clips
+(``vidalign.motion.io.load_priors_set``), or, with ``priors: ""``, are
+extracted in-process with ``teacher`` (tests and the CPU demo).
 
 Output: checkpoints (trainable weights, aligner, optimizer, scheduler, RNG)
 under ``<out>/checkpoints``; resume repeats an uninterrupted run; the final
@@ -38,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -73,6 +75,9 @@ GROUPS = ("vision", "projector", "llm", "aligner")
 @dataclass(kw_only=True)
 class DataConfig:
     kind: str = "toy"
+    """``toy`` (moving squares) or ``synth`` (a SynthMotion directory: ``vidalign data synth``)."""
+    path: str = ""
+    """SynthMotion directory for ``kind: synth`` (its questions become the QA examples)."""
     num_clips: int = 4
     frames: int = 16
     size: int = 32
@@ -81,8 +86,10 @@ class DataConfig:
     """``caption`` (aligned: the caption is the teacher's prompt) and/or ``qa`` (CE only)."""
 
     def __post_init__(self) -> None:
-        if self.kind != "toy":
-            raise ValueError(f"data.kind: only 'toy' is available, got {self.kind!r}")
+        if self.kind not in ("toy", "synth"):
+            raise ValueError(f"data.kind: expected toy or synth, got {self.kind!r}")
+        if self.kind == "synth" and not self.path:
+            raise ValueError("data.path: kind synth needs the SynthMotion directory")
         if self.num_clips < 1:
             raise ValueError("data.num_clips must be >= 1")
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -142,7 +149,7 @@ class SFTConfig:
     """Store URI (or dir) where `vidalign models pull` staged the student; empty: the registry's source."""
     device: str = "cpu"
     priors: str = ""
-    """Store prefix (URI or directory) with ``<clip_id>.safetensors`` (``vidalign.motion.io``);
+    """Priors set (store URI or dir) written by ``vidalign priors extract`` over the same clips;
     empty: extract the priors in-process with ``teacher``."""
     teacher: str = "tiny-cogvideox"
     """CogVideoX of in-process extraction."""
@@ -189,13 +196,45 @@ def _item(priors, prompt: str) -> PriorItem:
     )
 
 
+@dataclass
+class SFTClip:
+    clip_id: str
+    video: np.ndarray
+    """uint8 (F, H, W, 3)."""
+    caption: str
+    qa: list[tuple[str, str]]
+    """(prompt, target) pairs."""
+
+
+def sft_clips(config: DataConfig) -> list[SFTClip]:
+    """The clips of the ``data`` section with their caption and QA examples."""
+    if config.kind == "synth":
+        from vidalign.data.frames import decode_frames
+        from vidalign.data.synth import read_sidecar
+        from vidalign.video import sample_frames
+
+        clips = []
+        for record in read_sidecar(config.path)[: config.num_clips]:
+            frames = torch.from_numpy(decode_frames(record.video_path, num_frames=config.frames))
+            video = sample_frames(frames[None], config.frames, config.size)[0].numpy()
+            qa = [
+                ("\n".join([q.stem, *(f"{letter}. {text}" for letter, text in zip("ABCD", q.options, strict=False))]),
+                 f"{q.answer}. {q.options['ABCD'.index(q.answer)]}")
+                for q in record.questions
+            ]
+            clips.append(SFTClip(record.clip_id, video, record.caption, qa))
+        return clips
+    return [
+        SFTClip(c.clip_id, c.video, c.caption, [(QA_PROMPT, c.direction)])
+        for c in moving_squares(config.num_clips, frames=config.frames, size=config.size, seed=config.seed)
+    ]
+
+
 class ToyMotionSFT:
     """(clip, prompt, target, prior) examples; the batch of step s depends on (seed, s) only."""
 
     def __init__(self, config: DataConfig, priors: dict[str, PriorItem] | None = None) -> None:
-        self.clips = moving_squares(
-            config.num_clips, frames=config.frames, size=config.size, seed=config.seed
-        )
+        self.clips = sft_clips(config)
         self.videos = torch.stack([torch.from_numpy(c.video) for c in self.clips])
         self.priors = priors or {}
         self.examples: list[tuple[int, str, str]] = []
@@ -203,7 +242,7 @@ class ToyMotionSFT:
             if "caption" in config.tasks:
                 self.examples.append((i, CAPTION_PROMPT, clip.caption))
             if "qa" in config.tasks:
-                self.examples.append((i, QA_PROMPT, clip.direction))
+                self.examples.extend((i, prompt, target) for prompt, target in clip.qa)
 
     def __len__(self) -> int:
         return len(self.examples)
