@@ -10,7 +10,7 @@ environment taken from the rendered objects:
    teacher pod's, or the trainer would ask for an adapter the teacher lacks),
    then the trainer container (torchrun -> ``vidalign train stage2``) for a few
    steps against the teacher; it must exit 0;
-3. with ``--pipeline features,stage1,stage3,eval`` (any of them, in that
+3. with ``--pipeline features,stage1,stage3,eval,priors,sft`` (any of them, in that
    order), the pipeline Jobs one after the other, as the README applies them:
    init containers, then the container, each to exit 0, reading its upstream's
    artifacts from the store (features -> stage 1; stage 2's encoder -> stage 3).
@@ -22,7 +22,7 @@ the store URI ``s3://<bucket>`` becomes a local directory; ``--host=0.0.0.0``
 becomes 127.0.0.1; ``train.steps`` (and stage 1's ``eval.num_clips``) is lowered. Secrets are the example values.
 
     .venv/bin/python scripts/run_cpu_overlay_locally.py [--steps 3] [--workdir DIR] \
-        [--pipeline features,stage1,stage3,eval]
+        [--pipeline features,stage1,stage3,eval,priors,sft]
 """
 
 from __future__ import annotations
@@ -262,12 +262,14 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-PIPELINE = ("features", "stage1", "stage3", "eval")
+PIPELINE = ("features", "stage1", "stage3", "eval", "priors", "sft")
 """The pipeline Jobs (label vidalign.io/step), in the order the README applies them."""
 FAST = {
     # Fewer steps and evaluation clips: the same commands, a shorter run.
     "stage1": ("--set=train.steps={steps}", "--set=eval.num_clips=1"),
     "stage3": ("--set=train.steps={steps}",),
+    "priors": ("--steps=1",),
+    "sft": ("--set=train.steps={steps}", "--set=data.num_clips=4"),
 }
 
 

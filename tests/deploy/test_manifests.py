@@ -28,14 +28,16 @@ from manifests import ROOT, TARGETS, Container
 GPU = "nvidia.com/gpu"
 GPU_TARGETS = ("k8s/overlays/gpu", "k8s/overlays/kubeflow", "deploy")
 TEACHER_PORT = 50051
-PIPELINE = ("features", "stage1", "stage3", "eval")
+PIPELINE = ("features", "stage1", "stage3", "eval", "priors", "sft")
+VDA_PIPELINE = PIPELINE[:4]
+"""The Jobs that compose also runs, as profiles (MotionEnhancer's run on Kubernetes only)."""
 """The pipeline Jobs, applied one at a time (label vidalign.io/step), in this order."""
-POOLS = {"teacher": "teacher", "stage2": "trainer", "stage1": "teacher"} | {
-    name: "trainer" for name in ("features", "stage3", "eval")
+POOLS = {"teacher": "teacher", "stage2": "trainer", "stage1": "teacher", "priors": "teacher"} | {
+    name: "trainer" for name in ("features", "stage3", "eval", "sft")
 }
 """The GPU node pool of every workload that runs on one."""
 WITH_GPU = {("Deployment", "teacher", "teacher")} | {
-    ("Job", name, name) for name in ("features", "stage1", "stage3")
+    ("Job", name, name) for name in ("features", "stage1", "stage3", "priors", "sft")
 }
 """Every GPU container but stage 2's trainer (a Job or, in overlays/kubeflow, a TrainJob)."""
 
@@ -425,9 +427,11 @@ def check_command(words: list[str], configs: Path) -> str:
 
     from vidalign.config import load_config
     from vidalign.diffusion import TEACHER_MODELS
+    from vidalign.motion import COGVIDEOX_MODELS
     from vidalign.students import STUDENT_MODELS
     from vidalign_cli.main import build_parser
     from vidalign_trainer.features import FeaturesConfig
+    from vidalign_trainer.sft import SFTConfig
     from vidalign_trainer.stage1 import Stage1Config
     from vidalign_trainer.stage2 import Stage2Config
     from vidalign_trainer.stage3 import Stage3Config
@@ -450,9 +454,9 @@ def check_command(words: list[str], configs: Path) -> str:
         "extract",
     ):
         # Every --set key and value must fit the config (unknown keys are errors).
-        kind = {"stage1": Stage1Config, "stage2": Stage2Config, "stage3": Stage3Config}.get(
-            getattr(args, "stage", ""), FeaturesConfig
-        )
+        kind = {
+            "stage1": Stage1Config, "stage2": Stage2Config, "stage3": Stage3Config, "sft": SFTConfig
+        }.get(getattr(args, "stage", ""), FeaturesConfig)
         config = load_config(kind, configs / Path(args.config).name, args.set)
         assert config.device in ("cpu", "cuda"), words
     elif args.command == "eval":
@@ -460,6 +464,8 @@ def check_command(words: list[str], configs: Path) -> str:
         return "eval"
     elif args.command == "data" and args.action == "synth":
         assert args.n > 0, words
+    elif args.command == "priors" and args.action == "extract":
+        assert args.model in COGVIDEOX_MODELS and args.out.startswith("s3://"), words
     return " ".join(words[1:3])
 
 
@@ -468,7 +474,7 @@ def test_every_command_in_the_manifests_is_a_real_vidalign_command(rendered, tmp
     for target, objects in rendered.items():
         configs = tmp_path / target.replace("/", "-")
         configs.mkdir()
-        for name in ("stage2", *PIPELINE[:-1]):
+        for name in ("stage2", "features", "stage1", "stage3", "sft"):
             (configs / f"{name}.yaml").write_text(
                 manifests.config_data(objects, f"{name}-config")[f"{name}.yaml"]
             )
@@ -493,6 +499,8 @@ def test_every_command_in_the_manifests_is_a_real_vidalign_command(rendered, tmp
         "train stage3",
         "data synth",
         "eval",
+        "priors extract",
+        "train sft",
     }
 
 
@@ -694,13 +702,13 @@ def test_compose_stack_waits_for_health_and_reserves_a_gpu():
 
 def test_compose_pipeline_profiles_run_the_kubernetes_jobs_commands(rendered, tmp_path):
     """One profile per pipeline Job; the same commands, configs and store URIs as the GPU overlay."""
-    services = compose_config(PIPELINE)["services"]
-    assert set(PIPELINE) <= set(services)
-    assert set(PIPELINE).isdisjoint(compose_config()["services"])  # not started without --profile
-    for name in ("stage2", *PIPELINE[:-1]):
+    services = compose_config(VDA_PIPELINE)["services"]
+    assert set(VDA_PIPELINE) <= set(services)
+    assert set(VDA_PIPELINE).isdisjoint(compose_config()["services"])  # not started without --profile
+    for name in ("stage2", *VDA_PIPELINE[:-1]):
         shutil.copyfile(ROOT / "k8s" / "base" / f"{name}.yaml", tmp_path / f"{name}.yaml")
     jobs = pipeline_commands(rendered["k8s/overlays/gpu"])
-    for name in PIPELINE:
+    for name in VDA_PIPELINE:
         service = services[name]
         assert service["profiles"] == [name]
         if name == "eval":
@@ -819,3 +827,5 @@ def test_cpu_overlay_pods_run_as_local_processes(tmp_path):
     assert (store / "runs" / "stage1" / "adapter" / "adapter.safetensors").is_file()
     assert (store / "runs" / "stage3" / "lora" / "adapter_model.safetensors").is_file()
     assert "motionbench.json" in names, names
+    assert (store / "priors" / "synthmotion" / "index" / "MANIFEST.json").is_file()
+    assert (store / "runs" / "sft" / "model" / "MANIFEST.json").is_file()
