@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--video-dir", help="where the videos are (default: beside the CSV)")
     prep.set_defaults(func=_data_prepare)
 
-    from vidalign_teacher.priors import add_extract_arguments, add_show_arguments
+    from vidalign_teacher.priors_args import add_extract_arguments, add_show_arguments
 
     priors = sub.add_parser(
         "priors", help="MotionEnhancer attention priors (CogVideoX teacher)"
