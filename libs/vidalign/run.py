@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 from typing import Any
 
+from vidalign.cache import cache_root
 from vidalign.checkpoint import Checkpoint, Checkpointer
 from vidalign.store import LocalStore, open_store
 
 METRICS = "metrics.jsonl"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("VIDALIGN_CACHE", Path.home() / ".cache" / "vidalign"))
 
 
 class RunDir:

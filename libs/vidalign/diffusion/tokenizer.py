@@ -17,6 +17,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from vidalign.cache import cache_root
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -56,11 +58,6 @@ def byte_level_vocab() -> dict[str, int]:
     chars = list(bytes_to_unicode().values())
     tokens = [*chars, *(char + END_OF_WORD for char in chars), BOS_TOKEN, EOS_TOKEN]
     return {token: index for index, token in enumerate(tokens)}
-
-
-def cache_root() -> Path:
-    """vidalign's cache directory: ``$VIDALIGN_CACHE``, else ``~/.cache/vidalign``."""
-    return Path(os.environ.get("VIDALIGN_CACHE", "~/.cache/vidalign")).expanduser()
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -10,16 +10,15 @@ re-verified against its manifest and only changed files are fetched again.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
+from vidalign.cache import cache_root
 from vidalign.errors import NotFound
 from vidalign.store.artifacts import fetch_artifact, read_manifest
 
 
 def _cache(kind: str, uri: str) -> Path:
-    root = Path(os.environ.get("VIDALIGN_CACHE", Path.home() / ".cache" / "vidalign"))
-    return root / kind / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    return cache_root() / kind / hashlib.sha256(uri.encode()).hexdigest()[:24]
 
 
 def is_store_uri(location: str) -> bool:

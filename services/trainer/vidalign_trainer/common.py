@@ -78,14 +78,7 @@ class ToyDataset:
         return len(self.ids)
 
     def order(self, step: int, batch_size: int, seed: int) -> list[int]:
-        """Clip indices of step ``step``'s global batch: a fresh permutation each epoch."""
-        n = len(self.ids)
-        picks = []
-        for position in range(step * batch_size, (step + 1) * batch_size):
-            epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-            picks.append(int(order[offset]))
-        return picks
+        return epoch_order(len(self.ids), step, batch_size, seed)
 
     def clips(self, indices: Sequence[int]) -> ClipBatch:
         picks = list(indices)
@@ -97,6 +90,20 @@ class ToyDataset:
 
     def batch(self, step: int, batch_size: int, seed: int) -> ClipBatch:
         return self.clips(self.order(step, batch_size, seed))
+
+
+def epoch_order(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of step ``step``'s batch over ``n`` examples: a fresh permutation each epoch.
+
+    A function of (n, step, batch size, seed) only, so a resumed job continues
+    the same sequence and data-parallel ranks agree on the global batch.
+    """
+    picks = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        picks.append(int(order[offset]))
+    return picks
 
 
 def open_dataset(config: DataConfig) -> ClipDataset:

@@ -63,6 +63,7 @@ from vidalign.motion.align import (
 from vidalign.run import METRICS, RunDir
 from vidalign.store import commit_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
+from vidalign_trainer.common import epoch_order
 
 log = get_logger("vidalign.sft")
 
@@ -259,12 +260,7 @@ class ToyMotionSFT:
         )
 
     def picks(self, step: int, batch_size: int, seed: int) -> list[int]:
-        n, out = len(self), []
-        for position in range(step * batch_size, (step + 1) * batch_size):
-            epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-            out.append(int(order[offset]))
-        return out
+        return epoch_order(len(self), step, batch_size, seed)
 
 
 # --------------------------------------------------------------------------------------------

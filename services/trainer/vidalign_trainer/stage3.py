@@ -46,6 +46,7 @@ from vidalign.run import METRICS, RunDir
 from vidalign.store import commit_artifact
 from vidalign.students.answerer import load_encoder_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
+from vidalign_trainer.common import epoch_order
 
 log = get_logger("vidalign.stage3")
 
@@ -172,13 +173,7 @@ class ToyInstructions:
         )
 
     def batch(self, step: int, batch_size: int, seed: int) -> Batch:
-        n = len(self)
-        picks = []
-        for position in range(step * batch_size, (step + 1) * batch_size):
-            epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-            picks.append(int(order[offset]))
-        return self.take(picks)
+        return self.take(epoch_order(len(self), step, batch_size, seed))
 
     def batches(self, batch_size: int) -> list[Batch]:
         """The whole set in order, for evaluation."""
