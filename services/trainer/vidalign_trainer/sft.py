@@ -25,7 +25,20 @@ under ``<out>/checkpoints``; resume repeats an uninterrupted run; the final
 model as the store artifact ``<out>/model`` (``save_pretrained`` + tokenizer
 + ``aligner.safetensors``); mean CE / L_align over the training set before
 and after training in ``<out>/model``'s manifest meta and the result.
-DeepSpeed is not wired in (single process, plain torch AdamW).
+
+By default one process trains with plain torch AdamW (a ``WORLD_SIZE`` from a
+launcher is ignored). With ``deepspeed.enabled: true`` the VLM and the aligner
+are wrapped, with this AdamW (its parameter groups and their learning rates)
+and the warmup-cosine schedule, in a DeepSpeed ZeRO-1/2 engine
+(``vidalign_trainer.zero``; DeepSpeed clips to ``train.grad_clip`` and steps the
+schedule), with plain ``python`` (one rank; the losses equal the plain run's,
+tested to 1e-5 relative), ``torchrun`` or the ``deepspeed`` launcher. Under N
+ranks each rank trains on its 1/N slice of every batch (``train.batch_size``
+must divide by N) and the gradients (and the logged losses) are averaged over
+the ranks; CE and L_align are means within each rank's slice (over its reply
+tokens, its aligned rows), so this equals one process on the whole batch only
+where the slices hold as many of them. Rank 0 logs, checkpoints and commits; checkpoints then hold every rank's ZeRO optimizer state, so a resume
+needs the same ``deepspeed`` settings and number of ranks (refused otherwise).
 
 Run: ``vidalign train sft --config configs/sft-tiny.yaml [--resume]``
 (or ``python -m vidalign_trainer.sft`` with the same arguments).
@@ -63,7 +76,8 @@ from vidalign.motion.align import (
 from vidalign.run import METRICS, RunDir
 from vidalign.store import commit_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
-from vidalign_trainer.common import epoch_order
+from vidalign_trainer.common import Dist, epoch_order, global_mean, init_distributed
+from vidalign_trainer.zero import DeepSpeedConfig, ZeroEngine, initialize, require_plain_state
 
 log = get_logger("vidalign.sft")
 
@@ -160,6 +174,8 @@ class SFTConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """``enabled: true``: train through a DeepSpeed ZeRO engine (``vidalign_trainer.zero``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +341,28 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup_rati
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class SFTStep(torch.nn.Module):
+    """The trainable modules (VLM, aligner) with ``CE + lambda * L_align`` as forward.
+
+    What the ZeRO engine wraps: its forward is the engine's. Returns the loss and
+    (detached) CE and L_align.
+    """
+
+    def __init__(
+        self, llm: VideoLLM, aligner: AttentionAligner, grid: VisionGrid, weight: float
+    ) -> None:
+        super().__init__()
+        self.model = llm.model
+        self.aligner = aligner
+        self.llm = llm  # not a Module: a plain attribute
+        self.grid = grid
+        self.weight = weight
+
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = motion_sft_loss(self.llm, self.aligner, batch, self.grid, weight=self.weight)
+        return out.loss, out.ce.detach(), out.align.detach()
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # Tied weights (lm_head / embed_tokens) are saved once each name; load_state_dict handles both.
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -375,19 +413,65 @@ class SFTResult:
 
 def run_sft(config: SFTConfig, *, resume: bool = False) -> SFTResult:
     """MotionEnhancer SFT; returns the step losses, the train-set evaluations and the models."""
+    config.deepspeed.check()
     run = RunDir(config.output.dir)
+    bs, weight = config.train.batch_size, config.align.weight
+    # Ranks only under DeepSpeed; without it SFT is one process whatever the launcher.
+    ranks = init_distributed(config.device) if config.deepspeed.enabled else Dist()
+    if bs % ranks.world_size:
+        raise InvalidInput(
+            f"train.batch_size ({bs}) must be divisible by the {ranks.world_size} ranks"
+        )
+    device = config.device
+    if device.startswith("cuda") and ranks.world_size > 1:
+        device = f"cuda:{ranks.local_rank}"
     weights = weights_component(config.student_weights, "model") if config.student_weights else None
-    llm = load_videollm(config.student, device=config.device, path=weights)
+    llm = load_videollm(config.student, device=device, path=weights)
     grid = vision_grid(llm)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
-        aligner = AttentionAligner(grid.size, config.align.hidden).to(config.device)
+        aligner = AttentionAligner(grid.size, config.align.hidden).to(device)
     model = llm.model
     for name, p in model.named_parameters():
         if "image_tower" in name:  # Video-LLaVA's image tower never sees a video
             p.requires_grad_(False)
     optimizer, counts = build_optimizer(model, aligner, config.train)
     scheduler = cosine_with_warmup(optimizer, config.train.steps, config.train.warmup_ratio)
+    zero: ZeroEngine | None = None
+    if config.deepspeed.enabled:
+        zero = initialize(
+            SFTStep(llm, aligner, grid, weight),
+            optimizer,
+            scheduler,
+            config=config.deepspeed,
+            ranks=ranks,
+            device=torch.device(device),
+            micro_batch_size=bs // ranks.world_size,
+            grad_clip=config.train.grad_clip,
+        )
+    try:
+        return _train(config, run, llm, grid, aligner, optimizer, scheduler, counts, zero, ranks, resume)
+    finally:
+        if zero is not None:
+            zero.close()
+
+
+def _train(
+    config: SFTConfig,
+    run: RunDir,
+    llm: VideoLLM,
+    grid: VisionGrid,
+    aligner: AttentionAligner,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    counts: dict[str, int],
+    zero: ZeroEngine | None,
+    ranks: Dist,
+    resume: bool,
+) -> SFTResult:
+    model = llm.model
+    bs, weight = config.train.batch_size, config.align.weight
+    rank, world = ranks.rank, ranks.world_size
     checkpointer = run.checkpointer(config.output.keep_latest_k)
     digest = config_digest(config)
     start = 0
@@ -401,19 +485,25 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> SFTResult:
             raise InvalidInput(f"checkpoint {ckpt.name}: model weights do not match this config")
         model.load_state_dict(saved, strict=False)
         aligner.load_state_dict(ckpt.weights("aligner"))
-        optimizer.load_state_dict(ckpt.state("optimizer"))
+        if zero is not None:
+            zero.load_optimizer_state(ckpt.state("optimizer"), ckpt.name)
+        else:
+            optimizer.load_state_dict(require_plain_state(ckpt.state("optimizer"), ckpt.name))
         scheduler.load_state_dict(ckpt.state("scheduler"))
         set_rng_state(ckpt.state("rng"))
         start = ckpt.trainer_state()["step"]
         log.info("resumed", step=start, checkpoint=f"{checkpointer.store.uri}/{ckpt.name}")
-    run.start_metrics(ckpt)
+    if rank == 0:
+        run.start_metrics(ckpt)
 
     data = ToyMotionSFT(config.data)
     data.priors = load_clip_priors(config, data.clips)
-    bs, weight = config.train.batch_size, config.align.weight
     eval_start = evaluate(llm, aligner, data, grid, bs, weight)
     log.info(
         "sft_start",
+        rank=rank,
+        world_size=world,
+        zero_stage=config.deepspeed.zero_stage if zero is not None else None,
         student=config.student,
         examples=len(data),
         grid=(grid.frames, grid.height, grid.width),
@@ -434,43 +524,62 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> SFTResult:
             desc="sft",
             unit="step",
             dynamic_ncols=True,
-            disable=None,
+            disable=None if rank == 0 else True,
         ) as bar,
     ):
         for step in range(start, config.train.steps):
             tic = time.perf_counter()
-            videos, prompts, targets, priors = data.take(data.picks(step, bs, config.train.seed))
+            picks = data.picks(step, bs, config.train.seed)
+            per_rank = bs // world
+            videos, prompts, targets, priors = data.take(picks[rank * per_rank : (rank + 1) * per_rank])
             batch = build_align_batch(llm, videos, prompts, targets, priors, grid)
-            out = motion_sft_loss(llm, aligner, batch, grid, weight=weight)
-            out.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, config.train.grad_clip if config.train.grad_clip > 0 else math.inf
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(out.loss.detach())
+            if zero is not None:
+                loss, ce, align = zero(batch)
+                zero.backward(loss)
+                grad_norm = zero.step()  # DeepSpeed clips, steps AdamW and the schedule
+                param_groups = zero.param_groups
+            else:
+                out = motion_sft_loss(llm, aligner, batch, grid, weight=weight)
+                loss, ce, align = out.loss, out.ce, out.align
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    trainable, config.train.grad_clip if config.train.grad_clip > 0 else math.inf
+                )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                param_groups = optimizer.param_groups
+            if world > 1:  # each rank holds the means over its slice
+                value, ce_value, align_value = (
+                    global_mean(t.detach(), ranks) for t in (loss, ce, align)
+                )
+            else:
+                value, ce_value, align_value = (float(t.detach()) for t in (loss, ce, align))
             if not math.isfinite(value):
                 raise FloatingPointError(f"SFT loss is {value} at step {step + 1}")
-            rec = {"loss": value, "ce": float(out.ce.detach()), "align": float(out.align.detach())}
+            rec = {"loss": value, "ce": ce_value, "align": align_value}
             losses.append(rec)
             record = {
                 "step": step + 1,
                 **{k: round(v, 8) for k, v in rec.items()},
                 "grad_norm": round(float(grad_norm), 6),
-                "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                "lr": {g["name"]: g["lr"] for g in param_groups},
                 "step_s": round(time.perf_counter() - tic, 4),
             }
-            run.log_metrics(record)
-            log.info("sft_step", **record)
+            if rank == 0:
+                run.log_metrics(record)
+                log.info("sft_step", **record)
             bar.set_postfix(ce=f"{rec['ce']:.3f}", align=f"{rec['align']:.5f}")
             bar.update(1)
-            if (step + 1) % config.output.checkpoint_every == 0 or step + 1 == config.train.steps:
+            save = (step + 1) % config.output.checkpoint_every == 0 or step + 1 == config.train.steps
+            # Under ZeRO each rank holds a partition of the optimizer state: gathered here.
+            zero_state = zero.optimizer_state() if zero is not None and save else None
+            if rank == 0 and save:
                 checkpointer.save(
                     step + 1,
                     weights={"model": trainable_state(model), "aligner": aligner.state_dict()},
                     state={
-                        "optimizer": optimizer.state_dict(),
+                        "optimizer": optimizer.state_dict() if zero is None else zero_state,
                         "scheduler": scheduler.state_dict(),
                         "rng": rng_state(),
                     },
@@ -489,7 +598,7 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> SFTResult:
         "eval_start": eval_start,
         "eval_end": eval_end,
     }
-    if config.output.save_model:
+    if rank == 0 and config.output.save_model:
         with tempfile.TemporaryDirectory(prefix="vidalign-sft-") as tmp:
             model.save_pretrained(tmp)
             llm.tokenizer.save_pretrained(tmp)
@@ -507,7 +616,8 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> SFTResult:
                 step=config.train.steps,
                 meta=meta,
             )
-    run.publish_metrics()
+    if rank == 0:
+        run.publish_metrics()
     log.info("sft_done", steps=config.train.steps, eval=eval_end, model=f"{run.store.uri}/model")
     return SFTResult(
         losses=losses,

@@ -1,0 +1,265 @@
+"""DeepSpeed ZeRO for the trainer jobs: the ``deepspeed`` config section and the engine.
+
+A job with ``deepspeed.enabled: true`` builds its trainable module, its own
+torch optimizer (parameter groups with their learning rates and weight decay)
+and its LR scheduler exactly as without DeepSpeed, then hands them to
+:func:`initialize`, which wraps them in a DeepSpeed engine with a config built
+here::
+
+    zero = initialize(module, optimizer, scheduler, config=config.deepspeed, ranks=ranks,
+                      device=device, micro_batch_size=per_rank, grad_clip=config.train.grad_clip)
+    loss = loss_fn(zero(inputs))     # the engine's forward (the module's)
+    zero.backward(loss)              # gradients reduced (and, at stage 2, partitioned) over ranks
+    grad_norm = zero.step()          # clip to grad_clip, optimizer step, scheduler step
+
+ZeRO stage 1 partitions the optimizer state over the data-parallel ranks,
+stage 2 the gradients too; every rank keeps the whole (trainable) module, so
+its ``state_dict`` is whole and the jobs save their weights as without
+DeepSpeed. Stage 3 (parameters partitioned) is not supported: the weights a
+job checkpoints and commits would be shards. Training is fp32 (no fp16/bf16:
+the jobs' losses are compared with plain torch and run on CPU).
+
+Gradient clipping is DeepSpeed's (``gradient_clipping`` = ``train.grad_clip``);
+a job must not clip again. :meth:`ZeroEngine.step` returns the global gradient
+norm before clipping, as ``clip_grad_norm_`` does.
+
+Checkpoints: :meth:`ZeroEngine.optimizer_state` gathers every rank's ZeRO
+optimizer state (DeepSpeed's own ``state_dict``: the rank's partition of the
+fp32 master weights and of AdamW's moments, its param-group hyperparameters)
+onto rank 0, which saves the list in ``optimizer.pt``;
+:meth:`ZeroEngine.load_optimizer_state` gives each rank its own entry back.
+A resume therefore needs the same ZeRO stage and number of ranks as the run
+that wrote the checkpoint, and a checkpoint written without DeepSpeed (a plain
+torch optimizer state) resumes only without it; both are refused with
+``FailedPrecondition`` naming the setting.
+
+World size 1 (plain ``python``) needs no launcher: a one-rank process group is
+created here (and destroyed by :meth:`ZeroEngine.close`). Under ``torchrun``
+or the ``deepspeed`` launcher the job's process group (``common.init_distributed``)
+is used. ``deepspeed`` is imported only when a job enables it. On a cold
+``TORCH_EXTENSIONS_DIR`` DeepSpeed compiles its CPU shm-comm op the first time
+(about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vidalign.errors import FailedPrecondition, InvalidInput
+from vidalign_trainer.common import Dist
+
+STAGES = (1, 2)
+FORMAT = "deepspeed-zero"
+"""``optimizer.pt`` of a checkpoint written under ZeRO: ``{"format": FORMAT, ...}``."""
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """The ``deepspeed`` section of a trainer job's config."""
+
+    enabled: bool = False
+    """Train through a DeepSpeed ZeRO engine; false: plain torch (and DDP under torchrun)."""
+    zero_stage: int = 2
+    """1: optimizer state partitioned over the ranks; 2: gradients too. 3 is not supported."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements per gradient-reduction (and all-gather) bucket: DeepSpeed's default."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if self.zero_stage not in STAGES:
+            raise InvalidInput(
+                f"deepspeed.zero_stage: expected one of {list(STAGES)}, got {self.zero_stage}"
+                + (
+                    " (stage 3 partitions the parameters, so the weights a job saves would be "
+                    "shards; use 1 or 2)"
+                    if self.zero_stage == 3
+                    else ""
+                )
+            )
+        if self.reduce_bucket_size < 1:
+            raise InvalidInput(
+                f"deepspeed.reduce_bucket_size: expected >= 1, got {self.reduce_bucket_size}"
+            )
+
+
+def engine_config(
+    config: DeepSpeedConfig, *, micro_batch_size: int, grad_clip: float
+) -> dict[str, Any]:
+    """The DeepSpeed config dict of a job: one optimizer step per batch, fp32."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(grad_clip) if grad_clip > 0 else 0.0,
+        "zero_optimization": {
+            "stage": config.zero_stage,
+            "reduce_bucket_size": config.reduce_bucket_size,
+            "allgather_bucket_size": config.reduce_bucket_size,
+            "contiguous_gradients": True,
+        },
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def is_zero_state(state: Any) -> bool:
+    return isinstance(state, dict) and state.get("format") == FORMAT
+
+
+def require_plain_state(state: Any, checkpoint: str) -> Any:
+    """``state`` (a checkpoint's optimizer state) for a run without DeepSpeed."""
+    if is_zero_state(state):
+        raise FailedPrecondition(
+            f"checkpoint {checkpoint} holds a DeepSpeed ZeRO-{state['zero_stage']} optimizer "
+            f"state over {state['world_size']} rank(s): resume it with deepspeed.enabled: true, "
+            f"deepspeed.zero_stage: {state['zero_stage']} and {state['world_size']} rank(s)"
+        )
+    return state
+
+
+class ZeroEngine:
+    """A DeepSpeed engine as the jobs use it (see the module docstring)."""
+
+    def __init__(self, engine: Any, *, config: DeepSpeedConfig, ranks: Dist, owns_group: bool):
+        self.engine = engine
+        self.config = config
+        self.ranks = ranks
+        self._owns_group = owns_group
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def optimizer(self) -> Any:
+        """DeepSpeed's ZeRO optimizer; its ``param_groups`` are the job's optimizer's."""
+        return self.engine.optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.engine.optimizer.param_groups
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        """Clip, step the optimizer and the scheduler; the gradient norm before clipping."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return math.nan if norm is None else float(norm)
+
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """Every rank's ZeRO optimizer state, on rank 0 (None elsewhere). Collective."""
+        own = _to_cpu(self.engine.optimizer.state_dict())
+        if self.ranks.world_size > 1:
+            gathered: list[Any] | None = [None] * self.ranks.world_size if self.ranks.main else None
+            dist.gather_object(own, gathered, dst=0)
+        else:
+            gathered = [own]
+        if not self.ranks.main:
+            return None
+        return {
+            "format": FORMAT,
+            "zero_stage": self.config.zero_stage,
+            "world_size": self.ranks.world_size,
+            "ranks": gathered,
+        }
+
+    def load_optimizer_state(self, state: Any, checkpoint: str) -> None:
+        """Restore what :meth:`optimizer_state` saved (each rank takes its own entry)."""
+        if not is_zero_state(state):
+            raise FailedPrecondition(
+                f"checkpoint {checkpoint} holds a plain torch optimizer state (written with "
+                "deepspeed.enabled: false): resume it with deepspeed.enabled: false"
+            )
+        if state["zero_stage"] != self.config.zero_stage:
+            raise FailedPrecondition(
+                f"checkpoint {checkpoint} was written with deepspeed.zero_stage: "
+                f"{state['zero_stage']}, this run has {self.config.zero_stage}"
+            )
+        if state["world_size"] != self.ranks.world_size:
+            raise FailedPrecondition(
+                f"checkpoint {checkpoint} holds ZeRO optimizer state partitioned over "
+                f"{state['world_size']} rank(s); this run has {self.ranks.world_size}: resume "
+                f"with {state['world_size']} rank(s)"
+            )
+        self.engine.optimizer.load_state_dict(
+            state["ranks"], load_optimizer_states=True, load_from_fp32_weights=True
+        )
+
+    def close(self) -> None:
+        """Destroy the one-rank process group :func:`initialize` created (if it did)."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
+
+
+def initialize(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    *,
+    config: DeepSpeedConfig,
+    ranks: Dist,
+    device: torch.device,
+    micro_batch_size: int,
+    grad_clip: float,
+) -> ZeroEngine:
+    """Wrap ``module`` and the job's ``optimizer`` (and ``scheduler``) in a ZeRO engine."""
+    config.check()
+    try:
+        import deepspeed
+    except ImportError as err:  # pragma: no cover - deepspeed is a dependency
+        raise FailedPrecondition(
+            f"deepspeed.enabled: true needs the deepspeed package ({err})"
+        ) from None
+    owns_group = False
+    if not dist.is_initialized():
+        if ranks.world_size > 1:
+            raise FailedPrecondition("deepspeed: the process group of the ranks is not initialized")
+        # One rank, no launcher: a process group of one without a rendezvous.
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        owns_group = True
+    # DeepSpeed's engine reads LOCAL_RANK from the environment (torchrun and the
+    # deepspeed launcher set it).
+    os.environ.setdefault("LOCAL_RANK", str(ranks.local_rank))
+    if device.type == "cpu":
+        # With LOCAL_SIZE == WORLD_SIZE (the deepspeed launcher sets it) DeepSpeed's CPU
+        # comm op maps a /dev/shm segment, for inference all-reduce only, and never
+        # unlinks it; training does not use it.
+        os.environ.pop("LOCAL_SIZE", None)
+    try:
+        engine, *_ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=engine_config(config, micro_batch_size=micro_batch_size, grad_clip=grad_clip),
+        )
+    except BaseException:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    return ZeroEngine(engine, config=config, ranks=ranks, owns_group=owns_group)
