@@ -27,17 +27,23 @@ from vidalign.errors import InvalidInput
 @dataclass(kw_only=True)
 class DataConfig:
     kind: str = "toy"
-    """``toy``: procedurally generated moving squares (vidalign.data.toy)."""
+    """``toy``: procedurally generated moving squares (vidalign.data.toy); ``synth``: a
+    SynthMotion directory written by ``vidalign data synth`` (``path``)."""
+    path: str = ""
+    """SynthMotion directory (``kind: synth``)."""
     num_clips: int = 32
+    """Clips to use (``synth``: the first ``num_clips`` of the directory, 0 for all)."""
     frames: int = 16
     size: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind != "toy":
-            raise ValueError(f"data.kind: only 'toy' is available, got {self.kind!r}")
-        if self.num_clips < 1:
-            raise ValueError("data.num_clips must be >= 1")
+        if self.kind not in ("toy", "synth"):
+            raise ValueError(f"data.kind: expected toy or synth, got {self.kind!r}")
+        if self.kind == "synth" and not self.path:
+            raise ValueError("data.path: kind synth needs the SynthMotion directory")
+        if self.num_clips < (0 if self.kind == "synth" else 1):
+            raise ValueError(f"data.num_clips must be >= 1, got {self.num_clips}")
 
 
 @dataclass
@@ -64,9 +70,18 @@ class ClipDataset(Protocol):
 
 
 class ToyDataset:
-    """Moving-square clips in memory (``data.kind: toy``)."""
+    """Clips in memory: moving squares (``data.kind: toy``) or SynthMotion (``synth``)."""
 
     def __init__(self, config: DataConfig) -> None:
+        if config.kind == "synth":
+            from vidalign.data.synthset import load_synth_set
+
+            synth = load_synth_set(
+                config.path, num_clips=config.num_clips, frames=config.frames, size=config.size
+            )
+            self.ids, self.videos = synth.ids, synth.videos
+            self.static_captions = synth.static_captions
+            return
         clips = moving_squares(
             config.num_clips, frames=config.frames, size=config.size, seed=config.seed
         )
@@ -108,7 +123,7 @@ def epoch_order(n: int, step: int, batch_size: int, seed: int) -> list[int]:
 
 def open_dataset(config: DataConfig) -> ClipDataset:
     """The dataset a ``data`` config section names."""
-    if config.kind == "toy":
+    if config.kind in ("toy", "synth"):
         return ToyDataset(config)
     raise InvalidInput(f"data.kind: no dataset of kind {config.kind!r}")
 

@@ -15,7 +15,9 @@ Data: the toy clips (``vidalign.data.toy``) or a SynthMotion directory
 (``data.kind: synth``), each with a caption pair ("Describe the video." ->
 caption; the caption is the teacher's prompt, so its selected tokens are found
 inside the reply) and optionally QA pairs (CE only: the caption is not in that
-conversation; SynthMotion's multiple-choice questions). Priors come from the
+conversation; SynthMotion's multiple-choice questions, each with the prompt the
+evaluation gives; the target is the option's text then its letter, ``ANSWER_FORMAT``
+of ``vidalign.data.synthset``). Priors come from the
 priors set that ``vidalign priors extract`` wrote for the same clips
 (``vidalign.motion.io.load_priors_set``), or, with ``priors: ""``, are
 extracted in-process with ``teacher`` (tests and the CPU demo).
@@ -226,21 +228,18 @@ class SFTClip:
 def sft_clips(config: DataConfig) -> list[SFTClip]:
     """The clips of the ``data`` section with their caption and QA examples."""
     if config.kind == "synth":
-        from vidalign.data.frames import decode_frames
-        from vidalign.data.synth import read_sidecar
-        from vidalign.video import sample_frames
+        from vidalign.data.synthset import load_synth_set
 
-        clips = []
-        for record in read_sidecar(config.path)[: config.num_clips]:
-            frames = torch.from_numpy(decode_frames(record.video_path, num_frames=config.frames))
-            video = sample_frames(frames[None], config.frames, config.size)[0].numpy()
-            qa = [
-                ("\n".join([q.stem, *(f"{letter}. {text}" for letter, text in zip("ABCD", q.options, strict=False))]),
-                 f"{q.answer}. {q.options['ABCD'.index(q.answer)]}")
-                for q in record.questions
-            ]
-            clips.append(SFTClip(record.clip_id, video, record.caption, qa))
-        return clips
+        # The evaluation's own prompts (MotionBench's) and answer letters.
+        synth = load_synth_set(config.path, num_clips=config.num_clips, frames=config.frames,
+                               size=config.size)
+        qa: list[list[tuple[str, str]]] = [[] for _ in synth.ids]
+        for q in synth.qa:
+            qa[q.clip].append((q.prompt, q.target))
+        return [
+            SFTClip(clip_id, synth.videos[i].numpy(), synth.captions[i], qa[i])
+            for i, clip_id in enumerate(synth.ids)
+        ]
     return [
         SFTClip(c.clip_id, c.video, c.caption, [(QA_PROMPT, c.direction)])
         for c in moving_squares(config.num_clips, frames=config.frames, size=config.size, seed=config.seed)

@@ -89,6 +89,10 @@ class TrainConfig:
     timestep_range: list[int] = field(default_factory=lambda: [0, 1000])
     text: bool = True
     """Condition the teacher on the static caption; false is VDA's no-text ablation."""
+    mismatch: bool = False
+    """Control run: the teacher gets another clip (pixels, caption, id of clip ``(i + N/2) mod N``)
+    than the one whose features it is conditioned on, so no gradient can carry that clip's
+    motion; what stage 2 then changes in the encoder is not teaching."""
     micro_batches: int = 1
     """Split each batch into this many teacher calls, sent as soon as their features are
     ready, so the teacher works on one while the encoder computes the next."""
@@ -259,12 +263,17 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
         ) as bar:
             for step in range(start, config.train.steps):
                 tic = time.perf_counter()
-                batch = data.batch(step, config.train.batch_size, config.train.seed)
+                picks = data.order(step, config.train.batch_size, config.train.seed)
+                batch = data.clips(picks)
+                # The teacher's side of the pair: the same clips, or (control) other ones.
+                seen = data.clips([(i + len(data) // 2) % len(data) for i in picks]) if config.train.mismatch else batch
                 local = slice(rank * per_rank, (rank + 1) * per_rank)
                 video = batch.video[local]
-                ids = batch.ids[local]
-                teacher_video = sample_frames(video, config.teacher.frames or info.frames, info.resolution)
-                captions = batch.static_captions[local] if config.train.text else None
+                ids = seen.ids[local]
+                teacher_video = sample_frames(
+                    seen.video[local], config.teacher.frames or info.frames, info.resolution
+                )
+                captions = seen.static_captions[local] if config.train.text else None
                 size = per_rank // config.train.micro_batches
                 parts = [slice(lo, lo + size) for lo in range(0, per_rank, size)]
                 if world > 1 or zero is not None:

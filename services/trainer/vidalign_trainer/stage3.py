@@ -5,10 +5,13 @@
     LoRA   <- AdamW(LoRA, dL/dLoRA)                                   (rank 16, alpha 32)
 
 Everything but the LoRA matrices on the LLM's q/k/v/o projections is frozen:
-the encoder E_phi, the projector, the LLM. Training pairs are the toy clips'
-captions ("Describe the video." -> caption) and a question about the motion
-("Which direction does the square move?" -> direction), each rendered with the
-student's own chat template.
+the encoder E_phi, the projector, the LLM. Training pairs are the clips'
+captions ("Describe the video." -> caption) and questions: for the toy clips
+"Which direction does the square move?" -> direction, for SynthMotion
+(``data.kind: synth``) every question of the directory with the prompt the
+evaluation gives (MotionBench's) -> the option's text and letter, "stays still
+(C)" (``vidalign.data.synthset.ANSWER_FORMAT``). Each pair is rendered
+with the student's own chat template.
 
 Every source of randomness is a function of the config: batch order of step s
 is a function of (seed, s), LoRA init of ``train.seed`` (drawn inside
@@ -46,6 +49,7 @@ from vidalign.run import METRICS, RunDir
 from vidalign.store import commit_artifact
 from vidalign.students.answerer import load_encoder_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
+from vidalign_trainer.common import DataConfig as ClipDataConfig
 from vidalign_trainer.common import epoch_order
 
 log = get_logger("vidalign.stage3")
@@ -59,21 +63,14 @@ QA_PROMPT = "Which direction does the square move?"
 
 
 @dataclass(kw_only=True)
-class DataConfig:
-    kind: str = "toy"
-    """``toy``: procedurally generated moving squares (vidalign.data.toy)."""
+class DataConfig(ClipDataConfig):
     num_clips: int = 16
-    frames: int = 16
-    size: int = 32
-    seed: int = 0
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    """Training pairs per clip: ``caption`` (full caption) and ``qa`` (direction question)."""
+    """Training pairs per clip: ``caption`` (full caption) and ``qa`` (toy: the direction
+    question; synth: every SynthMotion question, prompt and answer letter as evaluated)."""
 
     def __post_init__(self) -> None:
-        if self.kind != "toy":
-            raise ValueError(f"data.kind: only 'toy' is available, got {self.kind!r}")
-        if self.num_clips < 1:
-            raise ValueError("data.num_clips must be >= 1")
+        super().__post_init__()
         unknown = sorted(set(self.tasks) - set(TASKS))
         if not self.tasks or unknown:
             raise ValueError(
@@ -151,6 +148,19 @@ class ToyInstructions:
     """(clip, prompt, target) triples in memory; the batch of step s depends on (seed, s) only."""
 
     def __init__(self, config: DataConfig) -> None:
+        if config.kind == "synth":
+            from vidalign.data.synthset import load_synth_set
+
+            synth = load_synth_set(
+                config.path, num_clips=config.num_clips, frames=config.frames, size=config.size
+            )
+            self.videos = synth.videos
+            self.examples = []
+            if "caption" in config.tasks:
+                self.examples += [(i, CAPTION_PROMPT, c) for i, c in enumerate(synth.captions)]
+            if "qa" in config.tasks:
+                self.examples += [(q.clip, q.prompt, q.target) for q in synth.qa]
+            return
         clips = moving_squares(
             config.num_clips, frames=config.frames, size=config.size, seed=config.seed
         )

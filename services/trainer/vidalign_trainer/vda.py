@@ -38,6 +38,8 @@ class VDAEvalConfig:
     frames: int = 8
     batch_size: int = 4
     max_new_tokens: int = 8
+    baseline: bool = True
+    """Also evaluate the student before VDA (``eval/baseline``)."""
 
 
 @dataclass(kw_only=True)
@@ -45,8 +47,13 @@ class VDAConfig:
     store: str = "runs/vda"
     """Root URI of the run: features/, stage1/, stage2/, stage3/, eval/ go below it."""
     student: str = "tiny-videollava"
+    student_weights: str = ""
+    """Store URI (or dir) of the student's weights (``<uri>/model``); empty: the registry's."""
     teacher: str = "tiny-animatediff"
     """Diffusion backbone (ablation: an SD1.5 name such as tiny-sd15 or sd15)."""
+    teacher_weights: str = ""
+    """Store URI (or dir) of the teacher's weights for stage 1; empty: the registry's. Stage 2
+    uses what the teacher service at ``stage2.teacher.address`` was started with."""
     device: str = "cpu"
     text: bool = True
     """Condition the teacher on the static caption (false: the no-text ablation)."""
@@ -91,19 +98,21 @@ def stage_configs(config: VDAConfig) -> dict[str, Any]:
 
     root = config.store
     data = dict(config.data)
+    student = {"student": config.student, "student_weights": config.student_weights}
     configs: dict[str, Any] = {
         "features": from_dict(FeaturesConfig, _merge(config.features, {
-            "student": config.student, "device": config.device, "data": data,
+            **student, "device": config.device, "data": data,
             "output": {"dir": _uri(root, "features")},
         })),
         "stage1": from_dict(Stage1Config, _merge(config.stage1, {
             "device": config.device, "features": _uri(root, "features"),
-            "teacher": {"model": config.teacher, "frames": config.teacher_frames},
+            "teacher": {"model": config.teacher, "frames": config.teacher_frames,
+                        "weights": config.teacher_weights},
             "adapter": {"projection": config.projection},
             "data": data, "train": {"text": config.text}, "output": {"dir": _uri(root, "stage1")},
         })),
         "stage2": from_dict(Stage2Config, _merge(config.stage2, {
-            "student": config.student, "device": config.device,
+            **student, "device": config.device,
             "teacher": {"address": config.stage2.get("teacher", {}).get("address", "local"),
                         "model": config.teacher, "frames": config.teacher_frames,
                         "adapter": _uri(root, "stage1", "adapter", "adapter.safetensors")},
@@ -111,10 +120,9 @@ def stage_configs(config: VDAConfig) -> dict[str, Any]:
         })),
     }
     if not config.skip_stage3:
-        stage3_data = {k: v for k, v in data.items() if k != "path"}
         configs["stage3"] = from_dict(Stage3Config, _merge(config.stage3, {
-            "student": config.student, "device": config.device, "encoder": _uri(root, "stage2", "encoder"),
-            "data": stage3_data, "output": {"dir": _uri(root, "stage3")},
+            **student, "device": config.device, "encoder": _uri(root, "stage2", "encoder"),
+            "data": data, "output": {"dir": _uri(root, "stage3")},
         }))
     return configs
 
@@ -159,6 +167,7 @@ def _evaluate(config: VDAConfig) -> dict[str, str]:
 
     from vidalign.data.benchmarks import load_benchmark
     from vidalign.eval import evaluate, result_dict, write_result
+    from vidalign.hub import weights_component
     from vidalign.students.answerer import load_trained_videollm, videollm_answerer
 
     ev = config.eval
@@ -170,7 +179,8 @@ def _evaluate(config: VDAConfig) -> dict[str, str]:
         data = str(Path(tempfile.mkdtemp(prefix="vidalign-synth-")))
         write_dataset(generate(ev.synth_n or 8, seed=1), data)
     items = load_benchmark(ev.bench, data).items
-    variants = {"baseline": {}, "vda": {"encoder": _uri(config.store, "stage2", "encoder")}}
+    variants = {"baseline": {}} if ev.baseline else {}
+    variants["vda"] = {"encoder": _uri(config.store, "stage2", "encoder")}
     if not config.skip_stage3:
         variants["vda"]["lora"] = _uri(config.store, "stage3", "lora")
     status = {}
@@ -180,7 +190,8 @@ def _evaluate(config: VDAConfig) -> dict[str, str]:
         if read_manifest(store, name) is not None:
             status[name] = "done"
             continue
-        llm = load_trained_videollm(config.student, device=config.device, **parts)
+        path = weights_component(config.student_weights, "model") if config.student_weights else None
+        llm = load_trained_videollm(config.student, path=path, device=config.device, **parts)
         result = evaluate(items, videollm_answerer(llm, max_new_tokens=ev.max_new_tokens),
                           batch_size=ev.batch_size, frames=ev.frames)
         with tempfile.TemporaryDirectory() as tmp:
