@@ -358,6 +358,17 @@ def _load_unet(spec: TeacherSpec, parts: _Parts) -> UNetMotionModel | UNet2DCond
         return UNetMotionModel.from_unet2d(unet2d, adapter)
 
 
+def _tokenizer_class(base: str | None) -> Any:
+    """CLIPTokenizer, or a generic fast tokenizer for a local folder that holds only a
+    ``tokenizer.json`` (a teacher trained here with its own vocabulary, e.g. the demo's)."""
+    folder = Path(base) / "tokenizer" if base is not None else None
+    if folder is not None and (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    return CLIPTokenizer
+
+
 def _load_components(spec: TeacherSpec, dtype: torch.dtype) -> dict[str, Any]:
     parts = _Parts(spec, dtype)
     return {
@@ -367,7 +378,7 @@ def _load_components(spec: TeacherSpec, dtype: torch.dtype) -> dict[str, Any]:
         "text_encoder": parts.get(
             "text_encoder", CLIPTextModel, spec.base, "text_encoder", dtype=dtype
         ),
-        "tokenizer": parts.get("tokenizer", CLIPTokenizer, spec.base, "tokenizer"),
+        "tokenizer": parts.get("tokenizer", _tokenizer_class(spec.base), spec.base, "tokenizer"),
         # SD1.5 ships a PNDM (sampling) config; its betas are the training schedule.
         "scheduler": parts.get("scheduler", DDPMScheduler, spec.base, "scheduler"),
     }

@@ -1,0 +1,123 @@
+"""Pretraining of the demo's own models: each objective trains what it says and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vidalign.data.synth import generate
+from vidalign_trainer.pretrain import (
+    Schedule,
+    instruction_tune,
+    static_labels,
+    static_pretrain,
+    text_to_video,
+    text_to_video_cogvideox,
+    word_text_encoder,
+)
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return generate(4, seed=11, frames=8, size=32)
+
+
+def _videos(clips) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(c.video) for c in clips])
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict, module: torch.nn.Module) -> set[str]:
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_word_text_encoder_round_trips_through_the_loader(clips, tmp_path):
+    from vidalign.diffusion import load_teacher
+
+    teacher = load_teacher("tiny-animatediff")
+    word_text_encoder(teacher, [c.caption for c in clips], 96)
+    teacher.save_pretrained(tmp_path)
+    again = load_teacher("tiny-animatediff", base=str(tmp_path))
+    caption = clips[0].caption
+    assert torch.equal(again.encode_text([caption]), teacher.encode_text([caption]))
+    assert again.tokenizer.model_max_length == 96
+
+
+def test_text_to_video_trains_unet_and_text_encoder_only(clips):
+    from vidalign.diffusion import load_teacher
+
+    teacher = load_teacher("tiny-animatediff")
+    word_text_encoder(teacher, [c.caption for c in clips], 96)
+    assert teacher.tokenizer.model_max_length == 96
+    assert teacher.text_encoder.config.max_position_embeddings == 96
+    ids = teacher.tokenizer("slides left")["input_ids"]
+    assert teacher.tokenizer.convert_ids_to_tokens(ids) == ["slides", "left"]
+    vae = _snapshot(teacher.vae)
+    unet, text = _snapshot(teacher.unet), _snapshot(teacher.text_encoder)
+    losses = text_to_video(teacher, _videos(clips), [c.caption for c in clips],
+                           Schedule(steps=12, batch_size=4, lr=3e-3, log_every=100))
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-4:]) < sum(losses[:4]), losses
+    assert not _changed(vae, teacher.vae)
+    assert _changed(unet, teacher.unet) and _changed(text, teacher.text_encoder)
+    assert not any(p.requires_grad for p in teacher.parameters())  # frozen again
+
+
+def test_text_to_video_is_deterministic(clips):
+    from vidalign.diffusion import load_teacher
+
+    runs = []
+    for _ in range(2):
+        teacher = load_teacher("tiny-animatediff")
+        runs.append(text_to_video(teacher, _videos(clips[:2]), [c.caption for c in clips[:2]],
+                                  Schedule(steps=2, batch_size=2, seed=5, log_every=100)))
+    assert runs[0] == runs[1]
+
+
+def test_text_to_video_cogvideox_trains_transformer_and_t5(clips):
+    from vidalign.motion import load_cogvideox
+
+    teacher = load_cogvideox("tiny-cogvideox")
+    vae, transformer = _snapshot(teacher.vae), _snapshot(teacher.transformer)
+    losses = text_to_video_cogvideox(teacher, _videos(clips), [c.caption for c in clips],
+                                     Schedule(steps=12, batch_size=4, lr=3e-3, log_every=100))
+    assert sum(losses[-4:]) < sum(losses[:4]), losses
+    assert not _changed(vae, teacher.vae) and _changed(transformer, teacher.transformer)
+    assert not any(p.requires_grad for p in teacher.transformer.parameters())
+
+
+def test_static_labels_by_hand(clips):
+    labels = static_labels([c.truth for c in clips])
+    truth = clips[0].truth
+    assert labels["count"][0].item() == len(truth["objects"]) - 2
+    assert set(labels["count"].tolist()) <= {0, 1, 2}
+    assert labels["colors"][0].sum().item() == len({o["color"] for o in truth["objects"]})
+
+
+def test_static_pretrain_then_instruction_tune(clips):
+    from vidalign.students.videollm import load_videollm
+    from vidalign_trainer.sft import param_groups
+
+    llm = load_videollm("tiny-videollava")
+    videos = _videos(clips)
+    before = _snapshot(llm.model)
+    losses = static_pretrain(llm.encoder, videos, [c.truth for c in clips],
+                             Schedule(steps=10, batch_size=4, lr=3e-3, log_every=100))
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    changed = _changed(before, llm.model)
+    assert changed and all("video_tower" in k for k in changed)
+
+    before = _snapshot(llm.model)
+    examples = [(i, q.text, q.answer) for i, c in enumerate(clips) for q in c.questions]
+    losses = instruction_tune(llm, videos, examples, Schedule(steps=10, batch_size=8, lr=3e-3,
+                                                              log_every=100))
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    changed = _changed(before, llm.model)
+    vision = {n for n, _ in param_groups(llm.model)["vision"]}  # empty: all frozen again
+    assert not vision
+    assert changed and not any("video_tower" in k for k in changed)
+    assert any("multi_modal_projector" in k for k in changed)
+    assert not llm.model.training and not any(p.requires_grad for p in llm.model.parameters())
