@@ -20,7 +20,7 @@ IMAGE_PREFIX ?= vidalign
 IMAGE_TAG ?= 0.1.0
 COMPOSE = docker compose -f deploy/compose.yaml --env-file deploy/.env
 
-.PHONY: help setup test test-fast lint format protos bench demo clean \
+.PHONY: help setup test test-fast lint format protos bench demo demo-assets clean \
 	images local-gpu local-gpu-down validate-deploy
 
 help: ## list the targets
@@ -58,8 +58,12 @@ bench: $(STAMP) ## wire throughput, stage-2 gRPC vs in-process, attention captur
 	$(BIN)/python bench/stage2.py
 	$(BIN)/python bench/attention_capture.py
 
-demo: $(STAMP) ## teacher on loopback + VDA stage 2 on tiny models (does its own set-up)
-	VIDALIGN_LOG_FORMAT=$${VIDALIGN_LOG_FORMAT:-console} $(BIN)/vidalign demo --out runs/demo
+demo: $(STAMP) ## baseline vs +VDA vs +MotionEnhancer, with controls, on SynthMotion (tiny models, offline)
+	VIDALIGN_LOG_FORMAT=$${VIDALIGN_LOG_FORMAT:-console} VIDALIGN_LOG_LEVEL=$${VIDALIGN_LOG_LEVEL:-warning} \
+		$(BIN)/vidalign demo --out runs/demo
+
+demo-assets: $(STAMP) ## retrain the demo's teachers and baseline VideoLLM into assets/demo (slow: see README)
+	VIDALIGN_LOG_FORMAT=$${VIDALIGN_LOG_FORMAT:-console} $(BIN)/python scripts/demo_assets.py --out assets/demo
 
 validate-deploy: $(STAMP) ## render every k8s overlay and deploy/; validate them (Kubernetes 1.33, strict) and the compose file
 	$(BIN)/python scripts/validate_deploy.py

@@ -1,69 +1,97 @@
-"""``make demo``: the teacher as a real gRPC server on loopback, stage 2 against it.
+"""``make demo``: does diffusion alignment teach a VideoLLM motion? A toy-scale answer, offline.
 
-1. write a conditioning adapter for (tiny-animatediff, tiny-videollava);
-2. start ``vidalign teacher serve`` as a separate process on a free loopback
-   port and wait until its health check says SERVING;
-3. run VDA stage 2 on generated moving-square clips for a few dozen steps,
-   the encoder's gradient coming back over gRPC;
-4. print the loss per step and stop the server.
+On a 2-core machine, in minutes, with the small pretrained models that
+``make demo-assets`` made and ships in ``assets/demo`` (a text-to-video tiny
+AnimateDiff and tiny CogVideoX trained on SynthMotion, and a baseline VideoLLM
+whose encoder was pretrained on single-frame static objectives and then
+instruction-tuned on SynthMotion questions):
+
+0. SynthMotion clips for post-training and a held-out evaluation set;
+1. the teacher's **conditioning gap** (its loss with the true vs a wrong motion
+   description, through the gRPC service) -- printed before anything trains;
+2. **baseline** evaluation on the held-out set (MotionBench's six categories +
+   the static control);
+3. **+VDA**: features -> stage 1 (W_proj + LoRA, teacher in-process) -> stage 2
+   (the encoder through the teacher service on loopback) -> stage 3 (LLM LoRA);
+4. the **controls**, same budget: stage 2 with mismatched clips; the whole
+   recipe with an untrained (random) teacher; stage 3 alone (no teacher);
+5. **+MotionEnhancer**: priors from the CogVideoX teacher service -> SFT with
+   CE + lambda L_align, and its control, the same SFT with lambda = 0;
+6. a table per category, the headline "+VDA minus the best control", loss
+   curves and attention-prior overlays as PNG, everything in ``--out``.
+
+Every run's artifacts are committed to a local store under ``--out``; the
+numbers land in ``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vidalign.diffusion import Adapter, load_teacher
-from vidalign.errors import Unavailable
+from vidalign.errors import FailedPrecondition, Unavailable
 from vidalign.log import get_logger
-from vidalign.students import load_student
-from vidalign_trainer.stage2 import (
-    DataConfig,
-    OutputConfig,
-    Stage2Config,
-    TeacherConfig,
-    TrainConfig,
-    run_stage2,
-)
 
 log = get_logger("vidalign.demo")
 
 TEACHER_MODEL = "tiny-animatediff"
+PRIORS_MODEL = "tiny-cogvideox"
 STUDENT = "tiny-videollava"
+ASSETS = Path("assets/demo")
+"""Where ``make demo-assets`` writes and the demo reads: animatediff/, cogvideox/, videollm/
+and MANIFEST.json."""
+EVAL_SEED = 999_999
+"""SynthMotion seed of the held-out evaluation clips (never used for training anywhere)."""
+POST_TRAIN_SEED = 500_000
+"""Post-training clips of demo seed s come from SynthMotion seed POST_TRAIN_SEED + s."""
+
+
+# --- the teacher service ---------------------------------------------------------------
 
 
 def start_teacher(
     model: str,
-    adapters: list[Path],
+    adapters: Sequence[Path | str],
     workdir: Path,
     *,
+    weights: str | Path | None = None,
     device: str = "cpu",
     dtype: str = "float32",
     timeout: float = 300.0,
+    name: str = "teacher",
 ) -> tuple[subprocess.Popen, str]:
     """Start ``vidalign teacher serve`` on a free loopback port; return (process, address)."""
-    port_file = workdir / "teacher.port"
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / f"{name}.port"
     port_file.unlink(missing_ok=True)
-    log_file = (workdir / "teacher.log").open("w")
+    log_path = workdir / f"{name}.log"
     cmd = [
         sys.executable, "-m", "vidalign_cli.main", "teacher", "serve",
         "--model", model, "--host", "127.0.0.1", "--port", "0",
         "--port-file", str(port_file), "--device", device, "--dtype", dtype,
     ]
+    if weights:
+        cmd += ["--weights", str(weights)]
     for adapter in adapters:
         cmd += ["--adapter", str(adapter)]
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
     deadline = time.monotonic() + timeout
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise Unavailable(f"the teacher did not start; see {workdir / 'teacher.log'}")
+            raise Unavailable(f"the teacher did not start; see {log_path}")
         time.sleep(0.1)
     address = f"127.0.0.1:{port_file.read_text().strip()}"
     wait_serving(address, deadline - time.monotonic(), proc)
@@ -96,40 +124,510 @@ def stop_teacher(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def run_demo(out: Path, steps: int = 30) -> list[float]:
-    out.mkdir(parents=True, exist_ok=True)
-    teacher = load_teacher(TEACHER_MODEL)
-    adapter = Adapter.create(
-        d_v=load_student(STUDENT).d_v,
-        cond_dim=teacher.cond_dim,
-        teacher_family=teacher.family,
-        seed=0,
-    )
-    adapter_path = out / "adapter.safetensors"
-    adapter_id = adapter.save(adapter_path)
-    print(f"[demo] adapter {adapter_id} -> {adapter_path}", flush=True)
-
-    proc, address = start_teacher(TEACHER_MODEL, [adapter_path], out)
-    print(f"[demo] teacher {TEACHER_MODEL} serving on {address} (pid {proc.pid})", flush=True)
+@contextmanager
+def serving(model: str, workdir: Path, *, weights: Path, adapters: Sequence[str] = (),
+            name: str = "teacher") -> Iterator[str]:
+    """A teacher service for the duration of a ``with`` block; yields its address."""
+    proc, address = start_teacher(model, adapters, workdir, weights=weights, name=name)
+    say(f"{name}: {model} ({weights}) serving on {address}, pid {proc.pid}")
     try:
-        config = Stage2Config(
-            student=STUDENT,
-            teacher=TeacherConfig(address=address, model=TEACHER_MODEL, adapter=str(adapter_path)),
-            data=DataConfig(num_clips=16, frames=16, size=32, seed=0),
-            train=TrainConfig(steps=steps, batch_size=2, lr=1e-4, seed=0),
-            output=OutputConfig(dir=str(out / "stage2"), checkpoint_every=max(steps, 1)),
-        )
-        losses = run_stage2(config)
+        yield address
     finally:
         stop_teacher(proc)
-        print("[demo] teacher stopped", flush=True)
 
-    print("\nVDA stage 2 through the gRPC teacher: denoising loss per step")
-    print(f"{'step':>5}  {'loss':>9}")
-    for step, loss in enumerate(losses, start=1):
-        print(f"{step:>5}  {loss:>9.5f}")
-    half = max(len(losses) // 2, 1)
-    first, last = sum(losses[:half]) / half, sum(losses[-half:]) / half
-    print(f"\nmean loss, first {half} steps: {first:.5f}; last {half} steps: {last:.5f}")
-    print(f"checkpoints and metrics: {out / 'stage2'}")
-    return losses
+
+# --- sizes -------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    seed: int = 0
+    """Seed of the post-training clips and of every training run (the evaluation set is fixed)."""
+    assets: str = str(ASSETS)
+    train_clips: int = 64
+    eval_clips: int = 48
+    frames: int = 16
+    size: int = 32
+    timestep_range: list[int] = field(default_factory=lambda: [500, 1000])
+    """Where stages 1 and 2 draw timesteps: the high-noise half, where the conditioning matters
+    (the conditioning gap printed first says whether it does)."""
+    gap_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    gap_clips: int = 8
+    stage1_steps: int = 60
+    stage2_steps: int = 60
+    stage3_steps: int = 120
+    sft_steps: int = 120
+    batch_size: int = 4
+    stage2_lr: float = 1e-4
+    stage3_lr: float = 1e-3
+    prior_steps: int = 2
+    """DDIM inversion / denoising steps of the priors (the paper: 5)."""
+    sft_align_weight: float = 100.0
+    """lambda of CE + lambda L_align. Prior and VLM rows are distributions over the N ~ 128 cells
+    of the student's vision grid, so L_align ~ 1/N: at the paper's lambda = 1 it is ~1% of CE and
+    changes no answer (measured: identical to lambda = 0). 100 puts the two on one scale."""
+    sft_lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-3, 3e-3])
+    """SFT learning rates of the vision tower, projector, LLM and aligner (toy scale, as
+    configs/sft-tiny.yaml; real models use ~1e-6 / 1e-5 / 1e-5)."""
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+_T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[demo {time.monotonic() - _T0:6.1f}s] {message}", flush=True)
+
+
+@dataclass
+class Timings:
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        say(f"== {name}")
+        tic = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(time.monotonic() - tic, 1)
+
+
+def check_assets(assets: Path) -> dict[str, Any]:
+    manifest = assets / "MANIFEST.json"
+    needed = ["animatediff/base/unet", "cogvideox/transformer", "videollm/model/config.json"]
+    missing = [p for p in needed if not (assets / p).exists()]
+    if not manifest.is_file() or missing:
+        raise FailedPrecondition(
+            f"assets: {assets} lacks {missing or ['MANIFEST.json']}; "
+            "`make demo-assets` makes them (about 45 minutes on 2 cores)"
+        )
+    return json.loads(manifest.read_text())
+
+
+def make_random_teacher(directory: Path, trained: Path, *, seed: int) -> None:
+    """The control teacher: the trained one's architecture, tokenizer and VAE, untrained.
+
+    The UNet is the registry's random init; the text encoder is re-initialised
+    under ``seed``; the VAE (frozen in pretraining anyway) is the same.
+    """
+    if (directory / "unet").is_dir():
+        return
+    import torch
+    from transformers import CLIPTextModel
+
+    from vidalign.diffusion import load_teacher
+
+    teacher = load_teacher(TEACHER_MODEL, base=str(trained))
+    teacher.unet = load_teacher(TEACHER_MODEL).unet
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        teacher.text_encoder = CLIPTextModel(teacher.text_encoder.config).eval()
+    teacher.save_pretrained(directory)
+
+
+def make_data(out: Path, config: DemoConfig) -> tuple[Path, Path]:
+    from vidalign.data.synth import generate, write_dataset
+
+    train, held_out = out / "data" / "train", out / "data" / "eval"
+    for path, n, seed in ((train, config.train_clips, POST_TRAIN_SEED + config.seed),
+                          (held_out, config.eval_clips, EVAL_SEED)):
+        if not (path / "synthmotion.jsonl").is_file():
+            write_dataset(generate(n, seed=seed, frames=config.frames, size=64), path)
+    return train, held_out
+
+
+def evaluate_student(items: list, *, weights: Path | str, encoder: str = "", lora: str = "",
+                     out: Path, name: str) -> dict[str, Any]:
+    """Score one variant on the held-out items; writes ``<out>/eval/<name>.{json,md,...}``."""
+    from vidalign.eval import evaluate, result_dict, write_result
+    from vidalign.students.answerer import load_trained_videollm, videollm_answerer
+
+    llm = load_trained_videollm(STUDENT, path=str(weights), encoder=encoder, lora=lora)
+    result = evaluate(items, videollm_answerer(llm, max_new_tokens=24), batch_size=16,
+                      frames=16, progress=False)
+    write_result(result, out / "eval", name=name, model=name)
+    summary = result_dict(result, model=name)
+    summary["named"] = named_option_scores(items, {p.uid: p.output for p in result.predictions})
+    say(f"{name}: motion average {100 * summary['average']:.1f}% by letter, "
+        f"{100 * summary['named']['average']:.1f}% by named option; static control "
+        f"{100 * _static(summary):.1f}% / {100 * _static(summary['named']):.1f}%")
+    return summary
+
+
+def named_option_scores(items: list, outputs: dict[str, str]) -> dict[str, Any]:
+    """Accuracy by the option *text* a reply names (FAVOR-Bench's substring rule).
+
+    The demo's students reply "option text (letter)". The letter, which the
+    MotionBench rule reads, also needs the option's position copied right; the
+    named text is what the model understood of the video. Both are reported.
+    """
+    from vidalign.data.benchmarks.records import LETTERS
+    from vidalign.eval.answers import favor_judge
+    from vidalign.eval.scoring import score
+
+    s = score(
+        (i.category, favor_judge(outputs.get(i.uid, ""), i.options[LETTERS.index(i.answer)], i.options))
+        for i in items
+    )
+    return {
+        "n": s.n, "overall": s.overall, "average": s.average,
+        "categories": {c: {"n": cs.n, "correct": cs.correct, "accuracy": cs.accuracy}
+                       for c, cs in s.categories.items()},
+    }
+
+
+def _static(summary: dict[str, Any]) -> float:
+    from vidalign.data.synth import STATIC_CATEGORY
+
+    return summary["categories"].get(STATIC_CATEGORY, {}).get("accuracy", 0.0)
+
+
+def _trend(losses: list[float], k: int = 10) -> str:
+    """Mean loss of the first and last ``k`` steps (single steps are dominated by the timestep)."""
+    if not losses:
+        return "already done"
+    k = max(1, min(k, len(losses) // 2 or 1))
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return f"mean loss of the first {k} steps {first:.4f}, of the last {k} {last:.4f}"
+
+
+def _losses(run_dir: str | Path, key: str = "loss") -> list[float]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)[key] for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- the pipeline ------------------------------------------------------------------------
+
+
+def print_gap(title: str, gaps: list) -> None:
+    print(f"\n{title}")
+    print(f"{'timestep':>8} {'true caption':>13} {'wrong motion':>13} {'gap':>8}")
+    for g in gaps:
+        print(f"{g.timestep:>8} {g.true_loss:>13.5f} {g.wrong_loss:>13.5f} {g.relative:>+8.2%}")
+    print(flush=True)
+
+
+def measure_gap(address: str, train_dir: Path, config: DemoConfig) -> list:
+    from vidalign.client import connect
+    from vidalign.data.synthset import load_synth_set
+    from vidalign.gap import caption_gap, swap_motion_words
+
+    data = load_synth_set(train_dir, num_clips=config.gap_clips, frames=config.frames, size=config.size)
+    teacher = connect(address)
+    try:
+        return caption_gap(
+            teacher, data.ids, data.videos, data.captions,
+            [swap_motion_words(c) for c in data.captions],
+            timesteps=config.gap_timesteps, seed=config.seed, draws=2,
+        )
+    finally:
+        teacher.close()
+
+
+def vda_configs(root: Path, config: DemoConfig, train_dir: Path, *, teacher_weights: Path,
+                student_weights: Path) -> dict[str, Any]:
+    """Stage configs of one VDA run (vidalign_trainer.vda wiring) at the demo's sizes."""
+    from vidalign_trainer.vda import VDAConfig, stage_configs
+
+    seed, steps = config.seed, {"batch_size": config.batch_size, "seed": config.seed}
+    return stage_configs(VDAConfig(
+        store=str(root),
+        student=STUDENT,
+        student_weights=str(student_weights),
+        teacher=TEACHER_MODEL,
+        teacher_weights=str(teacher_weights),
+        data={"kind": "synth", "path": str(train_dir), "num_clips": 0,
+              "frames": config.frames, "size": config.size, "seed": seed},
+        stage1={"train": {**steps, "steps": config.stage1_steps, "lr": 1e-3,
+                          "timestep_range": config.timestep_range},
+                "eval": {"every": 0}, "output": {"checkpoint_every": config.stage1_steps}},
+        stage2={"train": {**steps, "steps": config.stage2_steps, "lr": config.stage2_lr,
+                          "timestep_range": config.timestep_range},
+                "output": {"checkpoint_every": config.stage2_steps}},
+        stage3={"train": {**steps, "steps": config.stage3_steps, "lr": config.stage3_lr},
+                "data": {"tasks": ["qa"]}, "output": {"checkpoint_every": config.stage3_steps}},
+    ))
+
+
+def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
+    """The whole demo; returns what it writes to ``<out>/results.json``."""
+    from vidalign.data.benchmarks import load_benchmark
+    from vidalign_trainer.features import extract_features
+    from vidalign_trainer.stage1 import run_stage1
+    from vidalign_trainer.stage2 import run_stage2
+    from vidalign_trainer.stage3 import run_stage3
+
+    config = config or DemoConfig()
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    assets = Path(config.assets).resolve()
+    manifest = check_assets(assets)
+    timings = Timings()
+    student = assets / "videollm"
+    trained, random_teacher = assets / "animatediff", out / "random-animatediff"
+    results: dict[str, Any] = {"config": asdict(config), "assets": manifest.get("summary", {})}
+
+    with timings.phase("data"):
+        make_random_teacher(random_teacher / "base", trained / "base", seed=config.seed)
+        train_dir, eval_dir = make_data(out, config)
+        items = load_benchmark("motionbench", eval_dir).items
+        say(f"post-training clips: {train_dir}; held-out: {eval_dir} ({len(items)} questions)")
+
+    with timings.phase("conditioning gap"):
+        gaps = {}
+        for name, weights in (("trained", trained), ("random", random_teacher)):
+            with serving(TEACHER_MODEL, out / "teachers", weights=weights, name=f"gap-{name}") as address:
+                gaps[name] = measure_gap(address, train_dir, config)
+            print_gap(f"conditioning gap of the {name} teacher (loss with a wrong motion "
+                      f"description vs the true one; same noise):", gaps[name])
+        results["gap"] = {k: [asdict(g) | {"relative": g.relative} for g in v] for k, v in gaps.items()}
+        lo, hi = config.timestep_range
+        aligned = [g.relative for g in gaps["trained"] if lo <= g.timestep < hi]
+        mean_gap = sum(aligned) / max(1, len(aligned))
+        results["gap_at_alignment"] = mean_gap
+        verdict = ("the teacher's loss depends on the motion description" if mean_gap > 0.01 else
+                   "WARNING: near zero -- this teacher cannot pass motion through its conditioning")
+        say(f"gap over the alignment timesteps [{lo}, {hi}): {mean_gap:+.2%}: {verdict}")
+
+    evals: dict[str, dict[str, Any]] = {}
+    with timings.phase("baseline eval"):
+        evals["baseline"] = evaluate_student(items, weights=student / "model", out=out, name="baseline")
+
+    runs = {
+        "vda": vda_configs(out / "vda", config, train_dir, teacher_weights=trained,
+                           student_weights=student),
+        "ctrl-mismatch": vda_configs(out / "ctrl-mismatch", config, train_dir,
+                                     teacher_weights=trained, student_weights=student),
+        "ctrl-random-teacher": vda_configs(out / "ctrl-random-teacher", config, train_dir,
+                                           teacher_weights=random_teacher, student_weights=student),
+        "ctrl-no-teacher": vda_configs(out / "ctrl-no-teacher", config, train_dir,
+                                       teacher_weights=trained, student_weights=student),
+    }
+    runs["ctrl-mismatch"]["stage2"].train.mismatch = True
+    runs["ctrl-no-teacher"]["stage3"].encoder = ""  # the baseline's own encoder
+    # The mismatch control reuses +VDA's stage-1 adapter: only stage 2 differs.
+    runs["ctrl-mismatch"]["stage2"].teacher.adapter = runs["vda"]["stage2"].teacher.adapter
+
+    with timings.phase("VDA stage 1 (features, W_proj + LoRA; trained and random teacher)"):
+        for name in ("vda", "ctrl-random-teacher"):
+            extract_features(runs[name]["features"])
+            result = run_stage1(runs[name]["stage1"], resume=True)
+            say(f"{name} stage 1: {_trend(result.losses)}")
+
+    with timings.phase("VDA stage 2 through the gRPC teacher (+VDA, mismatch control)"):
+        adapter = runs["vda"]["stage2"].teacher.adapter
+        with serving(TEACHER_MODEL, out / "teachers", weights=trained, adapters=[adapter]) as address:
+            for name in ("vda", "ctrl-mismatch"):
+                runs[name]["stage2"].teacher.address = address
+                losses = run_stage2(runs[name]["stage2"], resume=True)
+                say(f"{name} stage 2: {_trend(losses)}")
+    with timings.phase("VDA stage 2 through the gRPC teacher (random-teacher control)"):
+        stage2 = runs["ctrl-random-teacher"]["stage2"]
+        with serving(TEACHER_MODEL, out / "teachers", weights=random_teacher,
+                     adapters=[stage2.teacher.adapter], name="random-teacher") as address:
+            stage2.teacher.address = address
+            losses = run_stage2(stage2, resume=True)
+
+    with timings.phase("VDA stage 3 (LLM LoRA) and eval, +VDA and controls"):
+        for name, stages in runs.items():
+            run_stage3(stages["stage3"], resume=True)
+            evals[name] = evaluate_student(
+                items, weights=student / "model", encoder=stages["stage3"].encoder,
+                lora=f"{stages['stage3'].output.dir}/lora", out=out, name=name,
+            )
+
+    with timings.phase("MotionEnhancer: priors from the CogVideoX teacher service"):
+        priors_uri = str(out / "me" / "priors")
+        with serving(PRIORS_MODEL, out / "teachers", weights=assets / "cogvideox",
+                     name="cogvideox") as address:
+            _extract_priors(train_dir, priors_uri, address, config)
+    with timings.phase("MotionEnhancer SFT (CE + lambda L_align) and its control (lambda = 0), eval"):
+        for name, weight in (("motionenhancer", config.sft_align_weight), ("ctrl-sft-no-align", 0.0)):
+            run_dir = _run_sft(out / "me" / name, train_dir, priors_uri, student, weight, config)
+            evals[name] = evaluate_student(items, weights=run_dir / "model", out=out, name=name)
+
+    with timings.phase("report"):
+        results["evals"] = evals
+        results["headline"] = headline(evals)
+        results["headline_named"] = headline(evals, "named")
+        results["timings_s"] = timings.phases
+        curves = {
+            "+VDA stage 1": _losses(out / "vda" / "stage1"),
+            "+VDA stage 2": _losses(out / "vda" / "stage2"),
+            "mismatch stage 2": _losses(out / "ctrl-mismatch" / "stage2"),
+            "random-teacher stage 2": _losses(out / "ctrl-random-teacher" / "stage2"),
+            "+VDA stage 3": _losses(out / "vda" / "stage3"),
+            "+ME SFT (CE + L_align)": _losses(out / "me" / "motionenhancer"),
+        }
+        from vidalign.plots import line_chart
+
+        line_chart(curves, f"demo seed {config.seed}: training losses").save(out / "losses.png")
+        _show_priors(priors_uri, out / "priors-png")
+        table = (
+            "by letter (MotionBench's rule):\n\n" + results_table(evals) + "\n"
+            + headline_text(results["headline"]) + "\n\n"
+            + "by the option text named (FAVOR-Bench's substring rule):\n\n"
+            + results_table(evals, "named") + "\n" + headline_text(results["headline_named"]) + "\n"
+        )
+        (out / "results.md").write_text(table)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    print("\nheld-out SynthMotion accuracy (%), by category,", table)
+    print(f"\nwall time {sum(timings.phases.values()):.0f} s: " +
+          ", ".join(f"{k} {v:.0f} s" for k, v in timings.phases.items()))
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}; plots: {out / 'losses.png'}, "
+          f"{out / 'priors-png'}")
+    return results
+
+
+def _extract_priors(train_dir: Path, uri: str, address: str, config: DemoConfig) -> None:
+    from vidalign_teacher.priors import ExtractConfig, extract_dataset_priors
+
+    extract_dataset_priors(ExtractConfig(
+        data=str(train_dir), out=uri, model=PRIORS_MODEL, teacher=address, device="cpu",
+        steps=config.prior_steps,
+    ))
+
+
+def _run_sft(run_dir: Path, train_dir: Path, priors: str, student: Path, weight: float,
+             config: DemoConfig) -> Path:
+    from vidalign.config import from_dict
+    from vidalign_trainer.sft import SFTConfig, run_sft
+
+    sft = from_dict(SFTConfig, {
+        "student": STUDENT, "student_weights": str(student), "priors": priors,
+        "data": {"kind": "synth", "path": str(train_dir), "num_clips": config.train_clips,
+                 "frames": config.frames, "size": config.size, "seed": config.seed,
+                 "tasks": ["caption", "qa"]},
+        "align": {"weight": weight},
+        "train": {"steps": config.sft_steps, "batch_size": config.batch_size, "seed": config.seed,
+                  **dict(zip(("lr_vision", "lr_projector", "lr_llm", "lr_aligner"), config.sft_lr,
+                             strict=True))},
+        "output": {"dir": str(run_dir), "checkpoint_every": config.sft_steps},
+    })
+    result = run_sft(sft, resume=True)
+    if result.losses:
+        aligned = [r["align"] for r in result.losses if r["align"] > 0]  # steps with a caption
+        say(f"SFT lambda={weight}: CE {_trend([r['ce'] for r in result.losses])}; "
+            f"L_align over the {len(aligned)} steps with aligned rows: {_trend(aligned, 5)}; "
+            f"before/after on the training set {result.eval_start} -> {result.eval_end}")
+    return run_dir
+
+
+def _show_priors(uri: str, out_dir: Path, clips: int = 2) -> None:
+    """``vidalign priors show`` for the first clips: each selected token's prior on the frames."""
+    from vidalign.motion.io import load_priors_set
+    from vidalign_teacher.priors import show
+
+    show(uri, out_dir, clip_ids=load_priors_set(uri).ids[:clips], max_tokens=4)
+
+
+# --- the report ---------------------------------------------------------------------------
+
+COLUMNS = ("baseline", "vda", "ctrl-mismatch", "ctrl-random-teacher", "ctrl-no-teacher",
+           "motionenhancer", "ctrl-sft-no-align")
+HEADERS = {"baseline": "baseline", "vda": "+VDA", "ctrl-mismatch": "mismatch",
+           "ctrl-random-teacher": "random teacher", "ctrl-no-teacher": "no teacher",
+           "motionenhancer": "+MotionEnhancer", "ctrl-sft-no-align": "SFT, no align"}
+VDA_CONTROLS = ("ctrl-mismatch", "ctrl-random-teacher", "ctrl-no-teacher")
+
+
+def _metric(summary: dict[str, Any], metric: str) -> dict[str, Any]:
+    return summary if metric == "letter" else summary[metric]
+
+
+def results_table(evals: dict[str, dict[str, Any]], metric: str = "letter") -> str:
+    """Rows: categories, Overall, Average; columns: the runs; n = questions per row.
+
+    ``metric``: ``letter`` (MotionBench's rule) or ``named`` (the option text named).
+    """
+    from vidalign.data.synth import MOTION_CATEGORIES, STATIC_CATEGORY
+
+    evals = {k: _metric(v, metric) for k, v in evals.items()}
+    cols = [c for c in COLUMNS if c in evals]
+    head = ["category", "n", *(HEADERS[c] for c in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    first = evals[cols[0]]
+    for category in [*MOTION_CATEGORIES, STATIC_CATEGORY]:
+        if category not in first["categories"]:
+            continue
+        n = first["categories"][category]["n"]
+        cells = [f"{100 * evals[c]['categories'][category]['accuracy']:.1f}" for c in cols]
+        label = f"{category} (control)" if category == STATIC_CATEGORY else category
+        lines.append("| " + " | ".join([label, str(n), *cells]) + " |")
+    for key, label in (("overall", "Overall (motion, micro)"), ("average", "Average (motion, macro)")):
+        cells = [f"{100 * evals[c][key]:.1f}" for c in cols]
+        lines.append("| " + " | ".join([label, str(first["n"]), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def headline(evals: dict[str, dict[str, Any]], metric: str = "letter") -> dict[str, Any]:
+    """+VDA minus its best control, +ME minus its control (motion average, static), in points."""
+    evals = {k: _metric(v, metric) for k, v in evals.items()}
+
+    def point(name: str, key: str) -> float:
+        return 100 * (evals[name]["average"] if key == "average" else _static(evals[name]))
+
+    out: dict[str, Any] = {}
+    if "vda" in evals:
+        controls = [c for c in VDA_CONTROLS if c in evals]
+        best = max(controls, key=lambda c: point(c, "average")) if controls else "baseline"
+        out["vda"] = {
+            "best_control": best,
+            "motion_vs_best_control": point("vda", "average") - point(best, "average"),
+            "motion_vs_baseline": point("vda", "average") - point("baseline", "average"),
+            "static_vs_baseline": point("vda", "static") - point("baseline", "static"),
+        }
+    if "motionenhancer" in evals and "ctrl-sft-no-align" in evals:
+        out["motionenhancer"] = {
+            "motion_vs_control": point("motionenhancer", "average") - point("ctrl-sft-no-align", "average"),
+            "motion_vs_baseline": point("motionenhancer", "average") - point("baseline", "average"),
+            "static_vs_baseline": point("motionenhancer", "static") - point("baseline", "static"),
+        }
+    return out
+
+
+def headline_text(h: dict[str, Any]) -> str:
+    lines = []
+    if "vda" in h:
+        v = h["vda"]
+        lines.append(
+            f"+VDA minus its best control ({HEADERS[v['best_control']]}): "
+            f"{v['motion_vs_best_control']:+.1f} points of motion average "
+            f"(vs baseline {v['motion_vs_baseline']:+.1f}; static control {v['static_vs_baseline']:+.1f})"
+        )
+    if "motionenhancer" in h:
+        m = h["motionenhancer"]
+        lines.append(
+            f"+MotionEnhancer minus SFT without alignment: {m['motion_vs_control']:+.1f} points of "
+            f"motion average (vs baseline {m['motion_vs_baseline']:+.1f}; static control "
+            f"{m['static_vs_baseline']:+.1f})"
+        )
+    return "\n".join(lines)
+
+
+def main_summary(runs: Sequence[dict[str, Any]], metric: str = "letter") -> str:
+    """Mean and spread over demo seeds of each column's motion average and static accuracy."""
+    import statistics
+
+    lines = ["| run | motion average (mean ± sd) | static control (mean ± sd) | seeds |",
+             "|---|---:|---:|---:|"]
+    for col in COLUMNS:
+        rows = [_metric(r["evals"][col], metric) for r in runs if col in r.get("evals", {})]
+        if not rows:
+            continue
+        motion = [100 * r["average"] for r in rows]
+        static = [100 * _static(r) for r in rows]
+
+        def fmt(values: list[float]) -> str:
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+        lines.append(f"| {HEADERS[col]} | {fmt(motion)} | {fmt(static)} | {len(rows)} |")
+    return "\n".join(lines) + "\n"
+

@@ -257,9 +257,23 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from vidalign_cli.demo import run_demo
+    from vidalign.config import load_config
+    from vidalign_cli.demo import DemoConfig, main_summary, run_demo
 
-    run_demo(Path(args.out), steps=args.steps)
+    seeds = args.seeds or [args.seed]
+    runs = []
+    for seed in seeds:
+        config = load_config(DemoConfig, None, [*args.set, f"seed={seed}", f"assets={args.assets}"])
+        out = Path(args.out) if len(seeds) == 1 else Path(args.out) / f"seed-{seed}"
+        runs.append(run_demo(out, config))
+    if len(seeds) > 1:
+        table = "".join(
+            f"\n{title}:\n\n{main_summary(runs, metric)}"
+            for metric, title in (("letter", "by letter (MotionBench's rule)"),
+                                  ("named", "by the option text named"))
+        )
+        (Path(args.out) / "summary.md").write_text(f"over seeds {seeds}\n{table}")
+        print(f"\nover seeds {seeds}:\n{table}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,9 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--name", help="result file name (default: the benchmark)")
     ev.set_defaults(func=_eval)
 
-    demo = sub.add_parser("demo", help="teacher on loopback + stage 2 on tiny models")
+    demo = sub.add_parser(
+        "demo", help="baseline vs +VDA vs +MotionEnhancer (and controls) on SynthMotion, tiny models"
+    )
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--steps", type=int, default=30)
+    demo.add_argument("--seed", type=int, default=0, help="post-training data and training seed")
+    demo.add_argument("--seeds", type=int, nargs="+", help="run once per seed (OUT/seed-S) and summarise")
+    demo.add_argument("--assets", default="assets/demo", help="what `make demo-assets` made")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a DemoConfig field, e.g. --set stage2_steps=30")
     demo.set_defaults(func=_demo)
     return parser
 

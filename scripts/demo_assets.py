@@ -1,0 +1,253 @@
+"""Make the demo's small pretrained models (``make demo-assets``) into ``assets/demo``.
+
+No checkpoint can be downloaded here, so the demo ships its own, made the way
+the real ones are, at toy scale, on SynthMotion clips that neither the demo's
+post-training nor its evaluation uses:
+
+- ``animatediff/base``: the tiny AnimateDiff (UNet + motion module; a CLIP
+  text encoder over a word-level tokenizer of SynthMotion's vocabulary; VAE
+  scaling factor calibrated to unit-variance latents) after text-to-video
+  pretraining on (clip, full caption) pairs;
+- ``cogvideox``: the tiny CogVideoX (transformer + T5) after the same, in its
+  own v-prediction objective;
+- ``videollm/model``: a small Video-LLaVA (the tiny preset's classes, wider,
+  with a word-level tokenizer over SynthMotion's closed vocabulary) whose
+  vision tower was pretrained on single-frame static objectives, then
+  instruction-tuned (tower frozen) on SynthMotion questions;
+- ``MANIFEST.json``: how each was made (seeds, steps, losses) and file digests.
+
+    python scripts/demo_assets.py [--out assets/demo] [--quick]
+
+``--quick`` makes a few-step version for tests (minutes -> seconds); its
+models have learned nothing. Everything is seeded: the same command gives the
+same numbers on the same machine type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from vidalign.log import configure_logging, get_logger
+
+log = get_logger("vidalign.demo_assets")
+
+PRETRAIN_SEED = 1
+"""SynthMotion seed of the pretraining clips (the demo post-trains on 500000+s, evaluates on 999999)."""
+VOCAB_SEED = 2
+"""SynthMotion seed of the clips whose text makes the student's word vocabulary."""
+
+
+@dataclass
+class Sizes:
+    clips: int = 512
+    teacher_steps: int = 1000
+    teacher_batch: int = 4
+    teacher_lr: float = 2e-3
+    x0_weight_cap: float = 1000.0
+    """Weight min(1/SNR, cap): above t ~ 700 the loss is the error on the clean latents."""
+    cogvideox_steps: int = 600
+    static_steps: int = 400
+    instruct_steps: int = 2500
+    student_batch: int = 16
+    llm_width: int = 128
+    llm_layers: int = 4
+    vision_width: int = 64
+
+
+QUICK = Sizes(clips=16, teacher_steps=2, cogvideox_steps=2, static_steps=2, instruct_steps=2,
+              student_batch=4)
+
+
+def student_config(sizes: Sizes):
+    """The tiny Video-LLaVA config, wider: the baseline must be able to learn the task."""
+    from vidalign.students.encoder import tiny_video_llava_config
+
+    config = tiny_video_llava_config()
+    w, v = sizes.llm_width, sizes.vision_width
+    config.text_config.hidden_size = w
+    config.text_config.intermediate_size = 2 * w
+    config.text_config.num_hidden_layers = sizes.llm_layers
+    config.text_config.num_attention_heads = config.text_config.num_key_value_heads = max(2, w // 32)
+    config.vision_config.hidden_size = v
+    config.vision_config.intermediate_size = 2 * v
+    config.vision_config.num_attention_heads = max(2, v // 32)
+    return config
+
+
+def make_teacher(out: Path, videos: torch.Tensor, captions: list[str], sizes: Sizes, seed: int) -> dict:
+    from vidalign.diffusion import load_teacher
+    from vidalign.video import sample_frames
+    from vidalign_trainer.pretrain import (
+        DEMO_TEXT_WINDOW,
+        Schedule,
+        calibrate_latent_scale,
+        text_to_video,
+        word_text_encoder,
+    )
+
+    teacher = load_teacher("tiny-animatediff")
+    word_text_encoder(teacher, synth_texts(), DEMO_TEXT_WINDOW, seed=seed)
+    pixels = sample_frames(videos[:64], teacher.frames, teacher.resolution)
+    factor = calibrate_latent_scale(teacher.vae, lambda: teacher.encode_video(pixels))
+    losses = text_to_video(teacher, videos, captions, Schedule(
+        steps=sizes.teacher_steps, batch_size=sizes.teacher_batch, lr=sizes.teacher_lr, seed=seed),
+        x0_weight_cap=sizes.x0_weight_cap)
+    teacher.save_pretrained(out / "animatediff" / "base")
+    return {"steps": sizes.teacher_steps, "batch": sizes.teacher_batch,
+            "x0_weight_cap": sizes.x0_weight_cap, "vae_scaling_factor": round(factor, 6),
+            "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:])}
+
+
+def make_cogvideox(out: Path, videos: torch.Tensor, captions: list[str], sizes: Sizes, seed: int) -> dict:
+    from vidalign.motion import load_cogvideox
+    from vidalign.video import sample_frames
+    from vidalign_trainer.pretrain import Schedule, calibrate_latent_scale, text_to_video_cogvideox
+
+    teacher = load_cogvideox("tiny-cogvideox")
+    clips = sample_frames(videos[:64], teacher.spec.frames, teacher.spec.height)
+    factor = calibrate_latent_scale(
+        teacher.vae, lambda: torch.cat([teacher.encode_video(c.numpy()) for c in clips])
+    )
+    losses = text_to_video_cogvideox(teacher, videos, captions, Schedule(
+        steps=sizes.cogvideox_steps, batch_size=sizes.teacher_batch, lr=1e-3, seed=seed))
+    teacher.save_pretrained(out / "cogvideox")
+    return {"steps": sizes.cogvideox_steps, "vae_scaling_factor": round(factor, 6),
+            "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:])}
+
+
+def synth_texts() -> list[str]:
+    """Every word SynthMotion writes: the captions and questions of 2000 clips."""
+    from vidalign.data.synth import generate
+
+    clips = generate(2000, seed=VOCAB_SEED, frames=16, size=32)
+    return [c.caption for c in clips] + [q.text for c in clips for q in c.questions]
+
+
+def word_tokenizer(family):
+    """A word-level tokenizer over SynthMotion's closed vocabulary, the family's chat template,
+    the evaluation's letter instruction and the demo's other prompts."""
+    from vidalign.data.benchmarks.prompts import LETTER_INSTRUCTION
+    from vidalign.data.synthset import ANSWER_FORMAT
+    from vidalign.students.videollm import build_word_tokenizer
+    from vidalign_trainer.stage3 import CAPTION_PROMPT
+
+    chat = family.chat_template.replace("{", " ").replace("}", " ")  # its literal words
+    texts = [*synth_texts(), LETTER_INSTRUCTION, CAPTION_PROMPT, chat,
+             ANSWER_FORMAT.format(option="", letter="A")]
+    return build_word_tokenizer(texts, family.tiny_specials, family.chat_template, eos=family.tiny_eos)
+
+
+def make_student(out: Path, data, sizes: Sizes, seed: int) -> dict:
+    from transformers import VideoLlavaForConditionalGeneration
+
+    from vidalign.students.registry import get_student_spec
+    from vidalign.students.videollm import VideoLLM, _family
+    from vidalign_trainer.pretrain import Schedule, instruction_tune, static_pretrain
+
+    spec = get_student_spec("tiny-videollava")
+    family = _family(spec)
+    tokenizer = word_tokenizer(family)
+    config = student_config(sizes)
+    config.text_config.vocab_size = max(tokenizer.get_vocab().values()) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = VideoLlavaForConditionalGeneration(config).eval()
+    llm = VideoLLM(spec=spec, model=model, tokenizer=tokenizer, encoder=family.encoder(spec, model))
+    static = static_pretrain(llm.encoder, data.videos, data.truths, Schedule(
+        steps=sizes.static_steps, batch_size=sizes.student_batch, lr=1e-3, seed=seed))
+    examples = [(q.clip, q.prompt, q.target) for q in data.qa]
+    instruct = instruction_tune(llm, data.videos, examples, Schedule(
+        steps=sizes.instruct_steps, batch_size=sizes.student_batch, lr=1e-3, seed=seed))
+    target = out / "videollm" / "model"
+    llm.model.save_pretrained(target)
+    llm.tokenizer.save_pretrained(target)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "static_steps": sizes.static_steps, "static_loss_first_50": _mean(static[:50]),
+        "static_loss_last_50": _mean(static[-50:]),
+        "instruct_steps": sizes.instruct_steps, "instruct_examples": len(examples),
+        "instruct_loss_first_50": _mean(instruct[:50]), "instruct_loss_last_50": _mean(instruct[-50:]),
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / max(1, len(values)), 5)
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file() and p.name != "MANIFEST.json"
+    }
+
+
+def build(out: Path, sizes: Sizes, *, seed: int = 0, only: list[str] | None = None) -> dict:
+    from vidalign.data.synth import generate, write_dataset
+    from vidalign.data.synthset import load_synth_set
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts = only or ["animatediff", "cogvideox", "videollm"]
+    manifest_path = out / "MANIFEST.json"
+    summary: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tic = time.monotonic()
+        write_dataset(generate(sizes.clips, seed=PRETRAIN_SEED, frames=16, size=64), tmp)
+        data = load_synth_set(tmp, frames=16, size=32)
+        log.info("pretraining_clips", clips=len(data), questions=len(data.qa),
+                 seconds=round(time.monotonic() - tic, 1))
+        for part in parts:
+            tic = time.monotonic()
+            shutil.rmtree(out / part, ignore_errors=True)
+            if part == "animatediff":
+                info = make_teacher(out, data.videos, data.captions, sizes, seed)
+            elif part == "cogvideox":
+                info = make_cogvideox(out, data.videos, data.captions, sizes, seed)
+            elif part == "videollm":
+                info = make_student(out, data, sizes, seed)
+            else:
+                raise SystemExit(f"--only: unknown part {part!r}")
+            info["seconds"] = round(time.monotonic() - tic, 1)
+            info["sizes"] = asdict(sizes)
+            info["seed"] = seed
+            summary[part] = info
+            log.info("asset_done", part=part, **info)
+    # Re-read now: other parts may have been remade meanwhile (--only in parallel processes).
+    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    summary = {**previous.get("summary", {}), **summary}
+    manifest = {
+        "producer": "scripts/demo_assets.py",
+        "pretraining_data": {"synthmotion_seed": PRETRAIN_SEED, "clips": sizes.clips,
+                             "frames": 16, "size": 32},
+        "summary": summary,
+        "files": _digests(out),
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="assets/demo")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a few steps each (tests)")
+    parser.add_argument("--only", action="append", choices=["animatediff", "cogvideox", "videollm"],
+                        help="remake only this part (repeatable); the others are kept")
+    args = parser.parse_args(argv)
+    configure_logging()
+    manifest = build(Path(args.out), QUICK if args.quick else Sizes(), seed=args.seed, only=args.only)
+    print(json.dumps(manifest["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
