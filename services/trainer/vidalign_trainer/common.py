@@ -1,7 +1,7 @@
 """What the trainer jobs share: the data section, the toy dataset, ranks under torchrun.
 
 Every source of randomness in a training job is a function of (seed, step):
-``ToyDataset.order`` gives the clips of a step's global batch, ``step_seed``
+``InMemoryClips.order`` gives the clips of a step's global batch, ``step_seed``
 the teacher's seed for that step. A job resumed at step k therefore repeats
 exactly what an uninterrupted one does, and data-parallel ranks agree on the
 global batch and take their own slices of it.
@@ -69,7 +69,7 @@ class ClipDataset(Protocol):
     def order(self, step: int, batch_size: int, seed: int) -> list[int]: ...
 
 
-class ToyDataset:
+class InMemoryClips:
     """Clips in memory: moving squares (``data.kind: toy``) or SynthMotion (``synth``)."""
 
     def __init__(self, config: DataConfig) -> None:
@@ -124,7 +124,7 @@ def epoch_order(n: int, step: int, batch_size: int, seed: int) -> list[int]:
 def open_dataset(config: DataConfig) -> ClipDataset:
     """The dataset a ``data`` config section names."""
     if config.kind in ("toy", "synth"):
-        return ToyDataset(config)
+        return InMemoryClips(config)
     raise InvalidInput(f"data.kind: no dataset of kind {config.kind!r}")
 
 

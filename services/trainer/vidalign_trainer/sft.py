@@ -78,6 +78,7 @@ from vidalign.motion.align import (
 from vidalign.run import METRICS, RunDir
 from vidalign.store import commit_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
+from vidalign_trainer.common import DataConfig as ClipDataConfig
 from vidalign_trainer.common import Dist, epoch_order, global_mean, init_distributed
 from vidalign_trainer.zero import DeepSpeedConfig, ZeroEngine, initialize, require_plain_state
 
@@ -90,25 +91,13 @@ GROUPS = ("vision", "projector", "llm", "aligner")
 
 
 @dataclass(kw_only=True)
-class DataConfig:
-    kind: str = "toy"
-    """``toy`` (moving squares) or ``synth`` (a SynthMotion directory: ``vidalign data synth``)."""
-    path: str = ""
-    """SynthMotion directory for ``kind: synth`` (its questions become the QA examples)."""
+class DataConfig(ClipDataConfig):
     num_clips: int = 4
-    frames: int = 16
-    size: int = 32
-    seed: int = 0
     tasks: list[str] = field(default_factory=lambda: ["caption"])
     """``caption`` (aligned: the caption is the teacher's prompt) and/or ``qa`` (CE only)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("toy", "synth"):
-            raise ValueError(f"data.kind: expected toy or synth, got {self.kind!r}")
-        if self.kind == "synth" and not self.path:
-            raise ValueError("data.path: kind synth needs the SynthMotion directory")
-        if self.num_clips < 1:
-            raise ValueError("data.num_clips must be >= 1")
+        super().__post_init__()
         unknown = sorted(set(self.tasks) - set(TASKS))
         if not self.tasks or unknown:
             raise ValueError(

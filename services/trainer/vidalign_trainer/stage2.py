@@ -49,9 +49,9 @@ from vidalign.students import load_student
 from vidalign.video import sample_frames
 from vidalign_trainer.common import (
     DataConfig,
-    ToyDataset,
     global_mean,
     init_distributed,
+    open_dataset,
     step_seed,
 )
 from vidalign_trainer.zero import DeepSpeedConfig, ZeroEngine, initialize, require_plain_state
@@ -226,7 +226,7 @@ def run_stage2(config: Stage2Config, *, resume: bool = False, teacher: Teacher |
             log.info("resumed", step=start, checkpoint=f"{checkpointer.store.uri}/{ckpt.name}")
         run.start_metrics(ckpt)
 
-        data = ToyDataset(config.data)
+        data = open_dataset(config.data)
         if per_rank % config.train.micro_batches:
             raise InvalidInput(
                 f"train.micro_batches ({config.train.micro_batches}) must divide the per-rank "
