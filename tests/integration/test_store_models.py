@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 
-from vidalign.diffusion import load_teacher, tiny_components
-from vidalign.diffusion.adapter import file_digest
-from vidalign.engine import TeacherEngine
 from vidalign.errors import NotFound
 from vidalign.hub import pull, weights_component
-from vidalign.protocol import DenoisingLossRequest
 from vidalign.store import list_artifacts, open_store
 from vidalign.students import load_student
-from vidalign.students.encoder import build_tiny_video_llava
+from vidalign.students.video_llava import build_tiny_video_llava
+from vidalign.teacher.denoising import TeacherEngine
+from vidalign.teacher.protocol import DenoisingLossRequest
+from vidalign.vda import load_teacher, tiny_components
+from vidalign.vda.adapter import file_digest
 from vidalign_teacher.server import ServerConfig, TeacherServer
 
 
@@ -72,7 +72,7 @@ def test_pull_errors():
     with pytest.raises(NotFound, match="not in the registry"):
         pull("no-such-model", "/tmp/x")
     proc = subprocess.run(
-        [sys.executable, "-m", "vidalign_cli.main", "models", "pull", "tiny-animatediff", "--to", "/tmp/x"],
+        [sys.executable, "-m", "vidalign_cli.main", "models", "pull", "tiny-animatediff", "--out", "/tmp/x"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "random-init preset" in proc.stderr

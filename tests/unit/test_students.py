@@ -517,3 +517,175 @@ def test_family_checkpoint_key_namings(name, hub_prefix, module_prefix, tmp_path
     tiny = load_student(name)
     x = tiny.preprocess(_family_video())
     torch.testing.assert_close(load_student(name, path=str(root))(x), tiny(x), rtol=0, atol=0)
+
+
+# --- the family interface: one module per family -----------------------------------------
+
+FAMILY_MODULES = {
+    "video-llava": "vidalign.students.video_llava",
+    "qwen2.5-vl": "vidalign.students.qwen2_5_vl",
+    "internvl": "vidalign.students.internvl",
+    "llava-next-video": "vidalign.students.llava_next_video",
+}
+
+
+def _legacy_param_groups(model):
+    """Parameter groups by module-name substrings, the rule the families' declarations replace."""
+    groups = {"vision": [], "projector": [], "llm": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "merger" in name or "multi_modal_projector" in name:
+            groups["projector"].append(name)
+        elif any(k in name for k in ("visual", "video_tower", "vision_tower", "image_tower")):
+            groups["vision"].append(name)
+        else:
+            groups["llm"].append(name)
+    return groups
+
+
+def test_every_family_module_provides_the_whole_interface():
+    import dataclasses
+    import importlib
+
+    from vidalign.students import FAMILIES as REGISTERED
+    from vidalign.students import StudentFamily, get_family
+
+    assert list(REGISTERED) == list(FAMILY_MODULES)
+    for name, module_name in FAMILY_MODULES.items():
+        family = importlib.import_module(module_name).FAMILY
+        assert isinstance(family, StudentFamily) and REGISTERED[name] is family
+        for f in dataclasses.fields(StudentFamily):
+            if f.name != "projector_modules":
+                assert getattr(family, f.name), (name, f.name)
+        assert {s.tiny for s in family.students} == {True, False}
+        for spec in family.students:
+            assert STUDENT_MODELS[spec.name] is spec and spec.family == name
+            assert get_family(spec) is get_family(spec.name) is get_family(name) is family
+    assert sorted(STUDENT_MODELS) == sorted(s.name for f in REGISTERED.values() for s in f.students)
+
+
+@pytest.mark.parametrize("name", VIDEOLLMS)
+def test_param_groups_follow_the_family_modules(name):
+    from peft import LoraConfig, get_peft_model
+
+    from vidalign.students import param_groups
+    from vidalign.students.videollm import load_videollm
+
+    llm = load_videollm(name)
+    llm.model.requires_grad_(True)
+    next(llm.model.model.get_submodule(FAMILY_TOWER[name]).parameters()).requires_grad_(False)
+
+    def names(groups):
+        return {k: [n for n, _ in v] for k, v in groups.items()}
+
+    groups = param_groups(llm.model, llm.spec.family)
+    assert names(groups) == _legacy_param_groups(llm.model)
+    assert all(groups[k] for k in ("vision", "projector", "llm"))
+    params = dict(llm.model.named_parameters())
+    assert all(params[n] is p and p.requires_grad for v in groups.values() for n, p in v)
+    assert names(llm.param_groups()) == names(param_groups(llm.model, name)) == names(groups)
+    # Under a peft wrapper (LoRA on the LLM and on vision/projector linears) too.
+    targets = ["q_proj", "v_proj", "fc1", "qkv", "linear_1", "linear_2", "mlp.0"]
+    wrapped = get_peft_model(llm.model, LoraConfig(r=2, target_modules=targets))
+    assert names(param_groups(wrapped, llm.spec)) == _legacy_param_groups(wrapped)
+
+
+FAKE_FAMILY_MODULE = '''
+"""A whole new student family in one module: a Video-LLaVA model read as one token per
+frame with its own name, tiny preset and grid."""
+
+from vidalign.students import StudentFamily, StudentSpec, VisionGrid, register_family
+from vidalign.students.video_llava import (
+    LLAVA_SPECIALS,
+    VIDEO_LLAVA_CHAT_TEMPLATE,
+    VideoLlavaEncoder,
+    build_tiny_video_llava,
+)
+
+FAMILY = register_family(
+    StudentFamily(
+        name="fake-llava",
+        students=(
+            StudentSpec(
+                name="tiny-fake-llava", family="fake-llava", hf_id=None, tiny=True,
+                num_frames=4, description="a test family",
+            ),
+        ),
+        model_class="VideoLlavaForConditionalGeneration",
+        build_tiny=lambda seed: build_tiny_video_llava(seed + 1),
+        tower="model.video_tower",
+        make_encoder=lambda spec, tower, config, pooling: VideoLlavaEncoder(
+            spec=spec, tower=tower, config=config, pooling=pooling
+        ),
+        model_type="video_llava",
+        checkpoint_prefixes=("model.video_tower.", "video_tower."),
+        tiny_specials=LLAVA_SPECIALS,
+        tiny_eos="</s>",
+        chat_template=VIDEO_LLAVA_CHAT_TEMPLATE,
+        placeholder="<video>",
+        video_token="<video>",
+        inputs=lambda enc, config, pixels: (
+            {"pixel_values_videos": pixels},
+            "<video>" * (pixels.shape[1] * (enc.patch_grid**2 + 1)),
+        ),
+        vision_grid=lambda enc, config: VisionGrid(
+            enc.num_frames, 1, 1, enc.num_frames * (enc.patch_grid**2 + 1),
+            tuple(f * (enc.patch_grid**2 + 1) for f in range(enc.num_frames)), 1, enc.num_frames,
+        ),
+        vision_modules=("model.video_tower",),
+        projector_modules=("model.multi_modal_projector",),
+    )
+)
+'''
+
+
+@pytest.fixture
+def registries():
+    """The family and student registries, restored after the test."""
+    from vidalign.students import FAMILIES as REGISTERED
+
+    families, students = dict(REGISTERED), dict(STUDENT_MODELS)
+    yield
+    REGISTERED.clear()
+    REGISTERED.update(families)
+    STUDENT_MODELS.clear()
+    STUDENT_MODELS.update(students)
+
+
+def test_a_new_family_is_one_module(registries, tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    from vidalign.motionenhancer.align import vision_grid
+    from vidalign.students import get_family, param_groups, register_family
+    from vidalign.students.videollm import load_videollm
+
+    (tmp_path / "fake_family.py").write_text(FAKE_FAMILY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("fake_family")
+    try:
+        assert get_family("tiny-fake-llava") is module.FAMILY
+        assert STUDENT_MODELS["tiny-fake-llava"].family == "fake-llava"
+        encoder = load_student("tiny-fake-llava")
+        x = encoder.preprocess(_family_video())
+        assert encoder(x).shape == (2, 4, 32)
+        llm = load_videollm("tiny-fake-llava")
+        assert torch.isfinite(llm.loss(_family_video(), PROMPTS, TARGETS))
+        grid = vision_grid(llm)
+        assert (grid.frames, grid.size, grid.n_tokens) == (4, 4, 4 * 17)
+        groups = param_groups(llm.model, "fake-llava")
+        assert [n for n, _ in groups["projector"]] == [
+            n for n, _ in llm.model.named_parameters() if "multi_modal_projector" in n
+        ]
+        with pytest.raises(InvalidInput):
+            register_family(module.FAMILY)
+    finally:
+        sys.modules.pop("fake_family", None)
+
+
+def test_unknown_family_is_reported():
+    from vidalign.students import get_family
+
+    with pytest.raises(NotFound, match="not registered"):
+        get_family("no-such-family")

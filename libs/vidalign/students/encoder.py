@@ -14,12 +14,11 @@ Plug-in point: any ``nn.Module`` that maps preprocessed frames
 ``(B, T, 3, S, S)`` to ``(B, T, d)`` features can be wrapped with
 :meth:`VideoEncoder.from_module` and used wherever a registered student is.
 
-Families. A family is a :class:`VideoEncoder` subclass (how features are read
-out of the tower) plus a loader registered in ``_FAMILY_LOADERS`` (how the
-tower is built, tiny or from a checkpoint). Video-LLaVA is here; Qwen2.5-VL,
-InternVL3 and LLaVA-NeXT-Video live in ``vidalign.students.families`` (which
-registers itself when the package is imported) and share the checkpoint
-reader :func:`_load_tower`.
+Families. Each family's module (``vidalign.students.video_llava``, ...) holds
+its :class:`VideoEncoder` subclass (how features are read out of the tower)
+and registers a :class:`~vidalign.students.StudentFamily` that says how the
+tower is built, tiny or from a checkpoint (the shared reader is
+``vidalign.students.loading``); :func:`load_student` dispatches to it.
 
 transformers is imported inside the functions that need it: importing it takes
 seconds, and listing students (``STUDENT_MODELS``) should not pay for that.
@@ -27,25 +26,19 @@ seconds, and listing students (``STUDENT_MODELS``) should not pay for that.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidalign.errors import InvalidInput, NotFound
-from vidalign.students.registry import StudentSpec, get_student_spec
+from vidalign.errors import InvalidInput
+from vidalign.students.family import StudentSpec, get_family, get_student_spec
 from vidalign.video import check_video, uniform_indices
 
-if TYPE_CHECKING:
-    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-"""OpenAI CLIP pixel mean (RGB, on [0, 1] pixels); Video-LLaVA's towers use it."""
+"""OpenAI CLIP pixel mean (RGB, on [0, 1] pixels); Video-LLaVA's and Qwen2.5-VL's towers use it."""
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 """OpenAI CLIP pixel std (RGB)."""
 
@@ -210,257 +203,12 @@ class VideoEncoder(nn.Module):
         return self.tower(pixel_values)
 
 
-# --------------------------------------------------------------------------------------------
-# Video-LLaVA: a CLIP ViT applied frame by frame (``model.model.video_tower``).
-
-
-class VideoLlavaEncoder(VideoEncoder):
-    """Video-LLaVA's video tower, read out the way the VideoLLM reads it.
-
-    Features are the hidden states at ``config.vision_feature_layer`` (before
-    the multimodal projector, which belongs to the LLM side; a list of layers
-    is concatenated along the feature axis, as the model does, so d_v is
-    ``hidden_size * len(layers)``). ``"frame"`` pooling averages a frame's
-    tokens, leaving out CLS when ``vision_feature_select_strategy`` is
-    ``"default"``; ``"grid:G"`` average-pools the patch grid (never CLS) to
-    G x G.
-
-    The layers after the deepest feature layer and ``post_layernorm`` stay in
-    ``tower`` (so its state dict loads back into the VideoLLM) but cannot
-    influence F_V; they are frozen here because DDP and ZeRO fail on
-    parameters that require a gradient and never get one. Build an optimizer
-    from the parameters with ``requires_grad``.
-    """
-
-    def __init__(
-        self, *, spec: StudentSpec, tower: nn.Module, config: VideoLlavaConfig, pooling: str
-    ) -> None:
-        vision = config.vision_config
-        layers = config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        super().__init__(
-            spec=spec,
-            tower=tower,
-            d_v=vision.hidden_size * len(layers),
-            image_size=vision.image_size,
-            mean=CLIP_MEAN,
-            std=CLIP_STD,
-            pooling=pooling,
-        )
-        self.feature_layers = layers
-        self.drop_cls = config.vision_feature_select_strategy == "default"
-        self.patch_grid = vision.image_size // vision.patch_size
-        if self.grid is not None and self.grid > self.patch_grid:
-            raise InvalidInput(
-                f"pooling: grid size must be at most the patch grid ({self.patch_grid}), got {pooling!r}"
-            )
-        deepest = max(i % (vision.num_hidden_layers + 1) for i in layers)
-        for unused in (*tower.encoder.layers[deepest:], tower.post_layernorm):
-            unused.requires_grad_(False)
-
-    def _features(self, pixel_values: Tensor) -> Tensor:
-        b, t = pixel_values.shape[:2]
-        out = self.tower(pixel_values.flatten(0, 1), output_hidden_states=True)
-        hidden = torch.cat([out.hidden_states[i] for i in self.feature_layers], dim=-1)
-        if self.grid is None:
-            tokens = hidden[:, 1:] if self.drop_cls else hidden
-            return tokens.mean(dim=1).view(b, t, -1)
-        g = self.patch_grid
-        patches = hidden[:, 1:].unflatten(1, (g, g)).permute(0, 3, 1, 2)
-        pooled = F.adaptive_avg_pool2d(patches, self.grid)
-        return pooled.flatten(2).transpose(1, 2).reshape(b, t * self.grid**2, -1)
-
-
-def tiny_video_llava_config() -> VideoLlavaConfig:
-    """Video-LLaVA at toy size: CLIP ViT 32 wide, 2 layers, 32 px, 8 px patches; tiny Llama.
-
-    Token counts follow the real model: an image has 16 patch tokens (CLS
-    dropped), a video 8 frames x 17 tokens (the video path keeps CLS).
-    """
-    from transformers import VideoLlavaConfig
-
-    return VideoLlavaConfig(
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-            "projection_dim": 32,
-        },
-        text_config={
-            "model_type": "llama",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "vocab_size": 128,
-        },
-        image_token_index=126,
-        video_token_index=127,
-        image_seq_length=16,
-        video_seq_length=8 * 17,
-    )
-
-
-def build_tiny_video_llava(seed: int = 0) -> VideoLlavaForConditionalGeneration:
-    """The whole tiny VideoLLM, with weights fixed by ``seed``.
-
-    Initialised inside ``torch.random.fork_rng`` so that building it never
-    shifts the caller's random stream (a training run's draws do not depend on
-    whether a model was built first).
-    """
-    from transformers import VideoLlavaForConditionalGeneration
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = VideoLlavaForConditionalGeneration(tiny_video_llava_config())
-    return model.eval()
-
-
-_INDEX_FILE = "model.safetensors.index.json"
-_SINGLE_FILE = "model.safetensors"
-_TOWER_PREFIXES = ("model.video_tower.", "video_tower.")
-"""Checkpoint key prefixes of the video tower: transformers-5 module names, then the
-original hub naming (which transformers 5 also writes in ``save_pretrained``)."""
-
-
-def _tower_key(key: str, prefixes: Sequence[str] = _TOWER_PREFIXES) -> str | None:
-    """Checkpoint key -> key in the tower's state dict, or ``None`` if not a tower key.
-
-    Hub checkpoints converted before transformers 5 nest CLIP under
-    ``vision_model.``; transformers 5's ``CLIPVisionModel`` does not.
-    """
-    for prefix in prefixes:
-        if key.startswith(prefix):
-            return key.removeprefix(prefix).removeprefix("vision_model.")
-    return None
-
-
-def _checkpoint_dir(path: str | None, hf_id: str | None, files: list[str]) -> Path:
-    """A local directory holding ``files`` (those that exist in the checkpoint).
-
-    For a hub id only ``files`` are fetched (or found in the HF cache), so the
-    7B model's LLM shards are never downloaded.
-    """
-    if path is not None:
-        root = Path(path)
-        if not root.is_dir():
-            raise NotFound(f"path: student checkpoint directory {str(root)!r} does not exist")
-        return root
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(hf_id, allow_patterns=files))
-
-
-def _load_video_llava_tower(
-    path: str | None, hf_id: str | None
-) -> tuple[VideoLlavaConfig, nn.Module]:
-    """Build the video tower from the checkpoint's config and load only its tensors."""
-    return _load_tower(path, hf_id, model_type="video_llava", prefixes=_TOWER_PREFIXES)
-
-
-def _load_tower(
-    path: str | None,
-    hf_id: str | None,
-    *,
-    model_type: str,
-    prefixes: Sequence[str],
-    vision_config: Callable[[object], object] = lambda config: config.vision_config,  # type: ignore[attr-defined]
-) -> tuple:
-    """The VideoLLM's config and its vision tower, built from ``vision_config(config)``
-    and filled with only the checkpoint tensors under one of ``prefixes``."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModel
-    from transformers.initialization import no_init_weights
-
-    source = path if path is not None else hf_id
-    root = _checkpoint_dir(path, hf_id, ["config.json", _INDEX_FILE])
-    if not (root / "config.json").is_file():
-        raise NotFound(f"config.json: not found in student checkpoint {source!r}")
-    config = AutoConfig.from_pretrained(root)
-    if config.model_type != model_type:
-        raise InvalidInput(
-            f"config.json of {source!r}: expected model_type {model_type!r}, got {config.model_type!r}"
-        )
-    if (root / _INDEX_FILE).is_file():
-        weight_map = json.loads((root / _INDEX_FILE).read_text())["weight_map"]
-        shards = sorted({f for key, f in weight_map.items() if _tower_key(key, prefixes) is not None})
-    else:
-        shards = [_SINGLE_FILE]
-    if not shards:
-        raise InvalidInput(f"{_INDEX_FILE} of {source!r}: no key starts with {tuple(prefixes)}")
-    if path is None:
-        root = _checkpoint_dir(None, hf_id, shards)
-    missing_files = [f for f in shards if not (root / f).is_file()]
-    if missing_files:
-        raise NotFound(
-            f"safetensors: {missing_files} not found in student checkpoint {source!r} "
-            f"(expected {_SINGLE_FILE}, or {_INDEX_FILE} and its shards)"
-        )
-
-    state: dict[str, Tensor] = {}
-    for shard in shards:
-        with safe_open(root / shard, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 -- safe_open is not a Mapping
-                name = _tower_key(key, prefixes)
-                if name is None:
-                    continue
-                if name in state:
-                    raise InvalidInput(f"{source!r}: tower weight {name!r} appears under two names")
-                state[name] = f.get_tensor(key)
-
-    # Every tensor is overwritten below, so random init would be wasted work
-    # (seconds for ViT-L); non-persistent buffers are still computed.
-    with no_init_weights():
-        tower = AutoModel.from_config(vision_config(config))
-    expected = tower.state_dict()
-    problems = {
-        "missing": sorted(expected.keys() - state.keys()),
-        "unexpected": sorted(state.keys() - expected.keys()),
-        "wrong shape": sorted(
-            f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in state and state[k].shape != v.shape
-        ),
-    }
-    if any(problems.values()):
-        summary = "; ".join(
-            f"{kind} ({len(keys)}): {keys[:5]}" for kind, keys in problems.items() if keys
-        )
-        raise InvalidInput(
-            f"{source!r}: video-tower weights do not match its config.json ({summary})"
-        )
-    tower.load_state_dict(state)
-    return config, tower.eval()
-
-
-def _load_video_llava(
-    spec: StudentSpec,
-    *,
-    device: str | torch.device,
-    dtype: torch.dtype,
-    pooling: str,
-    path: str | None,
-) -> VideoEncoder:
-    if path is None and spec.tiny:
-        model = build_tiny_video_llava()
-        config, tower = model.config, model.model.video_tower
-    elif path is None and spec.hf_id is None:
-        raise InvalidInput(
-            f"path: student {spec.name!r} has no hf_id, so a checkpoint path is required"
-        )
-    else:
-        config, tower = _load_video_llava_tower(path, spec.hf_id)
-    return VideoLlavaEncoder(
-        spec=spec, tower=tower.to(device=device, dtype=dtype), config=config, pooling=pooling
-    )
-
-
-_FAMILY_LOADERS: dict[str, Callable[..., VideoEncoder]] = {"video-llava": _load_video_llava}
+def pool_grid(tokens: Tensor, grid: int | None) -> Tensor:
+    """``(N, h, w, d)`` token grids -> ``(N, 1, d)`` mean or ``(N, G*G, d)`` pooled."""
+    if grid is None:
+        return tokens.flatten(1, 2).mean(dim=1, keepdim=True)
+    pooled = F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), grid)
+    return pooled.flatten(2).transpose(1, 2)
 
 
 def load_student(
@@ -481,10 +229,5 @@ def load_student(
     """
     spec = get_student_spec(name)
     _parse_pooling(pooling)  # fail before fetching weights, not after
-    try:
-        loader = _FAMILY_LOADERS[spec.family]
-    except KeyError:
-        raise NotFound(
-            f"student family {spec.family!r} of {name!r} has no loader; known: {sorted(_FAMILY_LOADERS)}"
-        ) from None
-    return loader(spec, device=device, dtype=dtype, pooling=pooling, path=path)
+    family = get_family(spec)
+    return family.load_encoder(spec, device=device, dtype=dtype, pooling=pooling, path=path)
