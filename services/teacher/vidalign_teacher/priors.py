@@ -2,10 +2,10 @@
 
 ``extract`` reads a MotionBench-layout dataset (SynthMotion included) with the
 benchmark loaders, asks a CogVideoX teacher for the priors of every clip
-(in process by default, or a ``vidalign teacher serve --model ...`` service
+(in process by default, or a ``vidalign teacher serve --teacher-model ...`` service
 with ``--teacher host:port``) and writes them to a store::
 
-    <out>/shard-00000/<clip>.safetensors   one priors file per clip (vidalign.motion.io format)
+    <out>/shard-00000/<clip>.safetensors   one priors file per clip (vidalign.motionenhancer.io format)
     <out>/shard-00000/MANIFEST.json        meta: clip_ids, keys, source (what made them)
     <out>/shard-00001/...
     <out>/index/index.json                 every clip: id, key, shard, prompt, video; source
@@ -15,7 +15,9 @@ sidecar (``synthmotion.jsonl``), else one question (prompt = the question
 text, its segment of the video). Each shard is an artifact (files first,
 manifest last): a killed run leaves whole shards only, and a rerun skips the
 shards committed with the same source and the same clips. The index is
-committed last; ``load_priors_set`` refuses a set without it.
+committed last; ``load_priors_set`` refuses a set without it. Planning,
+resumption and commits are ``vidalign.shards``'s; ``--rank``/``--world-size``
+split the shards among processes.
 
 ``show`` renders, per clip, one PNG per selected token (its attention over the
 video-token grid, upsampled and overlaid on the frames, titled with the token
@@ -26,26 +28,28 @@ highlighted). PNGs are drawn with Pillow (matplotlib is not a dependency).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vidalign.errors import InvalidInput, NotFound, VidalignError
-from vidalign.log import configure_logging, get_logger
-from vidalign.motion.io import INDEX, INDEX_FILE, PriorsSet, clip_key, load_priors_set, shard_name
-from vidalign.protocol import AttentionPriorsRequest, TeacherInfo
-from vidalign.store import commit_artifact, open_store, read_manifest
-from vidalign_teacher.priors_args import add_extract_arguments, add_show_arguments
+from vidalign.log import get_logger
+from vidalign.motionenhancer.io import PriorsSet, clip_key, load_priors_set
+from vidalign.papers import (
+    ME_CROSS_STREAM_MEMORY,
+    ME_DDIM_STEPS,
+    ME_GUIDANCE,
+    ME_HEAD_RATIO,
+    ME_TOKEN_RATIO,
+)
+from vidalign.shards import Shard, ShardOutput, run_sharded
+from vidalign.store import open_store
+from vidalign.teacher.protocol import AttentionPriorsRequest, TeacherInfo
 
 log = get_logger("vidalign.priors")
 
@@ -161,21 +165,28 @@ class ExtractConfig:
     height: int = 0
     """Frame size the clips are resized to; 0: the model's."""
     width: int = 0
-    steps: int = 5
-    guidance: float = 6.0
-    head_ratio: float = 0.5
-    token_ratio: float = 0.5
+    steps: int = ME_DDIM_STEPS
+    """DDIM inversion steps, and as many denoising steps after them."""
+    guidance: float = ME_GUIDANCE
+    head_ratio: float = ME_HEAD_RATIO
+    token_ratio: float = ME_TOKEN_RATIO
     chunk_size: int = 256
-    memory: bool = True
+    memory: bool = ME_CROSS_STREAM_MEMORY
     skip_missing: bool = False
+    rank: int = 0
+    """This process's share of the shards: every ``world_size``-th shard from ``rank``."""
+    world_size: int = 1
+    """Processes splitting the shards; whichever finishes last commits the index."""
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
             raise InvalidInput(f"shard_size: expected >= 1, got {self.shard_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise InvalidInput(f"rank: expected 0 <= rank < world_size={self.world_size}, got {self.rank}")
 
 
 def _connect(config: ExtractConfig) -> PriorsTeacher:
-    from vidalign.client import GrpcTeacher, LocalTeacher
+    from vidalign.teacher.client import GrpcTeacher, LocalTeacher
 
     if config.teacher:
         teacher = GrpcTeacher(config.teacher)
@@ -207,7 +218,7 @@ def extract_dataset_priors(config: ExtractConfig, *, teacher: PriorsTeacher | No
         if config.teacher and config.model and info.model != config.model:
             raise NotFound(
                 f"teacher {config.teacher} hosts '{info.model}', not '{config.model}'; "
-                "pass the model it hosts with --model or point --teacher at the right pool"
+                "pass the model it hosts with --teacher-model or point --teacher at the right pool"
             )
         frames = config.frames or info.frames
         height = config.height or info.height or info.resolution
@@ -224,83 +235,48 @@ def extract_dataset_priors(config: ExtractConfig, *, teacher: PriorsTeacher | No
             "height": height,
             "width": width,
         }
-        size = config.shard_size
-        shards = [clips[s : s + size] for s in range(0, len(clips), size)]
-        todo = []
-        for k, shard in enumerate(shards):
-            manifest = read_manifest(store, shard_name(k))
-            ids = [c.clip_id for c in shard]
-            if manifest is not None and manifest.meta.get("source") == source and (
-                manifest.meta.get("clip_ids") == ids
-            ):
-                continue
-            if manifest is not None:
-                log.warning("priors_shard_stale", shard=shard_name(k), uri=store.uri)
-            todo.append(k)
-        log.info(
-            "priors_start", model=info.model, teacher=config.teacher or "in-process",
-            clips=len(clips), shards=len(shards), todo=len(todo), output=store.uri,
-        )
-        with logging_redirect_tqdm(), tqdm(
-            total=len(clips),
-            initial=len(clips) - sum(len(shards[k]) for k in todo),
-            desc="priors",
-            unit="clip",
-            dynamic_ncols=True,
-            disable=None,
-        ) as bar:
-            for k in todo:
-                tic = time.perf_counter()
-                files: dict[str, bytes] = {}
-                for clip in shards[k]:
-                    files[f"{clip_key(clip.clip_id)}.safetensors"] = _clip_priors(
-                        teacher, clip, config, frames=frames, height=height, width=width
-                    )
-                    bar.update(1)
-                commit_artifact(
-                    store,
-                    shard_name(k),
-                    files,
-                    producer=PRODUCER,
-                    meta={
-                        "clip_ids": [c.clip_id for c in shards[k]],
-                        "keys": [clip_key(c.clip_id) for c in shards[k]],
-                        "source": source,
-                    },
+        log.info("priors_teacher", model=info.model, teacher=config.teacher or "in-process")
+
+        def run_shard(shard: Shard, advance: Callable[[int], None]) -> ShardOutput:
+            files: dict[str, bytes] = {}
+            for clip in clips[shard.start : shard.stop]:
+                files[f"{clip_key(clip.clip_id)}.safetensors"] = _clip_priors(
+                    teacher, clip, config, frames=frames, height=height, width=width
                 )
-                log.info("priors_shard", shard=shard_name(k), clips=len(files),
-                         shard_s=round(time.perf_counter() - tic, 3))
+                advance(1)
+            return ShardOutput(files, {"keys": [clip_key(c.clip_id) for c in clips[shard.start : shard.stop]]})
+
+        def index(shards: list[Shard], manifests: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+            entries = [
+                {
+                    "id": c.clip_id,
+                    "key": clip_key(c.clip_id),
+                    "shard": shard.name,
+                    "prompt": c.prompt,
+                    "video": str(c.video_path),
+                    "segment": c.segment,
+                }
+                for shard in shards
+                for c in clips[shard.start : shard.stop]
+            ]
+            return {"clips": entries}, {"model": info.model}
+
+        run = run_sharded(
+            store, [c.clip_id for c in clips], config.shard_size, run_shard, source=source,
+            producer=PRODUCER, index=index, rank=config.rank, world_size=config.world_size,
+            name="priors",
+        )
     finally:
         if own_teacher:
             teacher.close()
-    index = {
-        "clips": [
-            {
-                "id": c.clip_id,
-                "key": clip_key(c.clip_id),
-                "shard": shard_name(i // size),
-                "prompt": c.prompt,
-                "video": str(c.video_path),
-                "segment": c.segment,
-            }
-            for i, c in enumerate(clips)
-        ],
-        "shards": [shard_name(k) for k in range(len(shards))],
-        "source": source,
-    }
-    commit_artifact(
-        store, INDEX, {INDEX_FILE: json.dumps(index, indent=2).encode()}, producer=PRODUCER,
-        meta={"clips": len(clips), "model": info.model},
-    )
-    log.info("priors_done", clips=len(clips), shards=len(shards), priors=store.uri)
-    return store.uri
+    return run.uri
 
 
 def _clip_priors(
     teacher: PriorsTeacher, clip: PriorsClip, config: ExtractConfig, *, frames: int, height: int,
     width: int,
 ) -> bytes:
-    from vidalign.motion.io import priors_to_bytes
+    from vidalign.motionenhancer.io import priors_to_bytes
 
     video = load_frames(clip.video_path, frames=frames, height=height, width=width, segment=clip.segment)
     priors = teacher.attention_priors(AttentionPriorsRequest(
@@ -444,7 +420,7 @@ def show(
     video_dir: str | None = None,
 ) -> list[Path]:
     """Render clips of a priors set (or one local priors file) to PNGs under ``out_dir/<clip>``."""
-    from vidalign.motion.io import load_priors
+    from vidalign.motionenhancer.io import load_priors
 
     if priors_uri.endswith(".safetensors") and Path(priors_uri).is_file():
         items = [load_priors(priors_uri)]
@@ -479,11 +455,11 @@ def show(
 
 def run_extract(args: argparse.Namespace) -> None:
     config = ExtractConfig(
-        data=args.data, out=args.out, bench=args.bench, video_dir=args.video_dir, model=args.model,
+        data=args.data, out=args.out, bench=args.bench, video_dir=args.video_dir, model=args.teacher_model,
         teacher=args.teacher, shard_size=args.shard_size, frames=args.frames, height=args.height,
         width=args.width, steps=args.steps, guidance=args.guidance, head_ratio=args.head_ratio,
         token_ratio=args.token_ratio, chunk_size=args.chunk_size, memory=not args.no_memory,
-        skip_missing=args.skip_missing,
+        skip_missing=args.skip_missing, rank=args.rank, world_size=args.world_size,
         **({"device": args.device} if args.device else {}),
     )
     print(extract_dataset_priors(config))
@@ -493,29 +469,6 @@ def run_show(args: argparse.Namespace) -> None:
     for path in show(args.priors, args.out, clip_ids=args.clip, max_tokens=args.max_tokens,
                      video_dir=args.video_dir):
         print(path)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vidalign priors", description="MotionEnhancer priors.")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    extract = sub.add_parser("extract", help="priors of a dataset's clips -> store (resumable)")
-    add_extract_arguments(extract)
-    extract.set_defaults(func=run_extract)
-    show_ = sub.add_parser("show", help="PNG overlays of selected tokens + head-score bar chart")
-    add_show_arguments(show_)
-    show_.set_defaults(func=run_show)
-    args = parser.parse_args(argv)
-    configure_logging()
-    try:
-        args.func(args)
-    except VidalignError as err:
-        print(f"vidalign: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 __all__ = [
