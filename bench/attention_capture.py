@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from vidalign.motion.attention import DEFAULT_CHUNK_SIZE
+from vidalign.motionenhancer.attention import DEFAULT_CHUNK_SIZE
 
 SIZES = [(2, 16), (4, 32), (8, 32), (8, 48), (13, 48), (13, 64)]
 """(latent frames, latent side): N_v = frames * (side / 2)^2 video tokens (+ 64 text)."""
@@ -57,7 +57,7 @@ class _Naive:
     def __call__(
         self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None
     ):
-        from vidalign.motion.attention import _rope, _split_heads
+        from vidalign.motionenhancer.attention import _rope, _split_heads
 
         text_len = encoder_hidden_states.size(1)
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
@@ -90,8 +90,8 @@ class _Naive:
 
 
 def one(method: str, frames: int, side: int, chunk: int, repeats: int) -> dict:
-    from vidalign.motion.attention import AttentionStats, capture_attention
-    from vidalign.motion.cogvideox import load_cogvideox
+    from vidalign.motionenhancer.attention import AttentionStats, capture_attention
+    from vidalign.motionenhancer.cogvideox import load_cogvideox
 
     torch.set_num_threads(2)
     teacher = load_cogvideox("tiny-cogvideox")

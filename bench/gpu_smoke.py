@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from vidalign.client import GrpcTeacher, RemoteDenoisingLoss
 from vidalign.data.toy import moving_squares
-from vidalign.diffusion import Adapter, load_teacher
-from vidalign.diffusion.loss import denoising_loss
 from vidalign.log import configure_logging
 from vidalign.students import load_student
+from vidalign.teacher.client import GrpcTeacher, RemoteDenoisingLoss
+from vidalign.vda import Adapter, load_teacher
+from vidalign.vda.loss import denoising_loss
 from vidalign.video import sample_frames
 from vidalign_teacher.server import ServerConfig, TeacherServer
 

@@ -18,9 +18,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from vidalign.diffusion import Adapter, load_teacher
 from vidalign.log import configure_logging
 from vidalign.students import load_student
+from vidalign.vda import Adapter, load_teacher
 from vidalign_cli.demo import start_teacher, stop_teacher
 from vidalign_trainer.stage2 import (
     DataConfig,

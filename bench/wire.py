@@ -17,7 +17,7 @@ from concurrent import futures
 import grpc
 import torch
 
-from vidalign import wire
+from vidalign.teacher import wire
 from vidalign.teacher.v1 import teacher_pb2 as pb
 
 LIMIT = 256 << 20

@@ -27,8 +27,8 @@ MAX_REQUEST_BYTES = 32 << 20
 @pytest.fixture(scope="session")
 def adapter_paths(tmp_path_factory) -> dict[str, Path]:
     """A W_proj-only adapter and a W_proj + LoRA adapter (non-zero LoRA) per teacher."""
-    from vidalign.diffusion import Adapter, load_teacher
     from vidalign.students import load_student
+    from vidalign.vda import Adapter, load_teacher
 
     d_v = load_student(STUDENT).d_v
     root = tmp_path_factory.mktemp("adapters")

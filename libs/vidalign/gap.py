@@ -19,7 +19,7 @@ import torch
 
 from vidalign.data.toy import ToyClip
 from vidalign.errors import InvalidInput
-from vidalign.protocol import DenoisingLossRequest
+from vidalign.teacher.protocol import DenoisingLossRequest
 from vidalign.video import sample_frames
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}

@@ -1,12 +1,12 @@
 """Stage model weights into the store, so clusters without hub access load them from MinIO.
 
-``vidalign models pull NAME --to URI`` copies each weight source of a
+``vidalign models pull NAME --out URI`` copies each weight source of a
 registry entry (a teacher's SD1.5 pipeline and motion adapter, a student's
 VideoLLM checkpoint) into the store as one artifact per component:
 ``URI/base``, ``URI/motion_adapter``, ``URI/model``. The sources come from the
 Hugging Face hub (``huggingface_hub.snapshot_download``) or, where the hub is
 out of reach, from local directories (``--from DIR`` with one subdirectory per
-component). ``vidalign teacher serve --model NAME --weights URI`` and the
+component). ``vidalign teacher serve --teacher-model NAME --weights URI`` and the
 trainers' ``student_weights`` then load from there, verified by sha256.
 """
 
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vidalign.diffusion import TEACHER_MODELS
 from vidalign.errors import InvalidInput, NotFound, Unavailable
 from vidalign.log import get_logger
 from vidalign.store import commit_artifact, materialize, open_store
 from vidalign.students import STUDENT_MODELS
+from vidalign.vda import TEACHER_MODELS
 
 log = get_logger(__name__)
 

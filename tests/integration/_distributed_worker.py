@@ -39,7 +39,7 @@ def shard(batch: dict, rank: int, world_size: int) -> dict:
 
 
 def _remote_loss(features, batch, address, adapter_id):
-    from vidalign.client import GrpcTeacher, RemoteDenoisingLoss
+    from vidalign.teacher.client import GrpcTeacher, RemoteDenoisingLoss
 
     teacher = GrpcTeacher(address, timeout=120.0, retries=2)
     teacher.wait_ready(timeout=30.0)

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from vidalign.data.toy import moving_squares
-from vidalign.diffusion import Adapter, load_teacher
-from vidalign.diffusion.adapter import file_digest
-from vidalign.diffusion.loss import denoising_loss
 from vidalign.students import load_student
+from vidalign.vda import Adapter, load_teacher
+from vidalign.vda.adapter import file_digest
+from vidalign.vda.loss import denoising_loss
 from vidalign.video import sample_frames
 
 from ..conftest import STUDENT

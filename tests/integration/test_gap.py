@@ -2,10 +2,10 @@
 
 import pytest
 
-from vidalign.client import LocalTeacher
 from vidalign.data.toy import moving_squares
 from vidalign.errors import InvalidInput
 from vidalign.gap import conditioning_gap, wrong_motion
+from vidalign.teacher.client import LocalTeacher
 
 
 def test_wrong_motion():

@@ -35,7 +35,7 @@ def _changed(before: dict, module: torch.nn.Module) -> set[str]:
 
 
 def test_word_text_encoder_round_trips_through_the_loader(clips, tmp_path):
-    from vidalign.diffusion import load_teacher
+    from vidalign.vda import load_teacher
 
     teacher = load_teacher("tiny-animatediff")
     word_text_encoder(teacher, [c.caption for c in clips], 96)
@@ -47,7 +47,7 @@ def test_word_text_encoder_round_trips_through_the_loader(clips, tmp_path):
 
 
 def test_text_to_video_trains_unet_and_text_encoder_only(clips):
-    from vidalign.diffusion import load_teacher
+    from vidalign.vda import load_teacher
 
     teacher = load_teacher("tiny-animatediff")
     word_text_encoder(teacher, [c.caption for c in clips], 96)
@@ -67,7 +67,7 @@ def test_text_to_video_trains_unet_and_text_encoder_only(clips):
 
 
 def test_text_to_video_is_deterministic(clips):
-    from vidalign.diffusion import load_teacher
+    from vidalign.vda import load_teacher
 
     runs = []
     for _ in range(2):
@@ -78,7 +78,7 @@ def test_text_to_video_is_deterministic(clips):
 
 
 def test_text_to_video_cogvideox_trains_transformer_and_t5(clips):
-    from vidalign.motion import load_cogvideox
+    from vidalign.motionenhancer import load_cogvideox
 
     teacher = load_cogvideox("tiny-cogvideox")
     vae, transformer = _snapshot(teacher.vae), _snapshot(teacher.transformer)
@@ -99,7 +99,6 @@ def test_static_labels_by_hand(clips):
 
 def test_static_pretrain_then_instruction_tune(clips):
     from vidalign.students.videollm import load_videollm
-    from vidalign_trainer.sft import param_groups
 
     llm = load_videollm("tiny-videollava")
     videos = _videos(clips)
@@ -116,7 +115,7 @@ def test_static_pretrain_then_instruction_tune(clips):
                                                               log_every=100))
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     changed = _changed(before, llm.model)
-    vision = {n for n, _ in param_groups(llm.model)["vision"]}  # empty: all frozen again
+    vision = {n for n, _ in llm.param_groups()["vision"]}  # empty: all frozen again
     assert not vision
     assert changed and not any("video_tower" in k for k in changed)
     assert any("multi_modal_projector" in k for k in changed)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from vidalign import protocol
-from vidalign.client import GrpcTeacher, LocalTeacher, channel_options
 from vidalign.data.synth import generate
 from vidalign.errors import FailedPrecondition
-from vidalign.motion import extract_priors, load_cogvideox
-from vidalign.protocol import AttentionPriorsRequest, DenoisingLossRequest
+from vidalign.motionenhancer import extract_priors, load_cogvideox
+from vidalign.teacher import protocol
+from vidalign.teacher.client import GrpcTeacher, LocalTeacher, channel_options
+from vidalign.teacher.protocol import AttentionPriorsRequest, DenoisingLossRequest
 from vidalign.teacher.v1 import teacher_pb2 as pb
 from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
 

@@ -1,4 +1,4 @@
-"""The remote gradient is the chain rule, exactly (DESIGN.md decision 1).
+"""The remote gradient is the chain rule, exactly (docs/design.md, decision 1).
 
 Same tiny models, same seed: the encoder's parameter gradients obtained
 through the gRPC teacher equal in-process autograd through teacher and
@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidalign.client import GrpcTeacher, LocalTeacher, RemoteDenoisingLoss
 from vidalign.data.toy import moving_squares
-from vidalign.diffusion import Adapter, load_teacher
-from vidalign.diffusion.adapter import file_digest
-from vidalign.diffusion.loss import denoising_loss
 from vidalign.students import load_student
+from vidalign.teacher.client import GrpcTeacher, LocalTeacher, RemoteDenoisingLoss
+from vidalign.vda import Adapter, load_teacher
+from vidalign.vda.adapter import file_digest
+from vidalign.vda.loss import denoising_loss
 from vidalign.video import sample_frames
 
 from ..conftest import STUDENT

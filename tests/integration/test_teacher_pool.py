@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidalign.client import PooledTeacher, RemoteDenoisingLoss, connect
-from vidalign.diffusion.adapter import file_digest
-from vidalign.protocol import DenoisingLossRequest
+from vidalign.teacher.client import PooledTeacher, RemoteDenoisingLoss, connect
+from vidalign.teacher.protocol import DenoisingLossRequest
+from vidalign.vda.adapter import file_digest
 from vidalign_teacher.server import ServerConfig, TeacherServer
 from vidalign_trainer.stage2 import run_stage2
 

@@ -13,13 +13,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from vidalign import protocol, wire
-from vidalign.client import GrpcTeacher, channel_options
-from vidalign.diffusion.adapter import file_digest
 from vidalign.errors import InvalidInput, NotFound, ResourceExhausted
-from vidalign.protocol import DenoisingLossRequest
+from vidalign.teacher import protocol, wire
+from vidalign.teacher.client import GrpcTeacher, channel_options
+from vidalign.teacher.protocol import DenoisingLossRequest
 from vidalign.teacher.v1 import teacher_pb2 as pb
 from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
+from vidalign.vda.adapter import file_digest
 
 from ..conftest import MAX_MESSAGE_BYTES
 
@@ -209,7 +209,7 @@ def test_health_is_not_serving_before_the_model_loads(adapter_paths):
 
 def test_serve_unknown_model_exits_with_a_clear_error():
     proc = subprocess.run(
-        [sys.executable, "-m", "vidalign_cli.main", "teacher", "serve", "--model", "no-such-model",
+        [sys.executable, "-m", "vidalign_cli.main", "teacher", "serve", "--teacher-model", "no-such-model",
          "--host", "127.0.0.1", "--port", "0", "--device", "cpu"],
         capture_output=True, text=True, timeout=120,
     )

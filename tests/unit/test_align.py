@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vidalign.data.toy import moving_squares
-from vidalign.motion.align import (
+from vidalign.motionenhancer.align import (
     AttentionAligner,
     PriorItem,
     VisionGrid,
@@ -20,7 +20,7 @@ from vidalign.motion.align import (
     render_with_offsets,
     vision_grid,
 )
-from vidalign.motion.mtti import SelectedToken
+from vidalign.motionenhancer.mtti import SelectedToken
 from vidalign.students.videollm import load_videollm, tiny_tokenizer
 
 TEXT = "The red ball's bouncing, then stops."
@@ -44,7 +44,7 @@ def _bpe_tokenizer():
 
 def _t5_tokens(text: str) -> list[SelectedToken]:
     """Every non-special token of the tiny T5 tokenizer, as the priors store them."""
-    from vidalign.motion import tiny_t5_tokenizer
+    from vidalign.motionenhancer import tiny_t5_tokenizer
 
     enc = tiny_t5_tokenizer()(text, return_offsets_mapping=True, add_special_tokens=False)
     return [

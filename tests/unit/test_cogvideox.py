@@ -9,14 +9,14 @@ from diffusers import CogVideoXTransformer3DModel
 
 from vidalign.data.toy import moving_squares
 from vidalign.errors import InvalidInput, NotFound
-from vidalign.motion import inversion
-from vidalign.motion.cogvideox import (
+from vidalign.motionenhancer import inversion
+from vidalign.motionenhancer.cogvideox import (
     COGVIDEOX_MODELS,
     CogVideoXTeacher,
     load_cogvideox,
     tiny_t5_tokenizer,
 )
-from vidalign.motion.inversion import ddim_denoise, ddim_invert, extract_priors
+from vidalign.motionenhancer.inversion import ddim_denoise, ddim_invert, extract_priors
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""vidalign.diffusion on the tiny presets: teacher loading, adapter files, VDA's loss and gradient."""
+"""vidalign.vda on the tiny presets: teacher loading, adapter files, VDA's loss and gradient."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from vidalign.diffusion import (
+from vidalign.errors import InvalidInput, NotFound
+from vidalign.vda import (
     TEACHER_MODELS,
     Adapter,
     DiffusionTeacher,
@@ -20,8 +21,7 @@ from vidalign.diffusion import (
     tiny_clip_tokenizer,
     tiny_components,
 )
-from vidalign.diffusion.adapter import METADATA_KEY
-from vidalign.errors import InvalidInput, NotFound
+from vidalign.vda.adapter import METADATA_KEY
 
 # Small latents keep each UNet call ~0.1 s on CPU: (B, C, F, h, w).
 B, C, F, H = 2, 4, 4, 8

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vidalign.errors import InvalidInput
-from vidalign.motion.mhs import head_metrics, run_stats, select_heads, top_count
-from vidalign.motion.mtti import pool_tokens, select_tokens, token_spans
+from vidalign.motionenhancer.mhs import head_metrics, run_stats, select_heads, top_count
+from vidalign.motionenhancer.mtti import pool_tokens, select_tokens, token_spans
 
 FRAMES, SPATIAL = 4, 9
 NV = FRAMES * SPATIAL

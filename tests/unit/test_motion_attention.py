@@ -11,8 +11,8 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
 from vidalign.errors import InvalidInput
-from vidalign.motion.attention import AttentionStats, _rope, _split_heads, capture_attention
-from vidalign.motion.cogvideox import load_cogvideox
+from vidalign.motionenhancer.attention import AttentionStats, _rope, _split_heads, capture_attention
+from vidalign.motionenhancer.cogvideox import load_cogvideox
 
 TEXT_LEN = 8
 

@@ -5,8 +5,8 @@ import torch
 
 from vidalign.data.toy import moving_squares
 from vidalign.errors import InvalidInput
-from vidalign.motion import extract_priors, load_cogvideox
-from vidalign.motion.io import load_priors, save_priors
+from vidalign.motionenhancer import extract_priors, load_cogvideox
+from vidalign.motionenhancer.io import load_priors, save_priors
 
 
 def test_round_trip(tmp_path):

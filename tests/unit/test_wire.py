@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from vidalign import wire
 from vidalign.errors import InvalidInput, ResourceExhausted
+from vidalign.teacher import wire
 from vidalign.teacher.v1 import teacher_pb2 as pb
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8]

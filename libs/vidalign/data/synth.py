@@ -29,7 +29,7 @@ Camera Motion             how the camera moves
 Static Attributes         colour, shape, object count (our extension)
 ========================  ==================================================
 
-Why one frame cannot answer them (REFERENCE.md section 6): start positions are
+Why one frame cannot answer them (docs/design.md, "The demo"): start positions are
 uniform on the torus and independent of every motion attribute, so a sprite's
 position in any one frame says nothing about its direction; sizes and angles
 are random, so growth and rotation cannot be read off one frame either; the

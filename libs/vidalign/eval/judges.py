@@ -36,7 +36,7 @@ log = get_logger("vidalign.eval.judges")
 ENV_PREFIX = "VIDALIGN_JUDGE"
 """The judge reads VIDALIGN_JUDGE_BASE_URL, VIDALIGN_JUDGE_MODEL, VIDALIGN_JUDGE_API_KEY."""
 
-# VDA (papers/000_55efefc0211ef1b7.txt), appendix A, table 5, word for word.
+# VDA (docs/papers.md), appendix A, table 5, word for word.
 # The PDF's text runs "Correct Answer: ..." and "Predicted Answer: ..." onto
 # one line; they are separate lines here, as in Video-ChatGPT, which the table
 # cites.

@@ -6,7 +6,7 @@
   official code has no such number, papers compute it themselves.
 - Questions whose answer the benchmark withholds (MotionBench test "NA") are
   counted in ``unscorable`` and nowhere else. (The official script puts them
-  in the denominator; REFERENCE.md section 2 says not to copy that.)
+  in the denominator; see docs/papers.md, MotionBench.)
 - **Control** categories (SynthMotion's "Static Attributes") are reported but
   left out of Overall and Average, so the motion numbers stay comparable with
   MotionBench's six categories.

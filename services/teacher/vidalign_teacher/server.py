@@ -1,8 +1,8 @@
 """The teacher gRPC server: one diffusion model per process.
 
 The model decides the RPCs: a diffusion-loss teacher (AnimateDiff, SD 1.5,
-``vidalign.diffusion``) answers DenoisingLoss; a CogVideoX teacher
-(``vidalign.motion.COGVIDEOX_MODELS``) answers AttentionPriors. Either answers
+``vidalign.vda``) answers DenoisingLoss; a CogVideoX teacher
+(``vidalign.motionenhancer.COGVIDEOX_MODELS``) answers AttentionPriors. Either answers
 the other RPC with FAILED_PRECONDITION and a message naming the right pool.
 
 Start-up order matters to orchestrators: the port opens first with health
@@ -24,14 +24,14 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from vidalign import protocol
-from vidalign.client import DEFAULT_MAX_MESSAGE_BYTES
 from vidalign.config import ConfigError
-from vidalign.engine import TeacherEngine
 from vidalign.errors import Unavailable
 from vidalign.log import get_logger
-from vidalign.motion.engine import PriorsEngine, is_cogvideox
 from vidalign.store import is_store_uri, materialize, open_store, safe_key
+from vidalign.teacher import protocol
+from vidalign.teacher.client import DEFAULT_MAX_MESSAGE_BYTES
+from vidalign.teacher.denoising import TeacherEngine
+from vidalign.teacher.priors import PriorsEngine, is_cogvideox
 from vidalign.teacher.v1 import teacher_pb2 as pb
 from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
 from vidalign_teacher.errors import ErrorInterceptor
@@ -152,8 +152,8 @@ class TeacherServer:
         """Open the port, load the model and adapters, then report SERVING."""
         self.server.start()
         log.info("teacher_listening", port=self.port, model=self.config.model)
-        from vidalign.diffusion import load_teacher
         from vidalign.hub import weights_component
+        from vidalign.vda import load_teacher
 
         dtype = getattr(torch, self.config.dtype)
         model = self.config.model
@@ -199,7 +199,7 @@ class TeacherServer:
         )
 
     def _start_cogvideox(self, dtype: torch.dtype) -> None:
-        from vidalign.motion import load_cogvideox
+        from vidalign.motionenhancer import load_cogvideox
 
         if self.config.adapters:
             raise ConfigError(

@@ -4,7 +4,7 @@
 the teacher (in-process and gRPC) take and return, so a training loop does not
 know which one it talks to. The functions below convert them to and from the
 message streams of ``vidalign.teacher.v1`` using the tensor codec in
-``vidalign.wire``.
+``vidalign.teacher.wire``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vidalign import wire
-from vidalign.diffusion.loss import DenoisingLossResult
 from vidalign.errors import InvalidInput
+from vidalign.teacher import wire
 from vidalign.teacher.v1 import teacher_pb2 as pb
+from vidalign.vda.loss import DenoisingLossResult
 
 if TYPE_CHECKING:  # the motion package pulls in CogVideoX classes: import on use
-    from vidalign.motion.inversion import Priors
+    from vidalign.motionenhancer.inversion import Priors
 
 
 @dataclass(kw_only=True)
@@ -59,7 +59,7 @@ class DenoisingLossRequest:
 class AttentionPriorsRequest:
     """One clip for MotionEnhancer prior extraction on a CogVideoX teacher.
 
-    Defaults are ``vidalign.motion.extract_priors``'s. Extraction is
+    Defaults are ``vidalign.motionenhancer.extract_priors``'s. Extraction is
     deterministic, so there is no seed.
     """
 
@@ -355,8 +355,8 @@ def priors_result_messages(
 
 
 def parse_priors_result(messages: Iterable[pb.AttentionPriorsResponse]) -> Priors:
-    from vidalign.motion.inversion import Priors
-    from vidalign.motion.mtti import SelectedToken
+    from vidalign.motionenhancer.inversion import Priors
+    from vidalign.motionenhancer.mtti import SelectedToken
 
     assembler = wire.TensorAssembler()
     selection: pb.AttentionPriorsSelection | None = None

@@ -2,17 +2,17 @@
 
 ``load_cogvideox`` gives a frozen CogVideoX (real checkpoint or tiny preset);
 ``capture_attention`` installs a streaming processor that keeps only what MHS and
-MTTI need (DESIGN decision 6); ``extract_priors`` runs DDIM inversion, guided
+MTTI need (docs/design.md, decision 6); ``extract_priors`` runs DDIM inversion, guided
 denoising with cross-stream memory, head selection and token selection.
 """
 
-from vidalign.motion.attention import (
+from vidalign.motionenhancer.attention import (
     AttentionStats,
     StreamingAttnProcessor,
     TokenGrid,
     capture_attention,
 )
-from vidalign.motion.cogvideox import (
+from vidalign.motionenhancer.cogvideox import (
     COGVIDEOX_MODELS,
     CogVideoXSpec,
     CogVideoXTeacher,
@@ -20,9 +20,15 @@ from vidalign.motion.cogvideox import (
     tiny_cogvideox_components,
     tiny_t5_tokenizer,
 )
-from vidalign.motion.inversion import Priors, ddim_denoise, ddim_invert, extract_priors
-from vidalign.motion.mhs import MHSResult, head_metrics, select_heads
-from vidalign.motion.mtti import MTTIResult, SelectedToken, pool_tokens, select_tokens, token_spans
+from vidalign.motionenhancer.inversion import Priors, ddim_denoise, ddim_invert, extract_priors
+from vidalign.motionenhancer.mhs import MHSResult, head_metrics, select_heads
+from vidalign.motionenhancer.mtti import (
+    MTTIResult,
+    SelectedToken,
+    pool_tokens,
+    select_tokens,
+    token_spans,
+)
 
 __all__ = [
     "COGVIDEOX_MODELS",

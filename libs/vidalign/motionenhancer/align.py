@@ -1,4 +1,4 @@
-"""MotionEnhancer attention alignment on the VLM side (REFERENCE section 1, paper section 4.3).
+"""MotionEnhancer attention alignment on the VLM side (docs/papers.md, paper section 4.3).
 
 Four pieces, each usable on its own:
 
@@ -38,15 +38,12 @@ Four pieces, each usable on its own:
   ``L_align`` = mean over selected tokens of the squared L2 distance between the
   aligned VLM row and the prior row (both distributions).
 
-Per-family VLM grids (:func:`vision_grid`), video tokens in placeholder order:
-
-* Video-LLaVA: T frames x (1 CLS + g x g patches); CLS columns are dropped from
-  the VLM row before normalising (the prior has no CLS analogue).
-* LLaVA-NeXT-Video: T x (g / stride)^2 pooled patches.
-* Qwen2.5-VL: ceil(T / 2) temporal patches x (S / (patch * merge))^2 merged tokens.
-* InternVL3: T frames (as images) x (g * downsample_ratio)^2 pixel-shuffled tokens,
-  separated in the text by ``Frame{i}: <img>...</img>``; only the IMG_CONTEXT
-  positions count.
+Per-family VLM grids (:func:`vision_grid`): each student family's module
+(``vidalign.students.video_llava``, ...) says how its video tokens, in
+placeholder order, form the grid (``StudentFamily.vision_grid``); e.g.
+Video-LLaVA's CLS token of each frame is in the sequence but not a grid cell
+(its column is dropped from the VLM row before normalising), and Qwen2.5-VL's
+temporal patches make ceil(T / 2) grid frames.
 """
 
 from __future__ import annotations
@@ -63,7 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vidalign.errors import InvalidInput
-from vidalign.motion.mtti import SelectedToken
+from vidalign.motionenhancer.mtti import SelectedToken
+from vidalign.students.family import VisionGrid, get_family  # VisionGrid: public here too
 from vidalign.video import uniform_indices
 
 _PROMPT_SENTINEL = "\ue000vidalign-prompt\ue000"
@@ -303,49 +301,9 @@ def capture_text_to_vision(
 # Grids
 
 
-@dataclass(frozen=True)
-class VisionGrid:
-    """The VLM's video tokens as a (frames, height, width) grid."""
-
-    frames: int
-    height: int
-    width: int
-    n_tokens: int
-    """Video placeholder tokens per video (grid cells + e.g. CLS tokens)."""
-    cells: tuple[int, ...]
-    """For each grid cell in (t, y, x) order, its index among the video tokens."""
-    frames_per_step: int = 1
-    """Sampled frames per temporal position (Qwen2.5-VL: 2)."""
-    num_frames: int = 1
-    """Frames the VLM samples from a clip."""
-
-    @property
-    def size(self) -> int:
-        return self.frames * self.height * self.width
-
-
 def vision_grid(llm: Any) -> VisionGrid:
-    """The grid of ``llm``'s video tokens (see the module docstring, per family)."""
-    enc, cfg, family = llm.encoder, llm.config, llm.spec.family
-    t = enc.num_frames
-    if family == "video-llava":
-        g = enc.patch_grid
-        cells = tuple(f * (g * g + 1) + 1 + p for f in range(t) for p in range(g * g))
-        return VisionGrid(t, g, g, t * (g * g + 1), cells, 1, t)
-    if family == "llava-next-video":
-        g = enc.patch_grid // cfg.spatial_pool_stride
-        frames_per_step = 1
-    elif family == "qwen2.5-vl":
-        g = enc.merged_grid
-        frames_per_step = enc.frames_per_step
-    elif family == "internvl":
-        g = int(enc.patch_grid * cfg.downsample_ratio)
-        frames_per_step = 1
-    else:
-        raise InvalidInput(f"vision grid: unsupported student family {family!r}")
-    steps = -(-t // frames_per_step)
-    n = steps * g * g
-    return VisionGrid(steps, g, g, n, tuple(range(n)), frames_per_step, t)
+    """The grid of ``llm``'s video tokens, as its family lays them out (``StudentFamily.vision_grid``)."""
+    return get_family(llm.spec).vision_grid(llm.encoder, llm.config)
 
 
 def frame_positions(

@@ -1,4 +1,4 @@
-"""Streaming attention capture for CogVideoX (DESIGN decision 6).
+"""Streaming attention capture for CogVideoX (docs/design.md, decision 6).
 
 ``StreamingAttnProcessor`` replaces ``CogVideoXAttnProcessor2_0`` on every
 attention layer of a ``CogVideoXTransformer3DModel``. It computes the same
@@ -24,7 +24,7 @@ token j is frame ``j // S``, location ``j % S`` (S = h * w of the token grid).
 stream's keys too). The video-to-video block is therefore a sub-block of a
 stochastic matrix, and its rows sum to ``row_vision_mass`` (< 1), not 1. MHS
 uses the row masses to get everything it needs about the block without
-materialising it (see ``vidalign.motion.mhs``).
+materialising it (see ``vidalign.motionenhancer.mhs``).
 
 **Averaging.** Every statistic is summed over layers and calls (timesteps) and
 divided by the number of layer calls; ``lse`` is averaged likewise (an average

@@ -5,10 +5,20 @@ encoder through them. The adapter therefore travels between processes (stage-1
 job -> store -> teacher service) and is named by the sha256 of its file, so a
 request that cites an adapter digest gets exactly those weights.
 
-File format: safetensors with keys ``proj.<param>`` (W_proj) and
-``lora.<peft key>`` (the UNet LoRA in peft's state-dict format); the metadata key
-``vidalign.adapter`` holds JSON of ``format_version`` and the adapter's fields
-(d_v, cond_dim, projection, lora_rank, lora_alpha, lora_targets, teacher_family).
+File format (version 2): safetensors with keys ``proj.<param>`` (W_proj) and
+``unet.<module path>.lora_A.weight`` / ``.lora_B.weight`` (the UNet LoRA: peft's
+state-dict keys under the ``unet.`` prefix, the layout diffusers' LoRA training
+scripts write). The metadata key ``vidalign.adapter`` holds JSON of
+``format_version`` and the adapter's fields (d_v, cond_dim, projection,
+lora_rank, lora_alpha, lora_targets, teacher_family); with a LoRA,
+``lora_adapter_metadata`` holds its ``LoraConfig`` (``unet.r``,
+``unet.lora_alpha``, ``unet.target_modules``) as diffusers writes and reads it.
+So diffusers loads the LoRA from the adapter file itself:
+``unet.load_lora_adapter(path, prefix="unet", adapter_name=..., use_safetensors=True)``
+(``use_safetensors=True`` makes it read the header, hence alpha); the projection
+keys are not under ``unet.`` and are skipped. ``Adapter.save_lora_weights`` writes
+the LoRA alone as ``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights``.
+Version-1 files (the LoRA under ``lora.<peft key>``, no LoRA metadata) still load.
 """
 
 from __future__ import annotations
@@ -29,11 +39,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError
 from torch import Tensor
 
-from vidalign.diffusion.teacher import FAMILIES, DiffusionTeacher
 from vidalign.errors import InvalidInput, NotFound
+from vidalign.vda.diffusion import FAMILIES, DiffusionTeacher
 
 METADATA_KEY = "vidalign.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LORA_PREFIXES = {1: "lora.", 2: "unet."}
+"""Where each format version keeps the LoRA's peft keys; version 2 uses diffusers' UNet prefix."""
+DIFFUSERS_LORA_METADATA_KEY = "lora_adapter_metadata"
+"""diffusers' header key for a LoRA's ``LoraConfig`` (``diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY``)."""
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+"""The file name ``pipeline.load_lora_weights(directory)`` looks for."""
 PROJECTIONS = ("linear", "mlp")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """VDA's LoRA sites: every attention projection (on AnimateDiff this includes the motion modules)."""
@@ -87,8 +103,39 @@ def _lora_init(
     return state
 
 
-def _read_metadata(data: bytes, path: Path) -> dict[str, Any]:
-    """The adapter fields from a safetensors header (8-byte length, then JSON)."""
+def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes whose header lists the metadata in sorted key order.
+
+    safetensors writes ``__metadata__`` from a hash map: with more than one key
+    the order, and so the file's digest (the adapter id), would change from one
+    process to the next. Re-writing the header with sorted keys keeps the bytes a
+    function of the content; the tensor entries and the data are left as written.
+    """
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(raw).to_bytes(8, "little") + raw + data[8 + header_len :]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A reader (another replica, the store uploader) sees the old file or the
+    # whole new one, never a torn write.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_metadata(data: bytes, path: Path) -> tuple[int, dict[str, Any]]:
+    """The format version and adapter fields from a safetensors header (8-byte length, then JSON)."""
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     raw = header.get("__metadata__", {}).get(METADATA_KEY)
@@ -98,11 +145,13 @@ def _read_metadata(data: bytes, path: Path) -> dict[str, Any]:
         fields = json.loads(raw)
     except json.JSONDecodeError as e:
         raise InvalidInput(f"{path}: {METADATA_KEY!r} metadata is not JSON: {e}") from e
-    if not isinstance(fields, dict) or fields.pop("format_version", None) != FORMAT_VERSION:
+    version = fields.pop("format_version", None) if isinstance(fields, dict) else None
+    if type(version) is not int or version not in LORA_PREFIXES:
         raise InvalidInput(
-            f"{path}: expected adapter format_version {FORMAT_VERSION}, got metadata {raw:.200}"
+            f"{path}: expected adapter format_version in {sorted(LORA_PREFIXES)}, "
+            f"got metadata {raw:.200}"
         )
-    return fields
+    return version, fields
 
 
 class Adapter(torch.nn.Module):
@@ -250,27 +299,49 @@ class Adapter(torch.nn.Module):
             "teacher_family": self.teacher_family,
         }
 
+    def _diffusers_lora(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The LoRA as diffusers' pipeline LoRA files hold it: tensors and header metadata."""
+        prefix = LORA_PREFIXES[FORMAT_VERSION]
+        tensors = {f"{prefix}{k}": v for k, v in self.lora_state.items()}
+        if not tensors:
+            return {}, {}
+        # What diffusers' save_lora_weights(unet_lora_adapter_metadata=...) writes:
+        # LoraConfig fields under the component prefix. load_lora_adapter builds
+        # its LoraConfig from these; without them it assumes lora_alpha = r.
+        config = {
+            "r": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "target_modules": list(self.lora_targets),
+        }
+        config = {f"{prefix}{k}": v for k, v in config.items()}
+        return tensors, {DIFFUSERS_LORA_METADATA_KEY: json.dumps(config, sort_keys=True)}
+
     def save(self, path: str | Path) -> str:
         """Write the adapter atomically; return (and keep) the file's digest."""
         path = Path(path)
-        tensors = {f"proj.{k}": v for k, v in self.proj.state_dict().items()}
-        tensors |= {f"lora.{k}": v for k, v in self.lora_state.items()}
+        lora_tensors, lora_metadata = self._diffusers_lora()
+        tensors = {f"proj.{k}": v for k, v in self.proj.state_dict().items()} | lora_tensors
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         fields = {"format_version": FORMAT_VERSION, **self._fields()}
-        data = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(fields)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A reader (another replica, the store uploader) sees the old file or the
-        # whole new one, never a torn write.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        data = _serialize(tensors, {METADATA_KEY: json.dumps(fields), **lora_metadata})
+        _write_atomic(path, data)
         self.digest = _bytes_digest(data)
         return self.digest
+
+    def save_lora_weights(self, directory: str | Path) -> Path:
+        """Write the UNet LoRA alone as ``<directory>/pytorch_lora_weights.safetensors``.
+
+        The file diffusers' LoRA training scripts write (``unet.``-prefixed peft
+        keys and ``lora_adapter_metadata``), for ``pipeline.load_lora_weights(directory)``,
+        which refuses the adapter file itself because W_proj's keys are not LoRA keys.
+        """
+        tensors, metadata = self._diffusers_lora()
+        if not tensors:
+            raise InvalidInput("adapter: lora_rank is 0, there is no LoRA to write")
+        path = Path(directory) / LORA_WEIGHT_NAME
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _write_atomic(path, _serialize(tensors, metadata))
+        return path
 
     @classmethod
     def load(cls, path: str | Path, *, map_location: str | torch.device = "cpu") -> Adapter:
@@ -284,10 +355,13 @@ class Adapter(torch.nn.Module):
             tensors = safetensors.torch.load(data)
         except SafetensorError as e:
             raise InvalidInput(f"{path}: not a safetensors file: {e}") from e
-        fields = _read_metadata(data, path)
-        proj_state = {k[5:]: v for k, v in tensors.items() if k.startswith("proj.")}
-        lora_state = {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")}
-        unknown = sorted(k for k in tensors if not k.startswith(("proj.", "lora.")))
+        version, fields = _read_metadata(data, path)
+        prefix = LORA_PREFIXES[version]
+        proj_state = {
+            k.removeprefix("proj."): v for k, v in tensors.items() if k.startswith("proj.")
+        }
+        lora_state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        unknown = sorted(k for k in tensors if not k.startswith(("proj.", prefix)))
         if unknown:
             raise InvalidInput(f"{path}: unexpected tensors {unknown[:3]}")
         try:

@@ -28,7 +28,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from vidalign.errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:
-    from vidalign.diffusion.registry import TeacherSpec
+    from vidalign.vda.registry import TeacherSpec
 
 FAMILIES = ("animatediff", "sd15")
 """AnimateDiff (SD1.5 UNet + motion module) and SD1.5 alone (VDA's image-only ablation)."""
@@ -56,7 +56,7 @@ def _peft_quiet() -> Iterator[None]:
 class DiffusionTeacher(torch.nn.Module):
     """A loaded teacher: UNet, VAE, CLIP text encoder, tokenizer and training scheduler.
 
-    Build it with ``vidalign.diffusion.load_teacher``. LoRA activation
+    Build it with ``vidalign.vda.load_teacher``. LoRA activation
     (``attach_lora`` / ``lora``) changes shared module state: calls that use
     different LoRAs must not run concurrently on one teacher.
     """

@@ -2,7 +2,7 @@
 
 L = || eps - eps_theta(z_t, t, [text_emb; W_proj(F_V)]) ||^2   (VDA eq. 3/4)
 
-Randomness is an input (DESIGN decision 2): the timestep and noise of sample b,
+Randomness is an input (docs/design.md, decision 2): the timestep and noise of sample b,
 draw k come only from ``draw_generator(seed, sample_id, k)``, so any replica,
 retry or in-process check computes the same loss and the same dL/dF_V.
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vidalign.diffusion.adapter import Adapter
-from vidalign.diffusion.teacher import DiffusionTeacher
 from vidalign.errors import InvalidInput, require_finite
+from vidalign.vda.adapter import Adapter
+from vidalign.vda.diffusion import DiffusionTeacher
 
 _SEED_MASK = (1 << 63) - 1  # torch.Generator.manual_seed takes a non-negative int64
 

@@ -1,4 +1,4 @@
-"""Motion-aware Text Token Identification (MotionEnhancer, REFERENCE section 1).
+"""Motion-aware Text Token Identification (MotionEnhancer §4.2, docs/papers.md).
 
 The selected heads' text-query rows over the video keys, averaged over those
 heads, are pooled (mean) over each frame's h x w locations into A_tok (L x F).
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from vidalign.errors import InvalidInput
-from vidalign.motion.mhs import top_count
+from vidalign.motionenhancer.mhs import top_count
+from vidalign.papers import ME_MTTI_DIFF_WEIGHT, ME_MTTI_MEAN_WEIGHT, ME_TOKEN_RATIO
 
 
 @dataclass
@@ -64,9 +65,9 @@ def select_tokens(
     a_tok: torch.Tensor,
     eligible: torch.Tensor,
     *,
-    ratio: float = 0.5,
-    mean_weight: float = 1.0,
-    diff_weight: float = 1.0,
+    ratio: float = ME_TOKEN_RATIO,
+    mean_weight: float = ME_MTTI_MEAN_WEIGHT,
+    diff_weight: float = ME_MTTI_DIFF_WEIGHT,
 ) -> MTTIResult:
     """Score tokens from A_tok (L, F) and keep the top ``ratio`` of the eligible ones."""
     if a_tok.ndim != 2 or eligible.shape != a_tok.shape[:1]:

@@ -5,16 +5,16 @@ tiny preset); an ``Adapter`` holds W_proj and the UNet LoRA; ``denoising_loss``
 and ``loss_and_grad`` compute VDA's loss and dL/dF_V from seeded draws.
 """
 
-from vidalign.diffusion.adapter import Adapter, file_digest
-from vidalign.diffusion.loss import (
+from vidalign.vda.adapter import Adapter, file_digest
+from vidalign.vda.diffusion import DiffusionTeacher
+from vidalign.vda.loss import (
     DenoisingLossResult,
     denoising_loss,
     draw_generator,
     loss_and_grad,
 )
-from vidalign.diffusion.registry import TEACHER_MODELS, TeacherSpec, load_teacher, tiny_components
-from vidalign.diffusion.teacher import DiffusionTeacher
-from vidalign.diffusion.tokenizer import tiny_clip_tokenizer
+from vidalign.vda.registry import TEACHER_MODELS, TeacherSpec, load_teacher, tiny_components
+from vidalign.vda.tokenizer import tiny_clip_tokenizer
 
 __all__ = [
     "TEACHER_MODELS",

@@ -1,6 +1,6 @@
 """Teacher model registry: names -> real checkpoints or tiny random-init presets.
 
-One code path serves both (DESIGN decision 9): a real teacher loads SD1.5's
+One code path serves both (docs/design.md, decision 9): a real teacher loads SD1.5's
 pipeline folders and a diffusers ``MotionAdapter`` with ``from_pretrained``; a
 tiny preset builds the same classes from small configs, under a fixed seed, so
 tests and the CPU demo exercise exactly the code the GPU deployment runs.
@@ -26,11 +26,12 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from vidalign.diffusion.teacher import FAMILIES, DiffusionTeacher
-from vidalign.diffusion.tokenizer import tiny_clip_tokenizer
 from vidalign.errors import InvalidInput, NotFound
+from vidalign.papers import VDA_DIFFUSION_FRAMES
+from vidalign.vda.diffusion import FAMILIES, DiffusionTeacher
+from vidalign.vda.tokenizer import tiny_clip_tokenizer
 
-VDA_FRAMES = 24
+VDA_FRAMES = VDA_DIFFUSION_FRAMES
 """Frames VDA feeds AnimateDiff; the SD1.5 ablation sees the same frames as images."""
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -148,7 +149,7 @@ TEACHER_MODELS: dict[str, TeacherSpec] = {
             family="animatediff",
             base=None,
             motion_adapter=None,
-            frames=24,
+            frames=VDA_FRAMES,
             resolution=256,
             tiny=True,
             preset="base",

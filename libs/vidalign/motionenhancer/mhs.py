@@ -1,4 +1,4 @@
-"""Motion-aware Head Selection (MotionEnhancer, REFERENCE section 1).
+"""Motion-aware Head Selection (MotionEnhancer §4.2, docs/papers.md).
 
 Per head h, on its video-to-video attention block A (N_v x N_v, N_v = F * S,
 video token j = frame j // S, location j % S), averaged over layers and
@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 import torch
 
 from vidalign.errors import InvalidInput
+from vidalign.papers import ME_HEAD_RATIO, ME_MHS_WEIGHTS
 
 METRICS = ("dfc", "tcs", "dsr")
-DEFAULT_WEIGHTS = {"dfc": 1.0, "tcs": 1.0, "dsr": 1.0}
+DEFAULT_WEIGHTS = dict(ME_MHS_WEIGHTS)
 
 
 @dataclass
@@ -108,7 +109,7 @@ def select_heads(
     same_location: torch.Tensor,
     vision_mass: torch.Tensor,
     *,
-    ratio: float = 0.5,
+    ratio: float = ME_HEAD_RATIO,
     weights: dict[str, float] | None = None,
 ) -> MHSResult:
     """Score heads by z(DFC) + z(TCS) + z(DSR) (weights configurable), keep the top ``ratio``."""

@@ -13,7 +13,7 @@ exact, so ``loss.backward()`` works unchanged under plain PyTorch, DDP
 (gradient hooks fire on the encoder's parameters as usual) and DeepSpeed
 (``engine.backward(loss)`` scales the incoming gradient)::
 
-    from vidalign.client import RemoteDenoisingLoss, connect
+    from vidalign.teacher.client import RemoteDenoisingLoss, connect
 
     teacher = connect("dns:///teacher.vidalign.svc:50051")
     criterion = RemoteDenoisingLoss(teacher, adapter_id="sha256:...", num_draws=1)
@@ -40,8 +40,6 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 import torch
 
-from vidalign import protocol
-from vidalign.diffusion.loss import DenoisingLossResult
 from vidalign.errors import (
     FailedPrecondition,
     InvalidInput,
@@ -51,14 +49,16 @@ from vidalign.errors import (
     VidalignError,
 )
 from vidalign.log import get_logger
-from vidalign.protocol import AttentionPriorsRequest, DenoisingLossRequest, TeacherInfo
+from vidalign.teacher import protocol
+from vidalign.teacher.protocol import AttentionPriorsRequest, DenoisingLossRequest, TeacherInfo
 from vidalign.teacher.v1 import teacher_pb2 as pb
 from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
+from vidalign.vda.loss import DenoisingLossResult
 
 if TYPE_CHECKING:
-    from vidalign.engine import TeacherEngine
-    from vidalign.motion.engine import PriorsEngine
-    from vidalign.motion.inversion import Priors
+    from vidalign.motionenhancer.inversion import Priors
+    from vidalign.teacher.denoising import TeacherEngine
+    from vidalign.teacher.priors import PriorsEngine
 
 log = get_logger(__name__)
 
@@ -91,11 +91,11 @@ class LocalTeacher:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        from vidalign.motion.engine import PriorsEngine, is_cogvideox
+        from vidalign.teacher.priors import PriorsEngine, is_cogvideox
 
         self.engine: TeacherEngine | PriorsEngine
         if is_cogvideox(model):  # MotionEnhancer priors: AttentionPriors only
-            from vidalign.motion import load_cogvideox
+            from vidalign.motionenhancer import load_cogvideox
 
             if adapters:
                 raise InvalidInput("adapters: a CogVideoX teacher takes no conditioning adapters")
@@ -103,8 +103,8 @@ class LocalTeacher:
                 load_cogvideox(model, device=device, dtype=dtype), model_name=model
             )
             return
-        from vidalign.diffusion import load_teacher
-        from vidalign.engine import TeacherEngine
+        from vidalign.teacher.denoising import TeacherEngine
+        from vidalign.vda import load_teacher
 
         self.engine = TeacherEngine(load_teacher(model, device=device, dtype=dtype), model_name=model)
         for path in adapters:

@@ -1,6 +1,6 @@
 """CogVideoX teacher backend for MotionEnhancer prior extraction.
 
-One code path serves real checkpoints and the tiny preset (DESIGN decision 9):
+One code path serves real checkpoints and the tiny preset (docs/design.md, decision 9):
 a real teacher loads the diffusers pipeline folders of a CogVideoX repository
 (``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)
 with ``from_pretrained(subfolder=...)``; ``tiny-cogvideox`` builds the same

@@ -1,11 +1,11 @@
 """DDIM inversion, guided re-denoising with cross-stream memory, and prior extraction.
 
-MotionEnhancer's extraction (REFERENCE section 1): 3D VAE -> ``steps``-step DDIM
+MotionEnhancer's extraction (§4.1, docs/papers.md): 3D VAE -> ``steps``-step DDIM
 inversion -> ``steps``-step denoising with classifier-free guidance, in which the
 denoising stream also attends to the inverted path's keys and values at the same
 noise level ("cross-stream memory", the pattern of diffusers' community
 ``cogvideox_ddim_inversion.py``); the attention of the denoising pass is
-captured (streaming, see ``vidalign.motion.attention``) and averaged over layers
+captured (streaming, see ``vidalign.motionenhancer.attention``) and averaged over layers
 and timesteps, then MHS selects heads and MTTI tokens.
 
 Choices made here:
@@ -34,10 +34,27 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, DDIMInverseScheduler
 
 from vidalign.errors import InvalidInput
-from vidalign.motion.attention import DEFAULT_CHUNK_SIZE, AttentionStats, capture_attention
-from vidalign.motion.cogvideox import CogVideoXTeacher
-from vidalign.motion.mhs import MHSResult, select_heads
-from vidalign.motion.mtti import MTTIResult, SelectedToken, pool_tokens, select_tokens, token_spans
+from vidalign.motionenhancer.attention import DEFAULT_CHUNK_SIZE, AttentionStats, capture_attention
+from vidalign.motionenhancer.cogvideox import CogVideoXTeacher
+from vidalign.motionenhancer.mhs import MHSResult, select_heads
+from vidalign.motionenhancer.mtti import (
+    MTTIResult,
+    SelectedToken,
+    pool_tokens,
+    select_tokens,
+    token_spans,
+)
+from vidalign.papers import (
+    ME_CROSS_STREAM_MEMORY,
+    ME_DDIM_STEPS,
+    ME_DENOISING_STEPS,
+    ME_GUIDANCE,
+    ME_HEAD_RATIO,
+    ME_INVERSION_STEPS,
+    ME_MTTI_DIFF_WEIGHT,
+    ME_MTTI_MEAN_WEIGHT,
+    ME_TOKEN_RATIO,
+)
 
 
 def _schedulers(teacher: CogVideoXTeacher, steps: int) -> tuple[Any, DDIMInverseScheduler]:
@@ -69,7 +86,10 @@ def _predict(
 
 @torch.no_grad()
 def ddim_invert(
-    teacher: CogVideoXTeacher, latents: torch.Tensor, embeds: torch.Tensor, steps: int = 5
+    teacher: CogVideoXTeacher,
+    latents: torch.Tensor,
+    embeds: torch.Tensor,
+    steps: int = ME_INVERSION_STEPS,
 ) -> list[torch.Tensor]:
     """Latents (1, F, C, h, w) -> the inversion trajectory: one latent per timestep, noisiest last."""
     _, inverse = _schedulers(teacher, steps)
@@ -89,8 +109,8 @@ def ddim_denoise(
     cond: torch.Tensor,
     uncond: torch.Tensor | None = None,
     *,
-    steps: int = 5,
-    guidance: float = 6.0,
+    steps: int = ME_DENOISING_STEPS,
+    guidance: float = ME_GUIDANCE,
     reference: list[torch.Tensor] | None = None,
     stats: AttentionStats | None = None,
 ) -> torch.Tensor:
@@ -155,16 +175,16 @@ def extract_priors(
     video: np.ndarray,
     prompt: str,
     *,
-    steps: int = 5,
-    guidance: float = 6.0,
+    steps: int = ME_DDIM_STEPS,
+    guidance: float = ME_GUIDANCE,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    head_ratio: float = 0.5,
-    token_ratio: float = 0.5,
+    head_ratio: float = ME_HEAD_RATIO,
+    token_ratio: float = ME_TOKEN_RATIO,
     negative_prompt: str = "",
-    memory: bool = True,
+    memory: bool = ME_CROSS_STREAM_MEMORY,
     mhs_weights: dict[str, float] | None = None,
-    mean_weight: float = 1.0,
-    diff_weight: float = 1.0,
+    mean_weight: float = ME_MTTI_MEAN_WEIGHT,
+    diff_weight: float = ME_MTTI_DIFF_WEIGHT,
 ) -> Priors:
     """MotionEnhancer priors of one clip: uint8 video (F, H, W, 3) and its prompt."""
     if not isinstance(prompt, str) or not prompt.strip():

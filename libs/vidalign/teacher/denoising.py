@@ -4,7 +4,7 @@
 it, and a cache of VAE latents. It validates every request before touching
 the model, so a bad request raises a ``vidalign.errors`` exception that names
 the problem, and the same request gets the same error whether it came over
-gRPC or from the same process. It holds no training state (DESIGN.md
+gRPC or from the same process. It holds no training state (docs/design.md,
 decision 3): any replica with the same model and adapters gives the same
 answer.
 """
@@ -22,17 +22,17 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 import vidalign
-from vidalign.diffusion import Adapter, DiffusionTeacher
-from vidalign.diffusion.loss import DenoisingLossResult, loss_and_grad
 from vidalign.errors import FailedPrecondition, InvalidInput, NotFound, require_finite
 from vidalign.log import get_logger
-from vidalign.protocol import (
+from vidalign.store import Store, materialize
+from vidalign.teacher.protocol import (
     AdapterInfo,
     AttentionPriorsRequest,
     DenoisingLossRequest,
     TeacherInfo,
 )
-from vidalign.store import Store, materialize
+from vidalign.vda import Adapter, DiffusionTeacher
+from vidalign.vda.loss import DenoisingLossResult, loss_and_grad
 
 log = get_logger(__name__)
 
@@ -175,7 +175,7 @@ class TeacherEngine:
         raise FailedPrecondition(
             f"AttentionPriors needs a CogVideoX teacher; this one serves '{self.model_name}' "
             f"({self.teacher.family}); point the client at a CogVideoX teacher pool "
-            "(e.g. `vidalign teacher serve --model tiny-cogvideox`)"
+            "(e.g. `vidalign teacher serve --teacher-model tiny-cogvideox`)"
         )
 
     # -- the loss -------------------------------------------------------------

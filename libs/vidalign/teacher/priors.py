@@ -2,7 +2,7 @@
 
 ``PriorsEngine`` owns one loaded ``CogVideoXTeacher`` and answers
 ``AttentionPriorsRequest`` with MotionEnhancer's priors
-(``vidalign.motion.extract_priors``). Like ``vidalign.engine.TeacherEngine`` it
+(``vidalign.motionenhancer.extract_priors``). Like ``vidalign.teacher.denoising.TeacherEngine`` it
 validates every request before touching the model, so a bad request raises a
 ``vidalign.errors`` exception naming the field, identically over gRPC and in
 process. A CogVideoX teacher does not answer DenoisingLoss (FailedPrecondition).
@@ -21,9 +21,9 @@ import torch
 import vidalign
 from vidalign.errors import FailedPrecondition, InvalidInput, NotFound
 from vidalign.log import get_logger
-from vidalign.motion.cogvideox import COGVIDEOX_MODELS, CogVideoXTeacher
-from vidalign.motion.inversion import Priors, extract_priors
-from vidalign.protocol import AttentionPriorsRequest, DenoisingLossRequest, TeacherInfo
+from vidalign.motionenhancer.cogvideox import COGVIDEOX_MODELS, CogVideoXTeacher
+from vidalign.motionenhancer.inversion import Priors, extract_priors
+from vidalign.teacher.protocol import AttentionPriorsRequest, DenoisingLossRequest, TeacherInfo
 
 log = get_logger(__name__)
 
@@ -91,7 +91,7 @@ class PriorsEngine:
         raise FailedPrecondition(
             f"DenoisingLoss is not served by a CogVideoX teacher ('{self.model_name}' hosts "
             "AttentionPriors only); point the client at a diffusion-loss teacher pool "
-            "(e.g. `vidalign teacher serve --model tiny-animatediff`)"
+            "(e.g. `vidalign teacher serve --teacher-model tiny-animatediff`)"
         )
 
     def attention_priors(self, request: AttentionPriorsRequest) -> Priors:

@@ -28,14 +28,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from vidalign.errors import InvalidInput, NotFound
-from vidalign.motion.inversion import Priors
-from vidalign.motion.mtti import SelectedToken
-from vidalign.store import commit_artifact, open_store, read_artifact_file, read_manifest
+from vidalign.motionenhancer.inversion import Priors
+from vidalign.motionenhancer.mtti import SelectedToken
+from vidalign.shards import INDEX, INDEX_FILE, ShardOutput, read_index, run_sharded, shard_name
+from vidalign.store import open_store, read_artifact_file
 
 FORMAT = 1
 KEY = "vidalign.priors"
-INDEX = "index"
-INDEX_FILE = "index.json"
 
 
 def priors_to_bytes(priors: Priors, *, prompt: str, meta: dict[str, Any] | None = None) -> bytes:
@@ -100,10 +99,6 @@ def load_priors(path: str | Path) -> tuple[Priors, str]:
 # --- priors sets in the store --------------------------------------------------------
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
-
-
 def clip_key(clip_id: str) -> str:
     """A file-name-safe key for a clip id (ids may hold '/' or spaces)."""
     key = re.sub(r"[^A-Za-z0-9._-]", "_", clip_id).strip(".") or "clip"
@@ -136,12 +131,7 @@ class PriorsSet:
 
 def load_priors_set(uri: str) -> PriorsSet:
     store = open_store(uri)
-    if read_manifest(store, INDEX) is None:
-        raise NotFound(
-            f"priors {store.uri}: no committed index; run `vidalign priors extract` "
-            "(an interrupted extraction resumes where it stopped)"
-        )
-    index = json.loads(read_artifact_file(store, INDEX, INDEX_FILE))
+    index = read_index(store, "priors", "vidalign priors extract")
     return PriorsSet(uri=store.uri, clips=index["clips"], source=index["source"])
 
 
@@ -149,17 +139,36 @@ def write_priors_set(
     uri: str, items: Mapping[str, tuple[Priors, str]], *, source: Mapping[str, Any] | None = None
 ) -> str:
     """Commit ``clip id -> (priors, prompt)`` as a one-shard priors set at ``uri``."""
-    store = open_store(uri)
-    shard = shard_name(0)
-    files = {f"{clip_key(c)}.safetensors": priors_to_bytes(p, prompt=prompt) for c, (p, prompt) in items.items()}
-    commit_artifact(store, shard, files, producer="vidalign.motion.io",
-                    meta={"clip_ids": list(items), "keys": [clip_key(c) for c in items]})
-    index = {
-        "clips": [{"id": c, "key": clip_key(c), "shard": shard, "prompt": prompt}
-                  for c, (_, prompt) in items.items()],
-        "shards": [shard],
-        "source": dict(source or {}),
-    }
-    commit_artifact(store, INDEX, {INDEX_FILE: json.dumps(index, indent=2).encode()},
-                    producer="vidalign.motion.io", meta={"clips": len(items)})
-    return store.uri
+    ids = list(items)
+    keys = [clip_key(c) for c in ids]
+
+    def run_shard(shard, advance) -> ShardOutput:
+        files = {f"{k}.safetensors": priors_to_bytes(p, prompt=prompt)
+                 for k, (p, prompt) in zip(keys, items.values(), strict=True)}
+        return ShardOutput(files, {"keys": keys})
+
+    def index(shards, manifests):
+        clips = [{"id": c, "key": k, "shard": shard_name(0), "prompt": prompt}
+                 for c, k, (_, prompt) in zip(ids, keys, items.values(), strict=True)]
+        return {"clips": clips}, {}
+
+    return run_sharded(open_store(uri), ids, max(len(ids), 1), run_shard, source=dict(source or {}),
+                       producer="vidalign.motionenhancer.io", index=index, resume=False,
+                       name="priors_set").uri
+
+
+__all__ = [
+    "FORMAT",
+    "INDEX",
+    "INDEX_FILE",
+    "KEY",
+    "PriorsSet",
+    "clip_key",
+    "load_priors",
+    "load_priors_set",
+    "priors_from_bytes",
+    "priors_to_bytes",
+    "save_priors",
+    "shard_name",
+    "write_priors_set",
+]
