@@ -69,8 +69,8 @@ validate-deploy: $(STAMP) ## render every k8s overlay and deploy/; validate them
 	$(BIN)/python scripts/validate_deploy.py
 
 images: ## build the teacher and trainer images (needs docker): $(IMAGE_PREFIX)/{teacher,trainer}:$(IMAGE_TAG)
-	docker build -f services/teacher/Dockerfile -t $(IMAGE_PREFIX)/teacher:$(IMAGE_TAG) .
-	docker build -f services/trainer/Dockerfile -t $(IMAGE_PREFIX)/trainer:$(IMAGE_TAG) .
+	docker build --target teacher -t $(IMAGE_PREFIX)/teacher:$(IMAGE_TAG) .
+	docker build --target trainer -t $(IMAGE_PREFIX)/trainer:$(IMAGE_TAG) .
 
 deploy/.env:
 	@echo "deploy/.env is missing: cp deploy/.env.example deploy/.env, then set real credentials" >&2; exit 1

@@ -47,10 +47,9 @@ LAUNCHERS = {
     "vidalign": [sys.executable, "-m", "vidalign_cli.main"],
     "torchrun": [sys.executable, "-m", "torch.distributed.run"],
 }
-IMAGE_DOCKERFILES = {
-    "vidalign/teacher": ROOT / "services" / "teacher" / "Dockerfile",
-    "vidalign/trainer": ROOT / "services" / "trainer" / "Dockerfile",
-}
+DOCKERFILE = ROOT / "Dockerfile"
+IMAGE_TARGETS = {"vidalign/teacher": "teacher", "vidalign/trainer": "trainer"}
+"""The build target (a stage of DOCKERFILE) of each vidalign image."""
 
 
 def free_port() -> int:
@@ -59,15 +58,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def image_env(image: str) -> dict[str, str]:
-    """ENV of the image's Dockerfile (final stage): the caches point into /cache."""
+def target_instructions(target: str, path: Path = DOCKERFILE) -> list:
+    """The instructions that make up build target ``target``: its stage's, after those
+    of the stages it is built FROM (``FROM base AS teacher``), starting at the first FROM.
+    """
     import dockerfile
 
-    env: dict[str, str] = {}
-    for instr in dockerfile.parse_file(str(IMAGE_DOCKERFILES[image.split(":")[0]])):
+    stages: dict[str, list] = {}
+    current: list = []
+    for instr in dockerfile.parse_file(str(path)):
         if instr.cmd == "FROM":
-            env = {}
-        elif instr.cmd == "ENV":
+            parent, *alias = instr.value
+            current = [*stages.get(parent, []), instr]
+            if len(alias) == 2 and alias[0].lower() == "as":
+                stages[alias[1]] = current
+        elif current:
+            current.append(instr)
+    if target not in stages:
+        raise ValueError(f"{path} has no build target {target!r}; targets: {sorted(stages)}")
+    return stages[target]
+
+
+def image_env(image: str) -> dict[str, str]:
+    """ENV of the image's build target, base stages included: the caches point into /cache."""
+    env: dict[str, str] = {}
+    for instr in target_instructions(IMAGE_TARGETS[image.split(":")[0]]):
+        if instr.cmd == "ENV":
             values = list(instr.value)
             env.update(zip(values[0::2], values[1::2], strict=True))
     return env
@@ -215,9 +231,7 @@ def grpc_probe(address: str, service: str) -> bool:
 
 def healthcheck_command(address: str) -> list[str]:
     """The teacher image's HEALTHCHECK, pointed at ``address``."""
-    import dockerfile
-
-    for instr in dockerfile.parse_file(str(IMAGE_DOCKERFILES["vidalign/teacher"])):
+    for instr in target_instructions(IMAGE_TARGETS["vidalign/teacher"]):
         if instr.cmd == "HEALTHCHECK":
             words = list(instr.value)
             assert words[0] == "CMD" and instr.json, "HEALTHCHECK must be CMD in exec form"
@@ -225,7 +239,7 @@ def healthcheck_command(address: str) -> list[str]:
                 sys.executable if w == "python" else w.replace("127.0.0.1:50051", address)
                 for w in words[1:]
             ]
-    raise ValueError("services/teacher/Dockerfile has no HEALTHCHECK")
+    raise ValueError("the Dockerfile's teacher target has no HEALTHCHECK")
 
 
 def wait_for_probes(

@@ -1,7 +1,23 @@
 # syntax=docker/dockerfile:1.7
-# vidalign trainer: the training stages (`vidalign train stage2`, under torchrun
-# on Kubernetes) and `vidalign adapter init`.
-# Build from the repository root:  docker build -f services/trainer/Dockerfile -t vidalign/trainer:0.1.0 .
+# vidalign images, one Dockerfile with a `base` stage and a target per image:
+#   teacher: `vidalign teacher serve`, gRPC on 50051 (HEALTHCHECK: the gRPC health service).
+#   trainer: the training stages (`vidalign train stage2`, under torchrun on
+#            Kubernetes) and `vidalign adapter init`.
+# Build from the repository root, always naming the target (`make images` builds both):
+#   docker build --target teacher -t vidalign/teacher:0.1.0 .
+#   docker build --target trainer -t vidalign/trainer:0.1.0 .
+# This file is outside the build context (.dockerignore admits only what the
+# images install), so editing it does not invalidate the source layers.
+#
+# Why stages of one file rather than a base image both build FROM: the images
+# differ only in their last few lines, and everything above them (CUDA base,
+# Python, dependencies, source, user) must stay identical -- the trainer's
+# `adapter init` writes the adapter the teacher then serves. As stages, the
+# shared part is written once, the second build reuses every cached base layer
+# (BuildKit keys the cache on the instructions, so the base is built once per
+# change, whichever target comes first), and each target always builds on the
+# base of the same checkout: no base tag to build, push and pass in first, and
+# no image built on a stale base.
 #
 # CUDA: the torch cu128 wheels carry their own CUDA runtime, cuDNN and cuBLAS,
 # so the base is NVIDIA's minimal CUDA image (driver capabilities for the
@@ -14,7 +30,7 @@ ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.8
 
 FROM ${UV_IMAGE} AS uv
 
-FROM ${CUDA_IMAGE}
+FROM ${CUDA_IMAGE} AS base
 ARG PYTHON_VERSION=3.11
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -63,9 +79,18 @@ ENV HOME=/home/vidalign \
     VIDALIGN_LOG_FORMAT=json
 USER 10001:10001
 WORKDIR /home/vidalign
+ENTRYPOINT ["vidalign"]
 
+
+FROM base AS trainer
 # torchrun's static rendezvous (node rank 0 listens).
 EXPOSE 29500
-
-ENTRYPOINT ["vidalign"]
 CMD ["models", "list"]
+
+
+FROM base AS teacher
+EXPOSE 50051
+# SERVING only once the model and adapters have loaded; real models take minutes.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(service=''), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+CMD ["teacher", "serve", "--teacher-model", "tiny-animatediff", "--host", "0.0.0.0", "--port", "50051"]
