@@ -10,6 +10,8 @@ images, and that every command in a manifest is a command the `vidalign` CLI
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -426,9 +428,9 @@ def check_command(words: list[str], configs: Path) -> str:
     from torch.distributed.run import get_args_parser
 
     from vidalign.config import load_config
-    from vidalign.diffusion import TEACHER_MODELS
-    from vidalign.motion import COGVIDEOX_MODELS
+    from vidalign.motionenhancer import COGVIDEOX_MODELS
     from vidalign.students import STUDENT_MODELS
+    from vidalign.vda import TEACHER_MODELS
     from vidalign_cli.main import build_parser
     from vidalign_trainer.features import FeaturesConfig
     from vidalign_trainer.sft import SFTConfig
@@ -441,14 +443,17 @@ def check_command(words: list[str], configs: Path) -> str:
         assert launch.module and launch.training_script == "vidalign_cli.main", words
         words = ["vidalign", *launch.training_script_args]
     assert words[0] == "vidalign", words
-    args = build_parser().parse_args(words[1:])  # SystemExit on an unknown flag
+    warnings = io.StringIO()
+    with contextlib.redirect_stderr(warnings):
+        args = build_parser().parse_args(words[1:])  # SystemExit on an unknown flag
+    assert "deprecated" not in warnings.getvalue(), (words, warnings.getvalue())
     if args.command == "teacher" and args.action == "serve":
-        assert args.model in TEACHER_MODELS and args.adapter, words
+        assert args.teacher_model in TEACHER_MODELS and args.adapter, words
     elif args.command == "adapter":
         assert args.teacher_model in TEACHER_MODELS and args.student in STUDENT_MODELS, words
     elif args.command == "models" and args.action == "pull":
         assert args.name in TEACHER_MODELS or args.name in STUDENT_MODELS, words
-        assert args.to.startswith("s3://"), words
+        assert args.out.startswith("s3://"), words
     elif args.command == "train" or (args.command, getattr(args, "action", "")) == (
         "features",
         "extract",
@@ -465,7 +470,7 @@ def check_command(words: list[str], configs: Path) -> str:
     elif args.command == "data" and args.action == "synth":
         assert args.n > 0, words
     elif args.command == "priors" and args.action == "extract":
-        assert args.model in COGVIDEOX_MODELS and args.out.startswith("s3://"), words
+        assert args.teacher_model in COGVIDEOX_MODELS and args.out.startswith("s3://"), words
     return " ".join(words[1:3])
 
 
@@ -585,7 +590,7 @@ def test_gpu_pods_load_the_weights_that_the_weights_job_stages(rendered):
                 continue
             for words in manifests.commands(c, manifests.container_env(c, objects)):
                 if words[1:3] == ["models", "pull"]:
-                    pulled[words[3]] = next(w for w in words if w.startswith("--to=")).split(
+                    pulled[words[3]] = next(w for w in words if w.startswith("--out=")).split(
                         "=", 1
                     )[1]
                 for w in words:
@@ -607,7 +612,7 @@ def test_a_renamed_flag_would_fail_the_command_check(tmp_path):
     config = tmp_path
     with pytest.raises(SystemExit):
         check_command(
-            ["vidalign", "teacher", "serve", "--model=tiny-animatediff", "--adapters=x"], config
+            ["vidalign", "teacher", "serve", "--teacher-model=tiny-animatediff", "--adapters=x"], config
         )
     from vidalign.config import ConfigError
 
@@ -752,19 +757,56 @@ def test_compose_refuses_to_start_without_credentials(tmp_path):
     assert proc.returncode != 0 and "is missing a value: set AWS_" in proc.stderr, proc.stderr
 
 
+def test_one_dockerfile_builds_both_images_on_a_shared_base():
+    """Makefile, compose and the local runner build the targets of the root Dockerfile."""
+    from run_cpu_overlay_locally import DOCKERFILE, IMAGE_TARGETS, target_instructions
+
+    assert DOCKERFILE == ROOT / "Dockerfile"
+    assert not list((ROOT / "services").glob("*/Dockerfile")), "one Dockerfile: the root one"
+    instructions = dockerfile.parse_file(str(DOCKERFILE))
+    stages = {i.value[-1]: i.value[0] for i in instructions if i.cmd == "FROM" and len(i.value) == 3}
+    assert stages["teacher"] == stages["trainer"] == "base"
+    teacher, trainer = (target_instructions(t) for t in ("teacher", "trainer"))
+    # The base stage is every line the images share: both start with the same
+    # instructions, up to the FROM of their own stage.
+    shared = next(n for n, i in enumerate(teacher) if i.cmd == "FROM" and n > 0)
+    assert [i.original for i in teacher[:shared]] == [i.original for i in trainer[:shared]]
+    assert trainer[shared].original == "FROM base AS trainer"
+    own = [i.cmd for i in teacher[shared + 1 :] + trainer[shared + 1 :]]
+    assert set(own) <= {"EXPOSE", "HEALTHCHECK", "CMD"}, "what differs is only how each image runs"
+    assert IMAGE_TARGETS == {"vidalign/teacher": "teacher", "vidalign/trainer": "trainer"}
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("teacher", "trainer"):
+        assert f"docker build --target {target} -t $(IMAGE_PREFIX)/{target}:$(IMAGE_TAG) ." in makefile
+    compose = compose_config()
+    builds = {
+        name: (service["image"], service["build"])
+        for name, service in compose["services"].items()
+        if "build" in service
+    }
+    assert builds, "compose builds the vidalign images"
+    for name, (image, build) in builds.items():
+        assert Path(build["context"]) == ROOT, name
+        assert build.get("dockerfile", "Dockerfile") == "Dockerfile", name
+        assert build["target"] == IMAGE_TARGETS[image.split(":")[0]], name
+
+
 @pytest.mark.parametrize("service", ["teacher", "trainer"])
 def test_dockerfile(service):
-    instructions = dockerfile.parse_file(str(ROOT / "services" / service / "Dockerfile"))
-    args = {}
-    for i in instructions:
+    from run_cpu_overlay_locally import target_instructions
+
+    instructions = target_instructions(service)  # the base stage's, then the target's own
+    args = {}  # ARG defaults, the global ones (above the first FROM) included
+    for i in dockerfile.parse_file(str(ROOT / "Dockerfile")):
         if i.cmd == "ARG" and "=" in i.value[0]:
             key, _, value = i.value[0].partition("=")
             args[key] = value
     cmds = [i.cmd for i in instructions]
     bases = [args.get(i.value[0].strip("${}"), i.value[0]) for i in instructions if i.cmd == "FROM"]
-    assert bases[-1].startswith("nvidia/cuda:12.8")
-    for base in bases:
-        assert ":" in base and not base.endswith(":latest"), base
+    assert bases == ["nvidia/cuda:12.8.1-base-ubuntu24.04", "base"]
+    assert args["UV_IMAGE"].startswith("ghcr.io/astral-sh/uv:")
+    for image in (args["CUDA_IMAGE"], args["UV_IMAGE"]):
+        assert ":" in image and not image.endswith(":latest"), image
     runs = [i.value[0] for i in instructions if i.cmd == "RUN"]
     assert any(
         "download.pytorch.org/whl/cu128 torch==2.13.0"

@@ -31,5 +31,6 @@ def test_synth_then_eval_into_the_store(store_uri, tmp_path):
 
 
 def test_eval_of_a_missing_dataset_is_a_clear_error(tmp_path):
-    proc = vidalign("eval", "--bench", "motionbench", "--data", str(tmp_path / "nope"))
+    proc = vidalign("eval", "--bench", "motionbench", "--data", str(tmp_path / "nope"),
+                    "--answerer", "first-option")
     assert proc.returncode == 2 and "nope" in proc.stderr

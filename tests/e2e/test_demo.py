@@ -42,8 +42,8 @@ def test_assets_manifest_and_layout(quick_assets):
              if p.is_file() and p.name != "MANIFEST.json"}
     assert set(manifest["files"]) == files
 
-    from vidalign.diffusion import load_teacher
     from vidalign.students.videollm import load_videollm
+    from vidalign.vda import load_teacher
     from vidalign_trainer.pretrain import DEMO_TEXT_WINDOW
 
     teacher = load_teacher("tiny-animatediff", base=str(quick_assets / "animatediff" / "base"))

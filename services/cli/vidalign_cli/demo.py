@@ -78,7 +78,7 @@ def start_teacher(
     log_path = workdir / f"{name}.log"
     cmd = [
         sys.executable, "-m", "vidalign_cli.main", "teacher", "serve",
-        "--model", model, "--host", "127.0.0.1", "--port", "0",
+        "--teacher-model", model, "--host", "127.0.0.1", "--port", "0",
         "--port-file", str(port_file), "--device", device, "--dtype", dtype,
     ]
     if weights:
@@ -218,7 +218,7 @@ def make_random_teacher(directory: Path, trained: Path, *, seed: int) -> None:
     import torch
     from transformers import CLIPTextModel
 
-    from vidalign.diffusion import load_teacher
+    from vidalign.vda import load_teacher
 
     teacher = load_teacher(TEACHER_MODEL, base=str(trained))
     teacher.unet = load_teacher(TEACHER_MODEL).unet
@@ -313,9 +313,9 @@ def print_gap(title: str, gaps: list) -> None:
 
 
 def measure_gap(address: str, train_dir: Path, config: DemoConfig) -> list:
-    from vidalign.client import connect
     from vidalign.data.synthset import load_synth_set
     from vidalign.gap import caption_gap, swap_motion_words
+    from vidalign.teacher.client import connect
 
     data = load_synth_set(train_dir, num_clips=config.gap_clips, frames=config.frames, size=config.size)
     teacher = connect(address)
@@ -521,7 +521,7 @@ def _run_sft(run_dir: Path, train_dir: Path, priors: str, student: Path, weight:
 
 def _show_priors(uri: str, out_dir: Path, clips: int = 2) -> None:
     """``vidalign priors show`` for the first clips: each selected token's prior on the frames."""
-    from vidalign.motion.io import load_priors_set
+    from vidalign.motionenhancer.io import load_priors_set
     from vidalign_teacher.priors import show
 
     show(uri, out_dir, clip_ids=load_priors_set(uri).ids[:clips], max_tokens=4)

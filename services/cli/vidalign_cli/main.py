@@ -1,22 +1,23 @@
 """The ``vidalign`` command line.
 
-    vidalign teacher serve --model tiny-animatediff --port 50051 --adapter A.safetensors
-    vidalign teacher info --address 127.0.0.1:50051
-    vidalign features extract --config configs/features-tiny.yaml
-    vidalign train stage1 --config configs/stage1-tiny.yaml [--resume]
-    vidalign train stage2 --config configs/stage2-tiny.yaml [--set train.steps=10] [--resume]
-    vidalign train stage3 --config configs/stage3-tiny.yaml [--resume]
-    vidalign train sft --config configs/sft-tiny.yaml [--resume]
-    vidalign vda run --config configs/vda/tiny-videollava.yaml
-    vidalign adapter init --teacher-model tiny-animatediff --student tiny-videollava --out A.safetensors
-    vidalign models list
-    vidalign models pull animatediff-v1-5-2 --to s3://vidalign/models/animatediff-v1-5-2
-    vidalign priors extract --data data/synth --out s3://vidalign/priors/synth [--teacher HOST:PORT]
-    vidalign priors show --priors s3://vidalign/priors/synth --clip synth-0-00000 --out png/
-    vidalign demo
+One grammar across commands: the same flag means the same thing everywhere.
+
+    --teacher ADDRESS     a running teacher service: host:port or dns:///name:port (configs:
+                          teacher.address); `local` where a command can load the model itself
+    --teacher-model NAME  a diffusion (or CogVideoX) model: registry name or dir (configs:
+                          teacher.model)
+    --student NAME        a VideoLLM (configs: student)
+    --out URI             where a command writes: a directory or a store URI (s3://...)
+    --config, --set, --print-config, --resume   the config-driven jobs (train, features, vda)
+
+Old spellings (--model, --address, --to) still parse, hidden from the help,
+with a warning on stderr.
 
 Errors that a user can fix (bad config, unknown model, unreachable teacher)
 print one line and exit with status 2; bugs keep their traceback.
+
+Building the parser imports nothing heavy (no torch): a config-driven job's
+key listing imports its config class only when its own ``--help`` is shown.
 """
 
 from __future__ import annotations
@@ -26,18 +27,65 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vidalign.config import ConfigError
-from vidalign.errors import VidalignError
-from vidalign.log import configure_logging, get_logger
+from vidalign import __version__
+from vidalign.config import (
+    ConfigError,
+    HelpFormatter,
+    add_config_arguments,
+    add_option,
+    config_from_args,
+    describe_config,
+)
+from vidalign.errors import InvalidInput, VidalignError
 
-log = get_logger("vidalign.cli")
+EXAMPLES = """\
+examples:
+  vidalign models list
+  vidalign teacher serve --teacher-model tiny-animatediff --port 50051 --adapter A.safetensors
+  vidalign teacher info --teacher 127.0.0.1:50051
+  vidalign teacher gap --teacher local --teacher-model tiny-animatediff
+  vidalign adapter init --teacher-model tiny-animatediff --student tiny-videollava --out A.safetensors
+  vidalign features extract --config configs/features-tiny.yaml
+  vidalign train stage1 --config configs/stage1-tiny.yaml [--resume]
+  vidalign train stage2 --config configs/stage2-tiny.yaml --set train.steps=10 --print-config
+  vidalign vda run --config configs/vda/tiny-videollava.yaml
+  vidalign models pull animatediff-v1-5-2 --out s3://vidalign/models/animatediff-v1-5-2
+  vidalign priors extract --data data/synth --out s3://vidalign/priors/synth [--teacher HOST:PORT]
+  vidalign priors show --priors s3://vidalign/priors/synth --clip synth-0-00000 --out png/
+  vidalign eval --bench motionbench --data DIR --student tiny-videollava --out runs/eval
+  vidalign demo
+
+`vidalign COMMAND [ACTION] --help` lists each option with its default; the
+config-driven jobs also list every config key that --set takes."""
+
+BENCHMARKS = ("favor", "motionbench", "msrvtt-qa", "msvd-qa", "seedbench-video", "videomme")
+"""``vidalign eval --bench`` choices: ``vidalign.data.benchmarks.QA_BENCHMARKS``, named here so
+that building the parser imports no data code (numpy)."""
+ANSWERERS = ("first-option", "oracle")
+"""Model-free answerers of ``vidalign eval``: ``vidalign.eval.BASELINES``, named here so that
+building the parser imports no evaluation code (torch)."""
+
+
+# --- the grammar's building blocks -------------------------------------------------------
+
+
+def _teacher_address(parser: argparse.ArgumentParser, *, default: str | None) -> None:
+    """``--teacher ADDRESS`` (was ``--address``); required without a default, else ``local``."""
+    where = "local (load the model in this process), " if default == "local" else ""
+    add_option(parser, "--teacher", old=("--address",), metavar="ADDRESS", default=default,
+               required=default is None,
+               help=f"the teacher service: {where}host:port or dns:///name:port "
+                    "(configs: teacher.address)")
+
+
+# --- commands ---------------------------------------------------------------------------
 
 
 def _teacher_serve(args: argparse.Namespace) -> None:
     from vidalign_teacher.server import ServerConfig, TeacherServer, serve
 
     config = ServerConfig(
-        model=args.model,
+        model=args.teacher_model,
         host=args.host,
         port=args.port,
         adapters=args.adapter,
@@ -64,9 +112,9 @@ def _teacher_info(args: argparse.Namespace) -> None:
     import json
     from dataclasses import asdict
 
-    from vidalign.client import GrpcTeacher
+    from vidalign.teacher.client import GrpcTeacher
 
-    teacher = GrpcTeacher(args.address, timeout=args.timeout)
+    teacher = GrpcTeacher(args.teacher, timeout=args.timeout)
     try:
         print(json.dumps(asdict(teacher.info()), indent=2))
     finally:
@@ -74,65 +122,65 @@ def _teacher_info(args: argparse.Namespace) -> None:
 
 
 def _teacher_gap(args: argparse.Namespace) -> None:
-    from vidalign.client import connect
     from vidalign.data.toy import moving_squares
     from vidalign.gap import conditioning_gap
+    from vidalign.teacher.client import connect
 
-    teacher = connect(args.address, model=args.model)
+    teacher = connect(args.teacher, model=args.teacher_model)
     try:
         clips = moving_squares(args.n, frames=args.frames, size=args.size, seed=args.seed)
         gaps = conditioning_gap(teacher, clips, timesteps=args.timesteps, seed=args.seed,
                                 draws=args.draws)
     finally:
         teacher.close()
-    print(f"conditioning gap of {args.model or args.address} on {args.n} clips "
+    print(f"conditioning gap of {args.teacher_model or args.teacher} on {args.n} clips "
           "(true vs opposite direction, same noise)")
     print(f"{'timestep':>8} {'true loss':>10} {'wrong loss':>11} {'gap':>8}")
     for gap in gaps:
         print(f"{gap.timestep:>8} {gap.true_loss:>10.5f} {gap.wrong_loss:>11.5f} {gap.relative:>+8.2%}")
 
 
-def _train_stage2(args: argparse.Namespace) -> None:
-    from vidalign.config import load_config
-    from vidalign_trainer.stage2 import Stage2Config, run_stage2
-
-    config = load_config(Stage2Config, args.config, args.set)
-    run_stage2(config, resume=args.resume)
-
-
 def _train_stage1(args: argparse.Namespace) -> None:
-    from vidalign_trainer.stage1 import run_from_args
+    from vidalign_trainer.stage1 import run_stage1
 
-    run_from_args(args)  # load_config + run_stage1; leaves the process group under torchrun
+    config = config_from_args(args.config_class, args)
+    try:
+        run_stage1(config, resume=args.resume)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # under torchrun: leave the process group
+            dist.destroy_process_group()
 
 
-def _features_extract(args: argparse.Namespace) -> None:
-    from vidalign_trainer.features import run_from_args
+def _train_stage2(args: argparse.Namespace) -> None:
+    from vidalign_trainer.stage2 import run_stage2
 
-    run_from_args(args)
+    run_stage2(config_from_args(args.config_class, args), resume=args.resume)
 
 
 def _train_stage3(args: argparse.Namespace) -> None:
-    from vidalign.config import load_config
-    from vidalign_trainer.stage3 import Stage3Config, run_stage3
+    from vidalign_trainer.stage3 import run_stage3
 
-    config = load_config(Stage3Config, args.config, args.set)
-    run_stage3(config, resume=args.resume)
+    run_stage3(config_from_args(args.config_class, args), resume=args.resume)
 
 
 def _train_sft(args: argparse.Namespace) -> None:
-    from vidalign.config import load_config
-    from vidalign_trainer.sft import SFTConfig, run_sft
+    from vidalign_trainer.sft import run_sft
 
-    config = load_config(SFTConfig, args.config, args.set)
-    run_sft(config, resume=args.resume)
+    run_sft(config_from_args(args.config_class, args), resume=args.resume)
+
+
+def _features_extract(args: argparse.Namespace) -> None:
+    from vidalign_trainer.features import extract_features
+
+    extract_features(config_from_args(args.config_class, args))
 
 
 def _vda_run(args: argparse.Namespace) -> None:
-    from vidalign.config import load_config
-    from vidalign_trainer.vda import VDAConfig, run_vda, summary
+    from vidalign_trainer.vda import run_vda, summary
 
-    config = load_config(VDAConfig, args.config, args.set)
+    config = config_from_args(args.config_class, args)
     for step, status in run_vda(config).items():
         print(f"{step}: {status}")
     if config.eval is not None:
@@ -152,8 +200,8 @@ def _priors_show(args: argparse.Namespace) -> None:
 
 
 def _adapter_init(args: argparse.Namespace) -> None:
-    from vidalign.diffusion import Adapter, load_teacher
     from vidalign.students import load_student
+    from vidalign.vda import Adapter, load_teacher
 
     teacher = load_teacher(args.teacher_model)
     d_v = args.feature_dim or load_student(args.student).d_v
@@ -172,21 +220,24 @@ def _adapter_init(args: argparse.Namespace) -> None:
 
 
 def _models_list(args: argparse.Namespace) -> None:
-    from vidalign.diffusion import TEACHER_MODELS
+    from vidalign.motionenhancer import COGVIDEOX_MODELS
     from vidalign.students import STUDENT_MODELS
+    from vidalign.vda import TEACHER_MODELS
 
-    print("teachers (vidalign teacher serve --model NAME):")
+    print("teachers (--teacher-model NAME; configs: teacher.model):")
     for spec in TEACHER_MODELS.values():
-        print(f"  {spec.name:24s} {spec.family:12s} {spec.description}")
-    print("students (stage2 config: student: NAME):")
+        print(f"  {spec.name:24s} {spec.family:17s} {spec.description}")
+    for spec in COGVIDEOX_MODELS.values():  # MotionEnhancer's: attention priors
+        print(f"  {spec.name:24s} {'cogvideox':17s} {spec.description}")
+    print("students (--student NAME; configs: student):")
     for spec in STUDENT_MODELS.values():
-        print(f"  {spec.name:24s} {spec.family:12s} {spec.description}")
+        print(f"  {spec.name:24s} {spec.family:17s} {spec.description}")
 
 
 def _models_pull(args: argparse.Namespace) -> None:
     from vidalign.hub import pull
 
-    for component, uri in pull(args.name, args.to, source_dir=args.source).items():
+    for component, uri in pull(args.name, args.out, source_dir=args.source).items():
         print(f"{component}: {uri}")
 
 
@@ -207,7 +258,25 @@ def _data_prepare(args: argparse.Namespace) -> None:
     print(json.dumps({"subset": f"{args.out.rstrip('/')}/subset", "ks": report}, indent=2))
 
 
+def _what_to_score(args: argparse.Namespace) -> None:
+    """``vidalign eval`` scores exactly one thing, named explicitly: never a default answerer."""
+    given = [flag for flag, value in (("--student", args.student),
+                                      ("--predictions", args.predictions),
+                                      ("--answerer", args.answerer)) if value]
+    choices = (f"--student NAME (a VideoLLM), --predictions FILE (saved outputs) or --answerer "
+               f"{{{','.join(ANSWERERS)}}} (a model-free baseline; oracle reads the answer key)")
+    if not given:
+        raise InvalidInput(f"eval: nothing to score; give one of {choices}")
+    if len(given) > 1:
+        raise InvalidInput(f"eval: {' and '.join(given)} both given; give only one of {choices}")
+    for flag, value in (("--encoder", args.encoder), ("--lora", args.lora)):
+        if value and not args.student:
+            raise InvalidInput(f"eval: {flag} goes into a --student VideoLLM; give --student NAME")
+
+
 def _eval(args: argparse.Namespace) -> None:
+    _what_to_score(args)
+
     import json
     import tempfile
 
@@ -234,18 +303,20 @@ def _eval(args: argparse.Namespace) -> None:
     if args.predictions:
         result = score_outputs(bench.items, read_outputs(args.predictions), judge=judge,
                                judge_dir=judge_dir, progress=True)
+        run = Path(args.predictions).stem
     else:
-        answerer = BASELINES[args.answerer]
-        if args.model:
+        if args.student:
             from vidalign.students.answerer import load_trained_videollm, videollm_answerer
 
-            llm = load_trained_videollm(args.model, encoder=args.encoder or "", lora=args.lora or "",
-                                        device=args.device)
+            llm = load_trained_videollm(args.student, encoder=args.encoder or "",
+                                        lora=args.lora or "", device=args.device)
             answerer = videollm_answerer(llm, max_new_tokens=args.max_new_tokens)
+            run = args.student
+        else:
+            answerer, run = BASELINES[args.answerer], args.answerer
         result = evaluate(bench.items, answerer, batch_size=args.batch_size,
                           frames=args.frames, fps=args.fps, skip_missing=args.skip_missing,
                           judge=judge, judge_dir=judge_dir)
-    run = args.model or args.answerer
     if local_out:
         write_result(result, local_out, name=name, model=run)
     if remote:
@@ -276,220 +347,244 @@ def _demo(args: argparse.Namespace) -> None:
         print(f"\nover seeds {seeds}:\n{table}")
 
 
+# --- the parser ---------------------------------------------------------------------------
+
+
+def _group(sub, name: str, help: str, dest: str = "action"):
+    parser = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+    return parser.add_subparsers(dest=dest, required=True, metavar=dest.upper())
+
+
+def _command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _add_teacher(sub) -> None:
+    teacher = _group(sub, "teacher", "the diffusion teacher service")
+
+    serve = _command(teacher, "serve", "serve a diffusion model over gRPC", _teacher_serve)
+    add_option(serve, "--teacher-model", old=("--model",), required=True, metavar="NAME",
+            help="model to serve: registry name (vidalign models list) or local dir")
+    serve.add_argument("--host", default="[::]", help="address to bind; [::] is every interface")
+    serve.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one")
+    serve.add_argument("--port-file", metavar="FILE",
+                       help="write the bound port to FILE once listening")
+    serve.add_argument("--adapter", action="append", default=[], metavar="URI",
+                       help="adapter file or store URI to load (repeatable)")
+    serve.add_argument("--weights", metavar="URI",
+                       help="store URI (or dir) where `vidalign models pull` staged the weights "
+                            "(default: the registry's sources)")
+    serve.add_argument("--latent-store", metavar="URI",
+                       help="store URI caching VAE latents across replicas")
+    serve.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                       help="weights' dtype")
+    serve.add_argument("--max-message-mb", type=float, default=16, help="per-message limit (MiB)")
+    serve.add_argument("--max-request-mb", type=float, default=1024, help="per-request limit (MiB)")
+    serve.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+
+    info = _command(teacher, "info", "describe a running teacher", _teacher_info)
+    _teacher_address(info, default=None)
+    info.add_argument("--timeout", type=float, default=30.0, help="deadline of the call (s)")
+
+    gap = _command(
+        teacher, "gap", "the teacher's loss with the true vs a wrong motion description "
+        "(check first)", _teacher_gap,
+    )
+    _teacher_address(gap, default="local")
+    add_option(gap, "--teacher-model", old=("--model",), metavar="NAME", default="tiny-animatediff",
+            help="diffusion model: loaded here for local, checked against the service otherwise")
+    gap.add_argument("--n", type=int, default=16, help="toy clips")
+    gap.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700, 900],
+                     help="diffusion timesteps to compare at")
+    gap.add_argument("--draws", type=int, default=4, help="noise draws per clip and timestep")
+    gap.add_argument("--frames", type=int, default=16, help="frames per clip")
+    gap.add_argument("--size", type=int, default=32, help="frame side in pixels")
+    gap.add_argument("--seed", type=int, default=0, help="clips and noise")
+
+
+def _add_jobs(sub) -> None:
+    train = _group(sub, "train", "training stages", dest="stage")
+    for name, cls, example, help, func in (
+        ("stage1", "vidalign_trainer.stage1:Stage1Config", "configs/stage1-tiny.yaml",
+         "VDA stage 1: train W_proj + UNet LoRA (encoder frozen)", _train_stage1),
+        ("stage2", "vidalign_trainer.stage2:Stage2Config", "configs/stage2-tiny.yaml",
+         "VDA stage 2: train the video encoder via the teacher", _train_stage2),
+        ("stage3", "vidalign_trainer.stage3:Stage3Config", "configs/stage3-tiny.yaml",
+         "VDA stage 3: LoRA on the student's LLM, encoder frozen", _train_stage3),
+        ("sft", "vidalign_trainer.sft:SFTConfig", "configs/sft-tiny.yaml",
+         "MotionEnhancer SFT: CE + lambda * L_align, whole VLM trainable", _train_sft),
+    ):
+        add_config_arguments(
+            _command(train, name, help, func), cls, resume=True,
+            example=f"vidalign train {name} --config {example} --set train.steps=10",
+        )
+
+    vda = _group(sub, "vda", "the whole VDA recipe")
+    add_config_arguments(
+        _command(vda, "run", "features -> stage 1 -> stage 2 -> stage 3 -> eval, skipping "
+                 "committed steps", _vda_run),
+        "vidalign_trainer.vda:VDAConfig", config_required=True,
+        example="vidalign vda run --config configs/vda/tiny-videollava.yaml --set store=runs/vda",
+    )
+
+    features = _group(sub, "features", "encoder features F_V for stage 1")
+    add_config_arguments(
+        _command(features, "extract", "frozen encoder over a dataset -> sharded F_V in the store "
+                 "(resumable)", _features_extract),
+        "vidalign_trainer.features:FeaturesConfig",
+        example="vidalign features extract --config configs/features-tiny.yaml "
+                "--set batch_size=4",
+    )
+
+
+def _add_models(sub) -> None:
+    adapter = _group(sub, "adapter", "conditioning adapters (W_proj + LoRA)")
+    init = _command(adapter, "init", "write a freshly initialised adapter", _adapter_init)
+    init.add_argument("--teacher-model", required=True, metavar="NAME",
+                      help="the diffusion model it conditions (vidalign models list)")
+    init.add_argument("--student", default="tiny-videollava", metavar="NAME",
+                      help="VideoLLM whose encoder width d_v the adapter takes")
+    init.add_argument("--feature-dim", type=int, default=0,
+                      help="d_v, overriding --student's; 0: --student's")
+    init.add_argument("--projection", default="linear", choices=["linear", "mlp"],
+                      help="W_proj: linear (paper) or mlp (appendix B)")
+    init.add_argument("--lora-rank", type=int, default=0, help="UNet LoRA rank; 0: none")
+    init.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    init.add_argument("--out", required=True, metavar="FILE", help="the adapter file to write")
+
+    models = _group(sub, "models", "model registry")
+    _command(models, "list", "list teacher and student models", _models_list)
+    pull = _command(models, "pull", "stage a model's weights into the store", _models_pull)
+    pull.add_argument("name", help="registry name (vidalign models list)")
+    add_option(pull, "--out", old=("--to",), required=True, metavar="URI",
+            help="store URI to stage into, e.g. s3://vidalign/models/NAME")
+    pull.add_argument("--from", dest="source", metavar="DIR",
+                      help="local dir with one subdir per component "
+                           "(default: none: download from the hub)")
+
+
+def _add_data(sub) -> None:
+    data = _group(sub, "data", "datasets")
+    synth = _command(data, "synth", "write a SynthMotion dataset (MotionBench layout)", _data_synth)
+    synth.add_argument("--n", type=int, required=True, help="number of clips")
+    synth.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    synth.add_argument("--seed", type=int, default=0, help="the clips' seed")
+    synth.add_argument("--frames", type=int, default=16, help="frames per clip")
+    synth.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
+    synth.add_argument("--fps", type=int, default=8, help="mp4 frame rate")
+
+    prep = _command(
+        data, "prepare", "VDA training subset: stratified sample of an OpenVid-style CSV + static "
+        "captions", _data_prepare,
+    )
+    prep.add_argument("--csv", required=True, help="OpenVid-1M-style CSV")
+    prep.add_argument("--n", type=int, required=True, help="clips in the subset (VDA: 10000)")
+    prep.add_argument("--out", required=True, metavar="URI",
+                      help="store URI; the subset is committed as OUT/subset")
+    prep.add_argument("--rewriter", default="rule", choices=["rule", "llm"],
+                      help="static captions: offline rules, or VDA's prompt on the endpoint in "
+                           "VIDALIGN_REWRITER_{BASE_URL,MODEL,API_KEY}")
+    prep.add_argument("--seed", type=int, default=0, help="sampling seed")
+    prep.add_argument("--bins", type=int, default=4, help="quantile bins per stratification column")
+    prep.add_argument("--video-dir", help="where the videos are (default: beside the CSV)")
+
+
+def _add_priors(sub) -> None:
+    from vidalign_teacher.priors_args import add_extract_arguments, add_show_arguments
+
+    priors = _group(sub, "priors", "MotionEnhancer attention priors (CogVideoX teacher)")
+    add_extract_arguments(_command(
+        priors, "extract", "priors of a dataset's clips -> store (sharded, resumable)",
+        _priors_extract,
+    ))
+    add_show_arguments(_command(
+        priors, "show", "PNG overlays of selected tokens + head-score chart", _priors_show,
+    ))
+
+
+def _add_eval(sub) -> None:
+    ev = _command(sub, "eval", "score a benchmark: a VideoLLM, its saved outputs or a baseline",
+                  _eval)
+    ev.description = (
+        "Score a benchmark. Say what to score, exactly one of:\n"
+        "  --student NAME       a VideoLLM (with --encoder and --lora: after VDA)\n"
+        "  --predictions FILE   saved outputs\n"
+        "  --answerer NAME      a model-free baseline (oracle reads the answer key: 100%)"
+    )
+    ev.add_argument("--bench", required=True, choices=BENCHMARKS, help="the benchmark")
+    ev.add_argument("--data", required=True, help="the benchmark's annotation file or directory")
+    ev.add_argument("--video-dir", help="where the videos are (default: beside the annotations)")
+    add_option(ev, "--student", old=("--model",), metavar="NAME",
+            help="VideoLLM to evaluate (vidalign models list)")
+    ev.add_argument("--predictions", metavar="FILE",
+                    help="JSONL of {uid, output} or {id, pred} to score")
+    ev.add_argument("--answerer", choices=ANSWERERS,
+                    help="model-free baseline to score")
+    ev.add_argument("--encoder", metavar="URI",
+                    help="stage-2 encoder artifact to put into --student")
+    ev.add_argument("--lora", metavar="URI",
+                    help="stage-3 LoRA artifact (peft format) to apply to --student")
+    ev.add_argument("--device", default="cpu", help="device of --student")
+    ev.add_argument("--max-new-tokens", type=int, default=16, help="--student's answer length")
+    ev.add_argument("--judge", default="exact", choices=["exact", "llm"],
+                    help="open-ended judge; llm reads VIDALIGN_JUDGE_{BASE_URL,MODEL,API_KEY}")
+    ev.add_argument("--judge-dir", metavar="DIR",
+                    help="one result file per judged item, to restart from "
+                         "(default: OUT/NAME.judged with --out, else none)")
+    ev.add_argument("--frames", type=int, default=16, help="uniform frames per video")
+    ev.add_argument("--fps", type=float,
+                    help="sample at this rate instead of --frames (default: none: use --frames)")
+    ev.add_argument("--batch-size", type=int, default=8, help="videos per answerer call")
+    ev.add_argument("--skip-missing", action="store_true",
+                    help="score missing videos as unanswered instead of failing")
+    ev.add_argument("--out", metavar="URI",
+                    help="directory or store URI for NAME.json, NAME.md, predictions "
+                         "(default: none: print only)")
+    ev.add_argument("--name", help="result file name (default: the benchmark)")
+
+
+def _add_demo(sub) -> None:
+    demo = _command(
+        sub, "demo", "baseline vs +VDA vs +MotionEnhancer (and controls) on SynthMotion, "
+        "tiny models", _demo,
+    )
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="where results go")
+    demo.add_argument("--seed", type=int, default=0, help="post-training data and training seed")
+    demo.add_argument("--seeds", type=int, nargs="+",
+                      help="run once per seed (OUT/seed-S) and summarise (default: --seed only)")
+    demo.add_argument("--assets", default="assets/demo", help="what `make demo-assets` made")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set stage2_steps=30; repeatable")
+    describe_config(demo, "vidalign_cli.demo:DemoConfig",
+                    example="vidalign demo --seeds 0 1 2 --set stage2_steps=30")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vidalign",
         description="Post-train VideoLLMs for fine-grained motion with a video diffusion teacher.",
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"vidalign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    teacher = sub.add_parser("teacher", help="the diffusion teacher service").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    serve = teacher.add_parser("serve", help="serve a diffusion model over gRPC")
-    serve.add_argument("--model", required=True, help="registry name (vidalign models list) or local dir")
-    serve.add_argument("--host", default="[::]", help="address to bind (default: all interfaces)")
-    serve.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one")
-    serve.add_argument("--port-file", help="write the bound port to this file once listening")
-    serve.add_argument(
-        "--adapter", action="append", default=[],
-        help="adapter file or store URI to load (repeatable)",
-    )
-    serve.add_argument(
-        "--weights", help="store URI (or dir) where `vidalign models pull` staged the weights"
-    )
-    serve.add_argument("--latent-store", help="store URI caching VAE latents across replicas")
-    serve.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    serve.add_argument("--max-message-mb", type=float, default=16, help="per-message limit (MiB)")
-    serve.add_argument("--max-request-mb", type=float, default=1024, help="per-request limit (MiB)")
-    serve.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
-    serve.set_defaults(func=_teacher_serve)
-
-    info = teacher.add_parser("info", help="describe a running teacher")
-    info.add_argument("--address", required=True, help="host:port or dns:///name:port")
-    info.add_argument("--timeout", type=float, default=30.0)
-    info.set_defaults(func=_teacher_info)
-
-    gap = teacher.add_parser(
-        "gap", help="the teacher's loss with the true vs a wrong motion description (check first)"
-    )
-    gap.add_argument("--address", default="local", help="local, host:port or dns:///name:port")
-    gap.add_argument("--model", default="tiny-animatediff", help="the model (loaded here for local)")
-    gap.add_argument("--n", type=int, default=16, help="toy clips")
-    gap.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700, 900])
-    gap.add_argument("--draws", type=int, default=4, help="noise draws per clip and timestep")
-    gap.add_argument("--frames", type=int, default=16)
-    gap.add_argument("--size", type=int, default=32)
-    gap.add_argument("--seed", type=int, default=0)
-    gap.set_defaults(func=_teacher_gap)
-
-    train = sub.add_parser("train", help="training stages").add_subparsers(
-        dest="stage", required=True, metavar="STAGE"
-    )
-    stage1 = train.add_parser("stage1", help="VDA stage 1: train W_proj + UNet LoRA (encoder frozen)")
-    stage1.add_argument("--config", help="YAML config (see configs/stage1-tiny.yaml)")
-    stage1.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    stage1.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    stage1.set_defaults(func=_train_stage1)
-
-    stage2 = train.add_parser("stage2", help="VDA stage 2: train the video encoder via the teacher")
-    stage2.add_argument("--config", help="YAML config (see configs/)")
-    stage2.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    stage2.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    stage2.set_defaults(func=_train_stage2)
-
-    stage3 = train.add_parser("stage3", help="VDA stage 3: LoRA on the student's LLM, encoder frozen")
-    stage3.add_argument("--config", help="YAML config (see configs/)")
-    stage3.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    stage3.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    stage3.set_defaults(func=_train_stage3)
-
-    sft = train.add_parser("sft", help="MotionEnhancer SFT: CE + lambda * L_align, whole VLM trainable")
-    sft.add_argument("--config", help="YAML config (see configs/sft-tiny.yaml)")
-    sft.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    sft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    sft.set_defaults(func=_train_sft)
-
-    vda = sub.add_parser("vda", help="the whole VDA recipe").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    vda_run = vda.add_parser(
-        "run", help="features -> stage 1 -> stage 2 -> stage 3 -> eval, skipping committed steps"
-    )
-    vda_run.add_argument("--config", required=True, help="YAML config (see configs/vda/)")
-    vda_run.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    vda_run.set_defaults(func=_vda_run)
-
-    features = sub.add_parser("features", help="encoder features F_V for stage 1").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    extract = features.add_parser(
-        "extract", help="frozen encoder over a dataset -> sharded F_V in the store (resumable)"
-    )
-    extract.add_argument("--config", help="YAML config (see configs/features-tiny.yaml)")
-    extract.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    extract.set_defaults(func=_features_extract)
-
-    adapter = sub.add_parser("adapter", help="conditioning adapters (W_proj + LoRA)").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    init = adapter.add_parser("init", help="write a freshly initialised adapter")
-    init.add_argument("--teacher-model", required=True)
-    init.add_argument("--student", default="tiny-videollava", help="student whose d_v to use")
-    init.add_argument("--feature-dim", type=int, default=0, help="d_v (overrides --student)")
-    init.add_argument("--projection", default="linear", choices=["linear", "mlp"])
-    init.add_argument("--lora-rank", type=int, default=0)
-    init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--out", required=True)
-    init.set_defaults(func=_adapter_init)
-
-    models = sub.add_parser("models", help="model registry").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    models.add_parser("list", help="list teacher and student models").set_defaults(func=_models_list)
-    pull = models.add_parser("pull", help="stage a model's weights into the store")
-    pull.add_argument("name", help="registry name (vidalign models list)")
-    pull.add_argument("--to", required=True, help="store URI, e.g. s3://vidalign/models/NAME")
-    pull.add_argument(
-        "--from", dest="source", help="local dir with one subdir per component, instead of the hub"
-    )
-    pull.set_defaults(func=_models_pull)
-
-    data = sub.add_parser("data", help="datasets").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    synth = data.add_parser("synth", help="write a SynthMotion dataset (MotionBench layout)")
-    synth.add_argument("--n", type=int, required=True, help="number of clips")
-    synth.add_argument("--out", required=True, help="directory to write")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--frames", type=int, default=16)
-    synth.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
-    synth.add_argument("--fps", type=int, default=8, help="mp4 frame rate")
-    synth.set_defaults(func=_data_synth)
-
-    prep = data.add_parser(
-        "prepare", help="VDA training subset: stratified sample of an OpenVid-style CSV + static captions"
-    )
-    prep.add_argument("--csv", required=True, help="OpenVid-1M-style CSV")
-    prep.add_argument("--n", type=int, required=True, help="clips in the subset (VDA: 10000)")
-    prep.add_argument("--out", required=True, help="store URI; the subset is committed as OUT/subset")
-    prep.add_argument("--rewriter", default="rule", choices=["rule", "llm"],
-                      help="static captions: offline rules, or VDA's prompt on the endpoint in "
-                           "VIDALIGN_REWRITER_{BASE_URL,MODEL,API_KEY}")
-    prep.add_argument("--seed", type=int, default=0)
-    prep.add_argument("--bins", type=int, default=4, help="quantile bins per stratification column")
-    prep.add_argument("--video-dir", help="where the videos are (default: beside the CSV)")
-    prep.set_defaults(func=_data_prepare)
-
-    from vidalign_teacher.priors_args import add_extract_arguments, add_show_arguments
-
-    priors = sub.add_parser(
-        "priors", help="MotionEnhancer attention priors (CogVideoX teacher)"
-    ).add_subparsers(dest="action", required=True, metavar="ACTION")
-    priors_extract = priors.add_parser(
-        "extract", help="priors of a dataset's clips -> store (sharded, resumable)"
-    )
-    add_extract_arguments(priors_extract)
-    priors_extract.set_defaults(func=_priors_extract)
-    priors_show = priors.add_parser("show", help="PNG overlays of selected tokens + head-score chart")
-    add_show_arguments(priors_show)
-    priors_show.set_defaults(func=_priors_show)
-
-    from vidalign.data.benchmarks import QA_BENCHMARKS
-    from vidalign.eval import BASELINES
-
-    ev = sub.add_parser("eval", help="score a benchmark: saved model outputs or a baseline")
-    ev.add_argument("--bench", required=True, choices=sorted(QA_BENCHMARKS))
-    ev.add_argument("--data", required=True, help="the benchmark's annotation file or directory")
-    ev.add_argument("--video-dir", help="where the videos are (default: beside the annotations)")
-    ev.add_argument("--predictions", help="JSONL of {uid, output} or {id, pred} to score")
-    ev.add_argument("--answerer", default="oracle", choices=sorted(BASELINES),
-                    help="model-free answerer when no --predictions (oracle must score 100%%)")
-    ev.add_argument("--model", help="student VideoLLM to evaluate (vidalign models list); "
-                    "without it, --answerer scores a model-free baseline")
-    ev.add_argument("--encoder", help="stage-2 encoder artifact URI to put into --model")
-    ev.add_argument("--lora", help="stage-3 LoRA artifact URI (peft format) to apply to --model")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--max-new-tokens", type=int, default=16)
-    ev.add_argument("--judge", default="exact", choices=["exact", "llm"],
-                    help="open-ended judge; llm reads VIDALIGN_JUDGE_{BASE_URL,MODEL,API_KEY}")
-    ev.add_argument("--judge-dir", help="one result file per judged item (restartable)")
-    ev.add_argument("--frames", type=int, default=16, help="uniform frames per video")
-    ev.add_argument("--fps", type=float, help="sample at this rate instead of --frames")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--skip-missing", action="store_true", help="score missing videos as unanswered")
-    ev.add_argument("--out", help="directory or store URI for NAME.json, NAME.md, predictions")
-    ev.add_argument("--name", help="result file name (default: the benchmark)")
-    ev.set_defaults(func=_eval)
-
-    demo = sub.add_parser(
-        "demo", help="baseline vs +VDA vs +MotionEnhancer (and controls) on SynthMotion, tiny models"
-    )
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--seed", type=int, default=0, help="post-training data and training seed")
-    demo.add_argument("--seeds", type=int, nargs="+", help="run once per seed (OUT/seed-S) and summarise")
-    demo.add_argument("--assets", default="assets/demo", help="what `make demo-assets` made")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a DemoConfig field, e.g. --set stage2_steps=30")
-    demo.set_defaults(func=_demo)
+    _add_teacher(sub)
+    _add_jobs(sub)
+    _add_models(sub)
+    _add_data(sub)
+    _add_priors(sub)
+    _add_eval(sub)
+    _add_demo(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from vidalign.log import configure_logging
+
     configure_logging()
     try:
         args.func(args)
