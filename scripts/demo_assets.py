@@ -70,7 +70,7 @@ QUICK = Sizes(clips=16, teacher_steps=2, cogvideox_steps=2, static_steps=2, inst
 
 def student_config(sizes: Sizes):
     """The tiny Video-LLaVA config, wider: the baseline must be able to learn the task."""
-    from vidalign.students.encoder import tiny_video_llava_config
+    from vidalign.students.video_llava import tiny_video_llava_config
 
     config = tiny_video_llava_config()
     w, v = sizes.llm_width, sizes.vision_width
@@ -85,7 +85,7 @@ def student_config(sizes: Sizes):
 
 
 def make_teacher(out: Path, videos: torch.Tensor, captions: list[str], sizes: Sizes, seed: int) -> dict:
-    from vidalign.diffusion import load_teacher
+    from vidalign.vda import load_teacher
     from vidalign.video import sample_frames
     from vidalign_trainer.pretrain import (
         DEMO_TEXT_WINDOW,
@@ -109,7 +109,7 @@ def make_teacher(out: Path, videos: torch.Tensor, captions: list[str], sizes: Si
 
 
 def make_cogvideox(out: Path, videos: torch.Tensor, captions: list[str], sizes: Sizes, seed: int) -> dict:
-    from vidalign.motion import load_cogvideox
+    from vidalign.motionenhancer import load_cogvideox
     from vidalign.video import sample_frames
     from vidalign_trainer.pretrain import Schedule, calibrate_latent_scale, text_to_video_cogvideox
 
@@ -138,8 +138,8 @@ def word_tokenizer(family):
     the evaluation's letter instruction and the demo's other prompts."""
     from vidalign.data.benchmarks.prompts import LETTER_INSTRUCTION
     from vidalign.data.synthset import ANSWER_FORMAT
-    from vidalign.students.videollm import build_word_tokenizer
-    from vidalign_trainer.stage3 import CAPTION_PROMPT
+    from vidalign.students.tokenizer import build_word_tokenizer
+    from vidalign_trainer.common import CAPTION_PROMPT
 
     chat = family.chat_template.replace("{", " ").replace("}", " ")  # its literal words
     texts = [*synth_texts(), LETTER_INSTRUCTION, CAPTION_PROMPT, chat,
@@ -150,12 +150,11 @@ def word_tokenizer(family):
 def make_student(out: Path, data, sizes: Sizes, seed: int) -> dict:
     from transformers import VideoLlavaForConditionalGeneration
 
-    from vidalign.students.registry import get_student_spec
-    from vidalign.students.videollm import VideoLLM, _family
+    from vidalign.students import VideoLLM, get_family, get_student_spec
     from vidalign_trainer.pretrain import Schedule, instruction_tune, static_pretrain
 
     spec = get_student_spec("tiny-videollava")
-    family = _family(spec)
+    family = get_family(spec)
     tokenizer = word_tokenizer(family)
     config = student_config(sizes)
     config.text_config.vocab_size = max(tokenizer.get_vocab().values()) + 1

@@ -67,6 +67,8 @@ class Checkpoint:
     step: int
     path: Path
     meta: dict[str, Any]
+    config_digest: str = ""
+    """Digest of the config that wrote it (``vidalign.config.config_digest``)."""
 
     def weights(self, name: str) -> dict[str, torch.Tensor]:
         return load_file(self.path / f"{name}.safetensors")
@@ -146,4 +148,7 @@ class Checkpointer:
             path = self.cache_dir / name
             fetch_artifact(self.store, name, path)
         assert manifest.step is not None
-        return Checkpoint(name=name, step=manifest.step, path=path, meta=manifest.meta)
+        return Checkpoint(
+            name=name, step=manifest.step, path=path, meta=manifest.meta,
+            config_digest=manifest.config_digest,
+        )

@@ -38,6 +38,7 @@ def main() -> None:
     from vidalign.log import configure_logging
 
     configure_logging()
+    from vidalign_trainer import loop
     from vidalign_trainer.zero import ZeroEngine
 
     engines: list[ZeroEngine] = []
@@ -66,17 +67,16 @@ def main() -> None:
         return norm
 
     ZeroEngine.step = recording_step
+    capture(loop)  # the skeleton builds every job's engine
 
     if args.job == "stage2":
         from vidalign_trainer import stage2
 
-        capture(stage2)
         config = load_config(stage2.Stage2Config, args.config, args.set)
         losses = stage2.run_stage2(config, resume=args.resume)
     else:
         from vidalign_trainer import sft
 
-        capture(sft)
         config = load_config(sft.SFTConfig, args.config, args.set)
         losses = [step["loss"] for step in sft.run_sft(config, resume=args.resume).losses]
     (zero,) = engines

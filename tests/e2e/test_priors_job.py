@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidalign.client import LocalTeacher
 from vidalign.data.synth import SIDECAR_FILE, generate, read_sidecar, write_dataset
 from vidalign.errors import NotFound
-from vidalign.motion import extract_priors, load_cogvideox
-from vidalign.motion.io import priors_from_bytes
+from vidalign.motionenhancer import extract_priors, load_cogvideox
+from vidalign.motionenhancer.io import priors_from_bytes
 from vidalign.store import open_store, read_manifest
+from vidalign.teacher.client import LocalTeacher
 from vidalign_teacher import priors as job
 
 MODEL = "tiny-cogvideox"
@@ -111,16 +111,17 @@ def test_killed_run_resumes_skipping_committed_shards(dataset, store_uri, local_
 
 
 def test_cli_over_grpc_teacher_matches_in_process(dataset, tmp_path):
+    from vidalign_cli.main import main as cli
     from vidalign_teacher.server import ServerConfig, TeacherServer
 
     server = TeacherServer(ServerConfig(model=MODEL, host="127.0.0.1", port=0, device="cpu", workers=2))
     server.start()
     try:
         common = ["--data", str(dataset), "--shard-size", "2", "--steps", "2"]
-        assert job.main(["extract", *common, "--out", str(tmp_path / "grpc"),
+        assert cli(["priors", "extract", *common, "--out", str(tmp_path / "grpc"),
                          "--teacher", f"127.0.0.1:{server.port}"]) == 0
-        assert job.main(["extract", *common, "--out", str(tmp_path / "local"), "--device", "cpu"]) == 0
-        assert job.main(["extract", *common, "--out", str(tmp_path / "x"), "--model", "cogvideox-5b",
+        assert cli(["priors", "extract", *common, "--out", str(tmp_path / "local"), "--device", "cpu"]) == 0
+        assert cli(["priors", "extract", *common, "--out", str(tmp_path / "x"), "--teacher-model", "cogvideox-5b",
                          "--teacher", f"127.0.0.1:{server.port}"]) == 2  # wrong pool: refused
     finally:
         server.stop(grace=0)
@@ -157,10 +158,12 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_show_writes_png_overlays_and_head_chart(dataset, tmp_path, local_teacher):
+    from vidalign_cli.main import main as cli
+
     out = tmp_path / "priors"
     job.extract_dataset_priors(config(dataset, str(out)), teacher=Counting(local_teacher))
     clip_id = read_sidecar(dataset)[1].clip_id
-    assert job.main(["show", "--priors", str(out), "--clip", clip_id, "--out", str(tmp_path / "png"),
+    assert cli(["priors", "show", "--priors", str(out), "--clip", clip_id, "--out", str(tmp_path / "png"),
                      "--max-tokens", "4"]) == 0
     folder = tmp_path / "png" / clip_id
     names = sorted(p.name for p in folder.iterdir())

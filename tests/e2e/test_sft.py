@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from vidalign.data.toy import moving_squares
-from vidalign.motion import extract_priors, load_cogvideox
-from vidalign.motion.align import AttentionAligner
-from vidalign.motion.io import write_priors_set
+from vidalign.motionenhancer import extract_priors, load_cogvideox
+from vidalign.motionenhancer.align import AttentionAligner
+from vidalign.motionenhancer.io import write_priors_set
 from vidalign.store import open_store, read_manifest
 from vidalign.students.videollm import load_videollm
 from vidalign_trainer.sft import (

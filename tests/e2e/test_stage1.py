@@ -18,16 +18,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vidalign.client import GrpcTeacher
 from vidalign.config import load_config
 from vidalign.data.toy import moving_squares
-from vidalign.diffusion import Adapter, load_teacher
-from vidalign.diffusion.loss import loss_and_grad
 from vidalign.errors import NotFound
-from vidalign.protocol import DenoisingLossRequest
 from vidalign.run import RunDir
 from vidalign.store import materialize, open_store, read_artifact_file, read_manifest
 from vidalign.students import load_student
+from vidalign.teacher.client import GrpcTeacher
+from vidalign.teacher.protocol import DenoisingLossRequest
+from vidalign.vda import Adapter, load_teacher
+from vidalign.vda.loss import loss_and_grad
 from vidalign.video import sample_frames
 from vidalign_teacher.server import ServerConfig, TeacherServer
 from vidalign_trainer.features import FeaturesConfig, extract_features, load_features
@@ -150,7 +150,7 @@ def test_killed_stage1_resumes_to_the_same_adapter(store_uri, features_uri, trai
     monkeypatch.setenv("VIDALIGN_CACHE", str(tmp_path / "cache"))
     expected = [m["loss"] for m in RunDir(str(trained.out)).metrics()]
     uri = f"{store_uri}/killed"
-    cmd = [sys.executable, "-m", "vidalign_trainer.stage1",
+    cmd = [sys.executable, "-m", "vidalign_cli.main", "train", "stage1",
            "--config", str(ROOT / "configs" / "stage1-tiny.yaml")]
     for item in overrides(features_uri, uri):
         cmd += ["--set", item]
@@ -256,7 +256,7 @@ def test_two_rank_ddp_matches_one_rank_with_the_global_batch(features_uri, tmp_p
     one = load_config(Stage1Config, ROOT / "configs" / "stage1-tiny.yaml",
                       [*common, f"output.dir={tmp_path / 'one'}"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vidalign_trainer.stage1", "--config", str(ROOT / "configs" / "stage1-tiny.yaml")]
+           "-m", "vidalign_cli.main", "train", "stage1", "--config", str(ROOT / "configs" / "stage1-tiny.yaml")]
     for item in [*common, f"output.dir={tmp_path / 'two'}"]:
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

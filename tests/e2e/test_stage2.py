@@ -99,7 +99,7 @@ def test_cli_reports_config_and_teacher_errors(adapter_paths, tmp_path):
 
 
 def test_frames_for_the_diffusion_model_are_a_switch(adapter_paths, tmp_path):
-    from vidalign.client import LocalTeacher
+    from vidalign.teacher.client import LocalTeacher
 
     frames: list[int] = []
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from vidalign.client import LocalTeacher
 from vidalign.config import load_config
 from vidalign.data.synth import generate, write_dataset
+from vidalign.teacher.client import LocalTeacher
 from vidalign_trainer.common import DataConfig, open_dataset
 from vidalign_trainer.stage2 import Stage2Config, run_stage2
 

@@ -153,7 +153,7 @@ def test_killed_stage3_resumes_exactly(stage2_encoder, tmp_path):
     expected = [m["loss"] for m in RunDir(str(full)).metrics()]
     assert len(expected) == STEPS
 
-    cmd = [sys.executable, "-m", "vidalign_trainer.stage3", "--config", str(CONFIG)]
+    cmd = [sys.executable, "-m", "vidalign_cli.main", "train", "stage3", "--config", str(CONFIG)]
     for item in overrides(encoder_uri, killed, STEPS):
         cmd += ["--set", item]
     proc = subprocess.Popen(

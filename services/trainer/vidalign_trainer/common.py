@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
@@ -44,6 +44,29 @@ class DataConfig:
             raise ValueError("data.path: kind synth needs the SynthMotion directory")
         if self.num_clips < (0 if self.kind == "synth" else 1):
             raise ValueError(f"data.num_clips must be >= 1, got {self.num_clips}")
+
+
+TASKS = ("caption", "qa")
+CAPTION_PROMPT = "Describe the video."
+QA_PROMPT = "Which direction does the square move?"
+"""The toy clips' question (SynthMotion's come with their own prompts)."""
+
+
+@dataclass(kw_only=True)
+class InstructionDataConfig(DataConfig):
+    """Clips as (prompt, target) pairs: their captions and/or their questions."""
+
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    """``caption`` ("Describe the video." -> the caption) and/or ``qa`` (toy: the direction
+    question; synth: every SynthMotion question with the prompt and answer the evaluation uses)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if not self.tasks or unknown:
+            raise ValueError(
+                f"data.tasks: expected a non-empty subset of {list(TASKS)}, got {self.tasks}"
+            )
 
 
 @dataclass

@@ -23,7 +23,7 @@ Every function is deterministic given its ``seed`` (batch order and noise).
 from __future__ import annotations
 
 import math
-import time
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,31 +32,93 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vidalign.checkpoint import Checkpoint
 from vidalign.errors import InvalidInput
-from vidalign.log import get_logger
 from vidalign.video import sample_frames
 from vidalign_trainer.common import epoch_order
-
-log = get_logger("vidalign.pretrain")
+from vidalign_trainer.loop import Built, Context, Job, OutputConfig, StepOutput, TrainConfig, fit
 
 
 @dataclass(kw_only=True)
-class Schedule:
+class Schedule(TrainConfig):
+    """A pretraining run: AdamW, linear warmup, cosine decay to 10%, grad norm clipped to 1."""
+
     steps: int
     batch_size: int = 8
     lr: float = 1e-3
     warmup: float = 0.05
     """Fraction of steps of linear warmup; cosine decay to 10% after."""
     weight_decay: float = 0.01
-    seed: int = 0
     log_every: int = 50
+    """Log a progress event every N steps."""
+    out: str = ""
+    """Store URI of checkpoints (``--resume`` goes on from the newest); empty: a temporary
+    directory, gone when the run returns."""
+    checkpoint_every: int = 0
+    """Checkpoint every N steps; 0: only after the last one."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise InvalidInput(
-                f"schedule: expected steps >= 1, batch_size >= 1, lr > 0; got {self.steps}, "
-                f"{self.batch_size}, {self.lr}"
-            )
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise InvalidInput(f"schedule: {err}") from None
+        if not 0 <= self.warmup < 1 or self.log_every < 1 or self.checkpoint_every < 0:
+            raise InvalidInput("schedule: expected 0 <= warmup < 1, log_every >= 1, checkpoint_every >= 0")
+
+
+@dataclass(kw_only=True)
+class _PretrainConfig:
+    train: Schedule
+    output: OutputConfig
+    device: str = "cpu"
+
+
+class Pretrain(Job):
+    """Some parameters trained on ``step_loss(picks, generator)`` over ``range(n)`` examples."""
+
+    distributed = False
+
+    def __init__(
+        self,
+        name: str,
+        params: Sequence[nn.Parameter],
+        n: int,
+        schedule: Schedule,
+        step_loss: Callable[[list[int], torch.Generator], Tensor],
+        out: str,
+    ) -> None:
+        output = OutputConfig(dir=out, checkpoint_every=schedule.checkpoint_every or schedule.steps,
+                              keep_latest_k=1, log_every=schedule.log_every)
+        super().__init__(_PretrainConfig(train=schedule, output=output))
+        self.name = name
+        self.params = nn.ParameterList(params)  # the same Parameter objects, not copies
+        self.n = n
+        self.step_loss = step_loss
+
+    def build(self, ctx: Context, checkpoint: Checkpoint | None) -> Built:
+        schedule = self.config.train
+        if checkpoint is not None:
+            self.params.load_state_dict(checkpoint.weights("params"))
+        optimizer = torch.optim.AdamW(self.params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+        warm = max(1, int(schedule.warmup * schedule.steps))
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = (step - warm) / max(1, schedule.steps - warm)
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return Built(self.params, optimizer, scheduler, info={"examples": self.n})
+
+    def step(self, model, step: int) -> StepOutput:
+        schedule = self.config.train
+        picks = epoch_order(self.n, step, schedule.batch_size, schedule.seed)
+        generator = torch.Generator().manual_seed(schedule.seed * 1_000_003 + step)
+        return StepOutput(self.step_loss(picks, generator))
+
+    def weights(self) -> dict[str, dict[str, Tensor]]:
+        return {"params": self.params.state_dict()}
 
 
 def _train(
@@ -66,42 +128,11 @@ def _train(
     schedule: Schedule,
     step_loss: Callable[[list[int], torch.Generator], Tensor],
 ) -> list[float]:
-    """AdamW with warmup + cosine over ``schedule.steps`` batches of ``range(n)``."""
-    params = list(params)
-    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
-    warm = max(1, int(schedule.warmup * schedule.steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, schedule.steps - warm)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    losses: list[float] = []
-    tic = time.perf_counter()
-    for step in range(schedule.steps):
-        picks = epoch_order(n, step, schedule.batch_size, schedule.seed)
-        generator = torch.Generator().manual_seed(schedule.seed * 1_000_003 + step)
-        loss = step_loss(picks, generator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name}: loss is {loss.item()} at step {step + 1}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % schedule.log_every == 0 or step + 1 == schedule.steps:
-            recent = losses[-schedule.log_every:]
-            log.info(
-                f"{name}_step",
-                step=step + 1,
-                steps=schedule.steps,
-                loss=round(sum(recent) / len(recent), 5),
-                elapsed_s=round(time.perf_counter() - tic, 1),
-            )
-    return losses
+    """The step losses of ``schedule.steps`` batches of ``range(n)`` (resumed from ``schedule.out``)."""
+    if schedule.out:
+        return fit(Pretrain(name, params, n, schedule, step_loss, schedule.out), resume=True).losses
+    with tempfile.TemporaryDirectory(prefix=f"vidalign-{name}-") as tmp:
+        return fit(Pretrain(name, params, n, schedule, step_loss, tmp)).losses
 
 
 # --- teachers -----------------------------------------------------------------------
@@ -125,7 +156,7 @@ def word_text_encoder(teacher: Any, texts: Sequence[str], max_length: int, *, se
     """
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from vidalign.students.videollm import build_word_tokenizer
+    from vidalign.students.tokenizer import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(
         texts, TEXT_SPECIALS, None, eos="<|endoftext|>", bos="<|startoftext|>"
@@ -328,11 +359,9 @@ def instruction_tune(
     train_tower: bool = False,
 ) -> list[float]:
     """Train a ``VideoLLM``'s projector and LLM on (clip index, prompt, target) examples."""
-    from vidalign_trainer.sft import param_groups
-
     llm.model.requires_grad_(True)
     if not train_tower:
-        for _, p in param_groups(llm.model)["vision"]:
+        for _, p in llm.param_groups()["vision"]:
             p.requires_grad_(False)
     trainable = [p for p in llm.model.parameters() if p.requires_grad]
     llm.model.train()

@@ -1,8 +1,8 @@
-"""MotionEnhancer SFT: CE + lambda * L_align, the whole VLM trainable (REFERENCE section 1).
+"""MotionEnhancer SFT: CE + lambda * L_align, the whole VLM trainable (docs/papers.md).
 
     priors  <- CogVideoX text-to-vision attention after MHS/MTTI (one file per clip)
     A_vlm   = text-to-vision attention of the VLM, mean over heads and layers, rows of the
-              tokens covering each selected word (vidalign.motion.align, forward hooks)
+              tokens covering each selected word (vidalign.motionenhancer.align, forward hooks)
     L       = CE(reply tokens) + lambda * mean_s || Aligner(A_vlm[s]) - prior[s] ||^2   (lambda = 1)
 
 Trainable, each with its own learning rate: the vision tower, the merger /
@@ -19,7 +19,7 @@ conversation; SynthMotion's multiple-choice questions, each with the prompt the
 evaluation gives; the target is the option's text then its letter, ``ANSWER_FORMAT``
 of ``vidalign.data.synthset``). Priors come from the
 priors set that ``vidalign priors extract`` wrote for the same clips
-(``vidalign.motion.io.load_priors_set``), or, with ``priors: ""``, are
+(``vidalign.motionenhancer.io.load_priors_set``), or, with ``priors: ""``, are
 extracted in-process with ``teacher`` (tests and the CPU demo).
 
 Output: checkpoints (trainable weights, aligner, optimizer, scheduler, RNG)
@@ -28,9 +28,9 @@ model as the store artifact ``<out>/model`` (``save_pretrained`` + tokenizer
 + ``aligner.safetensors``); mean CE / L_align over the training set before
 and after training in ``<out>/model``'s manifest meta and the result.
 
-By default one process trains with plain torch AdamW (a ``WORLD_SIZE`` from a
-launcher is ignored). With ``deepspeed.enabled: true`` the VLM and the aligner
-are wrapped, with this AdamW (its parameter groups and their learning rates)
+One process trains with plain torch AdamW; under ``torchrun`` each rank takes
+its slice of every batch and DDP averages the gradients. With
+``deepspeed.enabled: true`` the VLM and the aligner are wrapped, with this AdamW (its parameter groups and their learning rates)
 and the warmup-cosine schedule, in a DeepSpeed ZeRO-1/2 engine
 (``vidalign_trainer.zero``; DeepSpeed clips to ``train.grad_clip`` and steps the
 schedule), with plain ``python`` (one rank; the losses equal the plain run's,
@@ -42,31 +42,27 @@ tokens, its aligned rows), so this equals one process on the whole batch only
 where the slices hold as many of them. Rank 0 logs, checkpoints and commits; checkpoints then hold every rank's ZeRO optimizer state, so a resume
 needs the same ``deepspeed`` settings and number of ranks (refused otherwise).
 
-Run: ``vidalign train sft --config configs/sft-tiny.yaml [--resume]``
-(or ``python -m vidalign_trainer.sft`` with the same arguments).
+The loop, resume, checkpoints, metrics and ranks are ``vidalign_trainer.loop``'s.
+
+Run: ``vidalign train sft --config configs/sft-tiny.yaml [--resume]``.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vidalign.checkpoint import rng_state, set_rng_state
-from vidalign.config import config_digest, to_dict
+from vidalign.checkpoint import Checkpoint
 from vidalign.data.toy import moving_squares
 from vidalign.errors import InvalidInput
-from vidalign.hub import weights_component
 from vidalign.log import get_logger
-from vidalign.motion.align import (
+from vidalign.motionenhancer.align import (
     AttentionAligner,
     PriorItem,
     VisionGrid,
@@ -75,39 +71,42 @@ from vidalign.motion.align import (
     motion_sft_loss,
     vision_grid,
 )
-from vidalign.run import METRICS, RunDir
+from vidalign.papers import (
+    ME_ALIGN_WEIGHT,
+    ME_LR_LLM,
+    ME_LR_MERGER,
+    ME_LR_VISION,
+    ME_WARMUP_RATIO,
+    ME_WEIGHT_DECAY,
+)
 from vidalign.store import commit_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
-from vidalign_trainer.common import DataConfig as ClipDataConfig
-from vidalign_trainer.common import Dist, epoch_order, global_mean, init_distributed
-from vidalign_trainer.zero import DeepSpeedConfig, ZeroEngine, initialize, require_plain_state
+from vidalign_trainer.common import (
+    CAPTION_PROMPT,
+    QA_PROMPT,
+    InstructionDataConfig,
+    epoch_order,
+)
+from vidalign_trainer.loop import Built, Context, Job, LoopConfig, StepOutput, StudentSection, fit
+from vidalign_trainer.loop import OutputConfig as BaseOutputConfig
+from vidalign_trainer.zero import DeepSpeedConfig
 
 log = get_logger("vidalign.sft")
 
-TASKS = ("caption", "qa")
-CAPTION_PROMPT = "Describe the video."
-QA_PROMPT = "Which direction does the square move?"
 GROUPS = ("vision", "projector", "llm", "aligner")
 
 
 @dataclass(kw_only=True)
-class DataConfig(ClipDataConfig):
+class DataConfig(InstructionDataConfig):
     num_clips: int = 4
     tasks: list[str] = field(default_factory=lambda: ["caption"])
-    """``caption`` (aligned: the caption is the teacher's prompt) and/or ``qa`` (CE only)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        unknown = sorted(set(self.tasks) - set(TASKS))
-        if not self.tasks or unknown:
-            raise ValueError(
-                f"data.tasks: expected a non-empty subset of {list(TASKS)}, got {self.tasks}"
-            )
+    """``caption`` (aligned: the caption is the teacher's prompt) and/or ``qa`` (CE only: the
+    caption is not in that conversation)."""
 
 
 @dataclass(kw_only=True)
 class AlignConfig:
-    weight: float = 1.0
+    weight: float = ME_ALIGN_WEIGHT
     """lambda of CE + lambda * L_align (the paper: 1)."""
     hidden: int = 64
     """Aligner MLP hidden width; its size is 2 N h + h^2 + 2 h + N for N grid cells."""
@@ -118,29 +117,32 @@ class AlignConfig:
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(LoopConfig):
+    """SFT's ``train`` section: each component has its own learning rate."""
+
     steps: int = 30
-    batch_size: int = 2
-    lr_vision: float = 2e-6
-    lr_projector: float = 1e-5
-    lr_llm: float = 1e-5
+    lr_vision: float = ME_LR_VISION
+    """Learning rate of the vision tower."""
+    lr_projector: float = ME_LR_MERGER
+    """Learning rate of the merger / multimodal projector."""
+    lr_llm: float = ME_LR_LLM
+    """Learning rate of the LLM (with ``lm_head``)."""
     lr_aligner: float = 1e-4
-    weight_decay: float = 0.1
-    warmup_ratio: float = 0.03
-    grad_clip: float = 1.0
-    """Max global grad norm; 0 disables clipping."""
-    seed: int = 0
+    """Learning rate of the aligner MLP."""
+    weight_decay: float = ME_WEIGHT_DECAY
+    """AdamW weight decay on matrices (none on biases and norm weights)."""
+    warmup_ratio: float = ME_WARMUP_RATIO
+    """Linear warmup over ``ceil(warmup_ratio * steps)`` steps, then cosine to 0."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("train.steps and train.batch_size must be >= 1")
+        super().__post_init__()
         lrs = (self.lr_vision, self.lr_projector, self.lr_llm, self.lr_aligner)
         if min(lrs) < 0 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("train.lr_* must be >= 0 and 0 <= train.warmup_ratio < 1")
 
 
 @dataclass(kw_only=True)
-class OutputConfig:
+class OutputConfig(BaseOutputConfig):
     dir: str = "runs/sft"
     checkpoint_every: int = 10
     keep_latest_k: int = 2
@@ -149,11 +151,9 @@ class OutputConfig:
 
 
 @dataclass(kw_only=True)
-class SFTConfig:
-    student: str = "tiny-videollava"
-    student_weights: str = ""
-    """Store URI (or dir) where `vidalign models pull` staged the student; empty: the registry's source."""
+class SFTConfig(StudentSection):
     device: str = "cpu"
+    """Device of the VLM (``cuda`` picks ``cuda:LOCAL_RANK`` under torchrun)."""
     priors: str = ""
     """Priors set (store URI or dir) written by ``vidalign priors extract`` over the same clips;
     empty: extract the priors in-process with ``teacher``."""
@@ -175,7 +175,7 @@ class SFTConfig:
 
 def load_clip_priors(config: SFTConfig, clips: list) -> dict[str, PriorItem]:
     """Priors by clip id: from the priors set at ``priors`` or extracted in-process."""
-    from vidalign.motion.io import load_priors_set
+    from vidalign.motionenhancer.io import load_priors_set
 
     out: dict[str, PriorItem] = {}
     if config.priors:
@@ -184,7 +184,7 @@ def load_clip_priors(config: SFTConfig, clips: list) -> dict[str, PriorItem]:
             priors, prompt = priors_set.get(clip.clip_id)
             out[clip.clip_id] = _item(priors, prompt)
         return out
-    from vidalign.motion import extract_priors, load_cogvideox
+    from vidalign.motionenhancer import extract_priors, load_cogvideox
 
     if config.prior_steps < 1:
         raise InvalidInput("prior_steps: expected an int >= 1")
@@ -271,30 +271,11 @@ class ToyMotionSFT:
 # Model pieces
 
 
-def param_groups(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
-    """Trainable parameters by group: vision tower, projector / merger, LLM (by module name)."""
-    groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {
-        "vision": [],
-        "projector": [],
-        "llm": [],
-    }
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if "merger" in name or "multi_modal_projector" in name:
-            groups["projector"].append((name, p))
-        elif any(k in name for k in ("visual", "video_tower", "vision_tower", "image_tower")):
-            groups["vision"].append((name, p))
-        else:
-            groups["llm"].append((name, p))
-    return groups
-
-
 def build_optimizer(
-    model: torch.nn.Module, aligner: AttentionAligner, config: TrainConfig
+    llm: VideoLLM, aligner: AttentionAligner, config: TrainConfig
 ) -> tuple[torch.optim.AdamW, dict[str, int]]:
-    """AdamW with one (decay, no-decay) pair of param groups per component."""
-    groups = param_groups(model)
+    """AdamW with one (decay, no-decay) pair of param groups per component (the family's)."""
+    groups = llm.param_groups()
     groups["aligner"] = list(aligner.named_parameters())
     lrs = {
         "vision": config.lr_vision,
@@ -399,239 +380,98 @@ class SFTResult:
     param_counts: dict[str, int]
 
 
-def run_sft(config: SFTConfig, *, resume: bool = False) -> SFTResult:
-    """MotionEnhancer SFT; returns the step losses, the train-set evaluations and the models."""
-    config.deepspeed.check()
-    run = RunDir(config.output.dir)
-    bs, weight = config.train.batch_size, config.align.weight
-    # Ranks only under DeepSpeed; without it SFT is one process whatever the launcher.
-    ranks = init_distributed(config.device) if config.deepspeed.enabled else Dist()
-    if bs % ranks.world_size:
-        raise InvalidInput(
-            f"train.batch_size ({bs}) must be divisible by the {ranks.world_size} ranks"
-        )
-    device = config.device
-    if device.startswith("cuda") and ranks.world_size > 1:
-        device = f"cuda:{ranks.local_rank}"
-    weights = weights_component(config.student_weights, "model") if config.student_weights else None
-    llm = load_videollm(config.student, device=device, path=weights)
-    grid = vision_grid(llm)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.train.seed)
-        aligner = AttentionAligner(grid.size, config.align.hidden).to(device)
-    model = llm.model
-    for name, p in model.named_parameters():
-        if "image_tower" in name:  # Video-LLaVA's image tower never sees a video
-            p.requires_grad_(False)
-    optimizer, counts = build_optimizer(model, aligner, config.train)
-    scheduler = cosine_with_warmup(optimizer, config.train.steps, config.train.warmup_ratio)
-    zero: ZeroEngine | None = None
-    if config.deepspeed.enabled:
-        zero = initialize(
-            SFTStep(llm, aligner, grid, weight),
-            optimizer,
-            scheduler,
-            config=config.deepspeed,
-            ranks=ranks,
-            device=torch.device(device),
-            micro_batch_size=bs // ranks.world_size,
-            grad_clip=config.train.grad_clip,
-        )
-    try:
-        return _train(config, run, llm, grid, aligner, optimizer, scheduler, counts, zero, ranks, resume)
-    finally:
-        if zero is not None:
-            zero.close()
+class SFT(Job):
+    """The whole VLM and the aligner, CE + lambda * L_align (module docstring)."""
 
+    name = "sft"
+    digits = 8  # L_align is ~1e-3 and moves in the 6th decimal
 
-def _train(
-    config: SFTConfig,
-    run: RunDir,
-    llm: VideoLLM,
-    grid: VisionGrid,
-    aligner: AttentionAligner,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    counts: dict[str, int],
-    zero: ZeroEngine | None,
-    ranks: Dist,
-    resume: bool,
-) -> SFTResult:
-    model = llm.model
-    bs, weight = config.train.batch_size, config.align.weight
-    rank, world = ranks.rank, ranks.world_size
-    checkpointer = run.checkpointer(config.output.keep_latest_k)
-    digest = config_digest(config)
-    start = 0
-    ckpt = checkpointer.latest() if resume else None
-    if ckpt is not None:
-        if ckpt.meta.get("config_digest") != digest:
-            log.warning("resume_config_changed", checkpoint=ckpt.name)
-        saved = ckpt.weights("model")
-        expected = trainable_state(model).keys()
-        if saved.keys() != expected:
-            raise InvalidInput(f"checkpoint {ckpt.name}: model weights do not match this config")
-        model.load_state_dict(saved, strict=False)
-        aligner.load_state_dict(ckpt.weights("aligner"))
-        if zero is not None:
-            zero.load_optimizer_state(ckpt.state("optimizer"), ckpt.name)
-        else:
-            optimizer.load_state_dict(require_plain_state(ckpt.state("optimizer"), ckpt.name))
-        scheduler.load_state_dict(ckpt.state("scheduler"))
-        set_rng_state(ckpt.state("rng"))
-        start = ckpt.trainer_state()["step"]
-        log.info("resumed", step=start, checkpoint=f"{checkpointer.store.uri}/{ckpt.name}")
-    if rank == 0:
-        run.start_metrics(ckpt)
+    def build(self, ctx: Context, checkpoint: Checkpoint | None) -> Built:
+        config = self.config
+        self.ctx = ctx
+        llm = self.llm = load_videollm(config.student, device=str(ctx.device), path=config.student_path())
+        self.grid = grid = vision_grid(llm)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.train.seed)
+            self.aligner = aligner = AttentionAligner(grid.size, config.align.hidden).to(ctx.device)
+        model = llm.model
+        for name, p in model.named_parameters():
+            if "image_tower" in name:  # Video-LLaVA's image tower never sees a video
+                p.requires_grad_(False)
+        if checkpoint is not None:
+            saved = checkpoint.weights("model")
+            if saved.keys() != trainable_state(model).keys():
+                raise InvalidInput(f"checkpoint {checkpoint.name}: model weights do not match this config")
+            model.load_state_dict(saved, strict=False)
+            aligner.load_state_dict(checkpoint.weights("aligner"))
+        optimizer, self.counts = build_optimizer(llm, aligner, config.train)
+        scheduler = cosine_with_warmup(optimizer, config.train.steps, config.train.warmup_ratio)
+        self.data = ToyMotionSFT(config.data)
+        self.data.priors = load_clip_priors(config, self.data.clips)
+        return Built(SFTStep(llm, aligner, grid, config.align.weight), optimizer, scheduler, info={
+            "student": config.student,
+            "examples": len(self.data),
+            "grid": (grid.frames, grid.height, grid.width),
+            "params": self.counts,
+        })
 
-    data = ToyMotionSFT(config.data)
-    data.priors = load_clip_priors(config, data.clips)
-    eval_start = evaluate(llm, aligner, data, grid, bs, weight)
-    log.info(
-        "sft_start",
-        rank=rank,
-        world_size=world,
-        zero_stage=config.deepspeed.zero_stage if zero is not None else None,
-        student=config.student,
-        examples=len(data),
-        grid=(grid.frames, grid.height, grid.width),
-        params=counts,
-        start_step=start,
-        steps=config.train.steps,
-        eval=eval_start,
-        output=run.store.uri,
-    )
-    model.train()
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    losses: list[dict[str, float]] = []
-    with (
-        logging_redirect_tqdm(),
-        tqdm(
-            total=config.train.steps,
-            initial=start,
-            desc="sft",
-            unit="step",
-            dynamic_ncols=True,
-            disable=None if rank == 0 else True,
-        ) as bar,
-    ):
-        for step in range(start, config.train.steps):
-            tic = time.perf_counter()
-            picks = data.picks(step, bs, config.train.seed)
-            per_rank = bs // world
-            videos, prompts, targets, priors = data.take(picks[rank * per_rank : (rank + 1) * per_rank])
-            batch = build_align_batch(llm, videos, prompts, targets, priors, grid)
-            if zero is not None:
-                loss, ce, align = zero(batch)
-                zero.backward(loss)
-                grad_norm = zero.step()  # DeepSpeed clips, steps AdamW and the schedule
-                param_groups = zero.param_groups
-            else:
-                out = motion_sft_loss(llm, aligner, batch, grid, weight=weight)
-                loss, ce, align = out.loss, out.ce, out.align
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    trainable, config.train.grad_clip if config.train.grad_clip > 0 else math.inf
-                )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                param_groups = optimizer.param_groups
-            if world > 1:  # each rank holds the means over its slice
-                value, ce_value, align_value = (
-                    global_mean(t.detach(), ranks) for t in (loss, ce, align)
-                )
-            else:
-                value, ce_value, align_value = (float(t.detach()) for t in (loss, ce, align))
-            if not math.isfinite(value):
-                raise FloatingPointError(f"SFT loss is {value} at step {step + 1}")
-            rec = {"loss": value, "ce": ce_value, "align": align_value}
-            losses.append(rec)
-            record = {
-                "step": step + 1,
-                **{k: round(v, 8) for k, v in rec.items()},
-                "grad_norm": round(float(grad_norm), 6),
-                "lr": {g["name"]: g["lr"] for g in param_groups},
-                "step_s": round(time.perf_counter() - tic, 4),
-            }
-            if rank == 0:
-                run.log_metrics(record)
-                log.info("sft_step", **record)
-            bar.set_postfix(ce=f"{rec['ce']:.3f}", align=f"{rec['align']:.5f}")
-            bar.update(1)
-            save = (step + 1) % config.output.checkpoint_every == 0 or step + 1 == config.train.steps
-            # Under ZeRO each rank holds a partition of the optimizer state: gathered here.
-            zero_state = zero.optimizer_state() if zero is not None and save else None
-            if rank == 0 and save:
-                checkpointer.save(
-                    step + 1,
-                    weights={"model": trainable_state(model), "aligner": aligner.state_dict()},
-                    state={
-                        "optimizer": optimizer.state_dict() if zero is None else zero_state,
-                        "scheduler": scheduler.state_dict(),
-                        "rng": rng_state(),
-                    },
-                    trainer_state={"samples_seen": (step + 1) * bs, "data_seed": config.train.seed},
-                    producer="vidalign train sft",
-                    config_digest=digest,
-                    meta={"config": to_dict(config)},
-                    extra_files={METRICS: run.metrics_path},
-                )
-    eval_end = evaluate(llm, aligner, data, grid, bs, weight)
-    model.eval()
-    meta = {
-        "student": config.student,
-        "grid": [grid.frames, grid.height, grid.width],
-        "aligner_hidden": config.align.hidden,
-        "eval_start": eval_start,
-        "eval_end": eval_end,
-    }
-    if rank == 0 and config.output.save_model:
+    def _evaluate(self) -> dict[str, float]:
+        return evaluate(self.llm, self.aligner, self.data, self.grid, self.config.train.batch_size,
+                        self.config.align.weight)
+
+    def on_start(self, start: int) -> None:
+        self.eval_start = self._evaluate()
+        log.info("sft_eval", step=start, **self.eval_start)
+        self.llm.model.train()
+
+    def step(self, model, step: int) -> StepOutput:
+        train = self.config.train
+        picks = self.ctx.local(self.data.picks(step, train.batch_size, train.seed), train.batch_size)
+        videos, prompts, targets, priors = self.data.take(picks)
+        batch = build_align_batch(self.llm, videos, prompts, targets, priors, self.grid)
+        loss, ce, align = model(batch)
+        return StepOutput(loss, metrics={"ce": ce, "align": align})
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"model": trainable_state(self.llm.model), "aligner": self.aligner.state_dict()}
+
+    def on_end(self) -> None:
+        self.eval_end = self._evaluate()
+        self.llm.model.eval()
+        log.info("sft_eval", step=self.config.train.steps, **self.eval_end)
+
+    def export(self, final: Checkpoint) -> None:
+        config, grid = self.config, self.grid
+        if not config.output.save_model:
+            return
+        meta = {
+            "student": config.student,
+            "grid": [grid.frames, grid.height, grid.width],
+            "aligner_hidden": config.align.hidden,
+            "eval_start": self.eval_start,
+            "eval_end": self.eval_end,
+        }
         with tempfile.TemporaryDirectory(prefix="vidalign-sft-") as tmp:
-            model.save_pretrained(tmp)
-            llm.tokenizer.save_pretrained(tmp)
+            self.llm.model.save_pretrained(tmp)
+            self.llm.tokenizer.save_pretrained(tmp)
             save_file(
-                {k: v.contiguous() for k, v in aligner.state_dict().items()},
+                {k: v.contiguous() for k, v in self.aligner.state_dict().items()},
                 Path(tmp) / "aligner.safetensors",
             )
             files = {str(p.relative_to(tmp)): p for p in Path(tmp).rglob("*") if p.is_file()}
-            commit_artifact(
-                run.store,
-                "model",
-                files,
-                producer="vidalign train sft",
-                config_digest=digest,
-                step=config.train.steps,
-                meta=meta,
-            )
-    if rank == 0:
-        run.publish_metrics()
-    log.info("sft_done", steps=config.train.steps, eval=eval_end, model=f"{run.store.uri}/model")
+            commit_artifact(self.ctx.run.store, "model", files, producer=self.producer,
+                            config_digest=self.ctx.config_digest, step=final.step, meta=meta)
+
+
+def run_sft(config: SFTConfig, *, resume: bool = False) -> SFTResult:
+    """MotionEnhancer SFT; returns the step losses, the train-set evaluations and the models."""
+    job = SFT(config)
+    result = fit(job, resume=resume)
     return SFTResult(
-        losses=losses,
-        eval_start=eval_start,
-        eval_end=eval_end,
-        videollm=llm,
-        aligner=aligner,
-        param_counts={**counts, "aligner": sum(p.numel() for p in aligner.parameters())},
+        losses=result.values,
+        eval_start=job.eval_start,
+        eval_end=job.eval_end,
+        videollm=job.llm,
+        aligner=job.aligner,
+        param_counts={**job.counts, "aligner": sum(p.numel() for p in job.aligner.parameters())},
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m vidalign_trainer.sft --config FILE [--set k=v] [--resume]``."""
-    import argparse
-
-    from vidalign.config import load_config
-
-    parser = argparse.ArgumentParser(prog="vidalign train sft", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (see configs/)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    args = parser.parse_args(argv)
-    run_sft(load_config(SFTConfig, args.config, args.set), resume=args.resume)
-
-
-if __name__ == "__main__":
-    main()

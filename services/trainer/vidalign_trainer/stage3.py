@@ -23,64 +23,51 @@ loadable with ``peft.PeftModel.from_pretrained(base_model, dir)``); with
 ``output.merge``, the merged model (``save_pretrained`` + tokenizer) as
 ``<out>/merged``.
 
-Run: ``vidalign train stage3 --config configs/stage3-tiny.yaml [--resume]``
-(or ``python -m vidalign_trainer.stage3`` with the same arguments).
+Under torchrun each rank trains on its slice of every batch and DDP averages
+the LoRA gradients (the loop, resume, checkpoints and metrics are
+``vidalign_trainer.loop``'s).
+
+Run: ``vidalign train stage3 --config configs/stage3-tiny.yaml [--resume]``.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vidalign.checkpoint import rng_state, set_rng_state
-from vidalign.config import config_digest, to_dict
+from vidalign.checkpoint import Checkpoint
 from vidalign.data.toy import moving_squares
 from vidalign.errors import InvalidInput
-from vidalign.hub import weights_component
-from vidalign.log import get_logger
-from vidalign.run import METRICS, RunDir
+from vidalign.papers import VDA_LORA_RANK
 from vidalign.store import commit_artifact
 from vidalign.students.answerer import load_encoder_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
-from vidalign_trainer.common import DataConfig as ClipDataConfig
-from vidalign_trainer.common import epoch_order
-
-log = get_logger("vidalign.stage3")
+from vidalign_trainer.common import (
+    CAPTION_PROMPT,
+    QA_PROMPT,
+    InstructionDataConfig,
+    epoch_order,
+)
+from vidalign_trainer.loop import Built, Context, Job, StepOutput, StudentSection, fit
+from vidalign_trainer.loop import OutputConfig as BaseOutputConfig
+from vidalign_trainer.loop import TrainConfig as BaseTrainConfig
 
 LLM_ATTENTION = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 """LoRA targets: the LLM's attention projections (never the vision tower's)."""
 
-TASKS = ("caption", "qa")
-CAPTION_PROMPT = "Describe the video."
-QA_PROMPT = "Which direction does the square move?"
 
 
 @dataclass(kw_only=True)
-class DataConfig(ClipDataConfig):
+class DataConfig(InstructionDataConfig):
     num_clips: int = 16
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    """Training pairs per clip: ``caption`` (full caption) and ``qa`` (toy: the direction
-    question; synth: every SynthMotion question, prompt and answer letter as evaluated)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        unknown = sorted(set(self.tasks) - set(TASKS))
-        if not self.tasks or unknown:
-            raise ValueError(
-                f"data.tasks: expected a non-empty subset of {list(TASKS)}, got {self.tasks}"
-            )
 
 
 @dataclass(kw_only=True)
 class LoraConfig:
-    rank: int = 16
+    rank: int = VDA_LORA_RANK
     """LoRA rank r (VDA: 16)."""
     alpha: float = 32.0
     """LoRA alpha; the update is scaled by alpha / r."""
@@ -94,43 +81,25 @@ class LoraConfig:
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
-    steps: int = 40
-    batch_size: int = 2
+class TrainConfig(BaseTrainConfig):
     lr: float = 1e-4
     """AdamW learning rate; VDA uses 1e-5 on real models, toy runs need more."""
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    """Max global grad norm; 0 disables clipping."""
-    seed: int = 0
-    """Batch order and LoRA initialisation."""
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("train.steps and train.batch_size must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be positive, got {self.lr}")
 
 
 @dataclass(kw_only=True)
-class OutputConfig:
+class OutputConfig(BaseOutputConfig):
     dir: str = "runs/stage3"
-    checkpoint_every: int = 20
-    keep_latest_k: int = 3
     merge: bool = False
     """Also commit the model with LoRA merged in (``<dir>/merged``)."""
 
 
 @dataclass(kw_only=True)
-class Stage3Config:
-    student: str = "tiny-videollava"
-    """Student VideoLLM (``vidalign models list``)."""
-    student_weights: str = ""
-    """Store URI (or dir) where `vidalign models pull` staged the student; empty: the registry's source."""
+class Stage3Config(StudentSection):
     encoder: str = ""
     """Stage-2 encoder: store URI of the artifact (``<stage2 out>/encoder``), a directory holding
     ``encoder.safetensors``, or the file; empty keeps the student's own encoder."""
     device: str = "cpu"
+    """Device of the student (``cuda`` picks ``cuda:LOCAL_RANK`` under torchrun)."""
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -201,10 +170,9 @@ class Stage3Result:
     """The trained student; ``videollm.model`` is the ``PeftModel`` (merged when ``output.merge``)."""
 
 
-def load_student_for_stage3(config: Stage3Config) -> VideoLLM:
+def load_student_for_stage3(config: Stage3Config, device: str | None = None) -> VideoLLM:
     """The student with its stage-2 encoder in place and everything frozen (no LoRA yet)."""
-    weights = weights_component(config.student_weights, "model") if config.student_weights else None
-    llm = load_videollm(config.student, device=config.device, path=weights)
+    llm = load_videollm(config.student, device=device or config.device, path=config.student_path())
     if config.encoder:
         llm.load_encoder_state(load_encoder_artifact(config.encoder))
     llm.model.requires_grad_(False)
@@ -237,157 +205,82 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+class CaptionLoss(torch.nn.Module):
+    """The student's cross-entropy on (video, prompt, target) as a module's forward (for DDP)."""
+
+    def __init__(self, llm: VideoLLM) -> None:
+        super().__init__()
+        self.model = llm.model
+        self.llm = llm  # not a Module: a plain attribute
+
+    def forward(self, video: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+        return self.llm.loss(video, prompts, targets)
+
+
+class Stage3(Job):
+    """LoRA on the student's LLM, cross-entropy on captions and QA (module docstring)."""
+
+    name = "stage3"
+
+    def build(self, ctx: Context, checkpoint: Checkpoint | None) -> Built:
+        config = self.config
+        self.ctx = ctx
+        llm = self.llm = load_student_for_stage3(config, device=str(ctx.device))
+        apply_lora(llm, config.lora, config.train.seed)
+        model = llm.model
+        model.train()
+        if checkpoint is not None:
+            saved = checkpoint.weights("lora")
+            expected = trainable_state(model).keys()
+            if saved.keys() != expected:
+                raise InvalidInput(
+                    f"checkpoint {checkpoint.name}: LoRA weights do not match this config "
+                    f"({len(saved.keys() - expected)} unexpected, {len(expected - saved.keys())} missing)"
+                )
+            model.load_state_dict(saved, strict=False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
+        )
+        self.data = ToyInstructions(config.data)
+        return Built(CaptionLoss(llm), optimizer, info={
+            "student": config.student,
+            "encoder": config.encoder or "(student's own)",
+            "examples": len(self.data),
+        })
+
+    def step(self, model, step: int) -> StepOutput:
+        train = self.config.train
+        picks = self.ctx.local(epoch_order(len(self.data), step, train.batch_size, train.seed),
+                               train.batch_size)
+        batch = self.data.take(picks)
+        return StepOutput(model(batch.video, batch.prompts, batch.targets))
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"lora": trainable_state(self.llm.model)}
+
+    def export(self, final: Checkpoint) -> None:
+        config, store, model = self.config, self.ctx.run.store, self.llm.model
+        model.eval()
+        meta = {"student": config.student, "encoder": config.encoder, "lora_rank": config.lora.rank}
+        with tempfile.TemporaryDirectory(prefix="vidalign-lora-") as tmp:
+            model.save_pretrained(tmp)
+            files = {p.name: p for p in Path(tmp).iterdir() if p.is_file()}
+            commit_artifact(store, "lora", files, producer=self.producer,
+                            config_digest=self.ctx.config_digest, step=final.step, meta=meta)
+        if config.output.merge:
+            self.llm.model = model.merge_and_unload()
+            with tempfile.TemporaryDirectory(prefix="vidalign-merged-") as tmp:
+                self.llm.model.save_pretrained(tmp)
+                self.llm.tokenizer.save_pretrained(tmp)
+                files = {str(p.relative_to(tmp)): p for p in Path(tmp).rglob("*") if p.is_file()}
+                commit_artifact(store, "merged", files, producer=self.producer,
+                                config_digest=self.ctx.config_digest, step=final.step, meta=meta)
+
+
 def run_stage3(config: Stage3Config, *, resume: bool = False) -> Stage3Result:
     """Train LoRA on the student's LLM; returns the step losses and the trained student."""
-    run = RunDir(config.output.dir)
-    llm = load_student_for_stage3(config)
-    apply_lora(llm, config.lora, config.train.seed)
-    model = llm.model
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
-    )
-    checkpointer = run.checkpointer(config.output.keep_latest_k)
-    digest = config_digest(config)
-    start = 0
-    ckpt = checkpointer.latest() if resume else None
-    if ckpt is not None:
-        if ckpt.meta.get("config_digest") != digest:
-            log.warning("resume_config_changed", checkpoint=ckpt.name)
-        saved = ckpt.weights("lora")
-        expected = trainable_state(model).keys()
-        if saved.keys() != expected:
-            raise InvalidInput(
-                f"checkpoint {ckpt.name}: LoRA weights do not match this config "
-                f"({len(saved.keys() - expected)} unexpected, {len(expected - saved.keys())} missing)"
-            )
-        model.load_state_dict(saved, strict=False)
-        optimizer.load_state_dict(ckpt.state("optimizer"))
-        set_rng_state(ckpt.state("rng"))
-        start = ckpt.trainer_state()["step"]
-        log.info("resumed", step=start, checkpoint=f"{checkpointer.store.uri}/{ckpt.name}")
-    run.start_metrics(ckpt)
-
-    data = ToyInstructions(config.data)
-    log.info(
-        "stage3_start",
-        student=config.student,
-        encoder=config.encoder or "(student's own)",
-        examples=len(data),
-        trainable_params=sum(p.numel() for p in trainable),
-        start_step=start,
-        steps=config.train.steps,
-        output=run.store.uri,
-    )
-    losses: list[float] = []
-    with (
-        logging_redirect_tqdm(),
-        tqdm(
-            total=config.train.steps,
-            initial=start,
-            desc="stage3",
-            unit="step",
-            dynamic_ncols=True,
-            disable=None,  # no bar when stderr is not a terminal (CI, log files)
-        ) as bar,
-    ):
-        for step in range(start, config.train.steps):
-            tic = time.perf_counter()
-            batch = data.batch(step, config.train.batch_size, config.train.seed)
-            loss = llm.loss(batch.video, batch.prompts, batch.targets)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, config.train.grad_clip if config.train.grad_clip > 0 else math.inf
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"stage 3 loss is {value} at step {step + 1}")
-            losses.append(value)
-            record = {
-                "step": step + 1,
-                "loss": round(value, 6),
-                "grad_norm": round(float(grad_norm), 6),
-                "step_s": round(time.perf_counter() - tic, 4),
-            }
-            run.log_metrics(record)
-            log.info("stage3_step", **record)
-            bar.set_postfix(loss=f"{value:.4f}")
-            bar.update(1)
-            if (step + 1) % config.output.checkpoint_every == 0 or step + 1 == config.train.steps:
-                checkpointer.save(
-                    step + 1,
-                    weights={"lora": trainable_state(model)},
-                    state={"optimizer": optimizer.state_dict(), "rng": rng_state()},
-                    trainer_state={
-                        "samples_seen": (step + 1) * config.train.batch_size,
-                        "data_seed": config.train.seed,
-                    },
-                    producer="vidalign train stage3",
-                    config_digest=digest,
-                    meta={"config": to_dict(config)},
-                    extra_files={METRICS: run.metrics_path},
-                )
-    final = checkpointer.latest()
-    assert final is not None and final.step == config.train.steps
-    model.eval()
-    meta = {"student": config.student, "encoder": config.encoder, "lora_rank": config.lora.rank}
-    with tempfile.TemporaryDirectory(prefix="vidalign-lora-") as tmp:
-        model.save_pretrained(tmp)
-        files = {p.name: p for p in Path(tmp).iterdir() if p.is_file()}
-        commit_artifact(
-            run.store,
-            "lora",
-            files,
-            producer="vidalign train stage3",
-            config_digest=digest,
-            step=final.step,
-            meta=meta,
-        )
-    if config.output.merge:
-        llm.model = model.merge_and_unload()
-        with tempfile.TemporaryDirectory(prefix="vidalign-merged-") as tmp:
-            llm.model.save_pretrained(tmp)
-            llm.tokenizer.save_pretrained(tmp)
-            files = {str(p.relative_to(tmp)): p for p in Path(tmp).rglob("*") if p.is_file()}
-            commit_artifact(
-                run.store,
-                "merged",
-                files,
-                producer="vidalign train stage3",
-                config_digest=digest,
-                step=final.step,
-                meta=meta,
-            )
-    run.publish_metrics()
-    log.info(
-        "stage3_done",
-        steps=config.train.steps,
-        final_loss=losses[-1] if losses else None,
-        lora=f"{run.store.uri}/lora",
-    )
-    return Stage3Result(losses=losses, videollm=llm)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m vidalign_trainer.stage3 --config FILE [--set k=v] [--resume]``."""
-    import argparse
-
-    from vidalign.config import load_config
-
-    parser = argparse.ArgumentParser(
-        prog="vidalign train stage3", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--config", help="YAML config (see configs/)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    args = parser.parse_args(argv)
-    run_stage3(load_config(Stage3Config, args.config, args.set), resume=args.resume)
-
-
-if __name__ == "__main__":
-    main()
+    job = Stage3(config)
+    result = fit(job, resume=resume)
+    job.llm.model.eval()
+    return Stage3Result(losses=result.losses, videollm=job.llm)

@@ -24,6 +24,7 @@ from typing import Any
 
 from vidalign.config import from_dict
 from vidalign.log import get_logger
+from vidalign.papers import VDA_PROJECTION
 from vidalign.store import commit_artifact, open_store, read_manifest
 
 log = get_logger("vidalign.vda")
@@ -57,7 +58,7 @@ class VDAConfig:
     device: str = "cpu"
     text: bool = True
     """Condition the teacher on the static caption (false: the no-text ablation)."""
-    projection: str = "linear"
+    projection: str = VDA_PROJECTION
     """W_proj: linear (paper) or mlp (appendix B)."""
     teacher_frames: int = 0
     """Frames fed to the diffusion model in stages 1 and 2 (VDA: 24); 0: the teacher's default."""
