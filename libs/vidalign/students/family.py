@@ -100,6 +100,51 @@ def tower_view(make: Callable[[nn.Module], VideoEncoder], tower: nn.Module) -> V
     return encoder
 
 
+TINY_FRAMES = 8
+"""Frames a tiny student samples (the tiny configs' video token counts are sized for it)."""
+
+
+def family_students(
+    family: str,
+    *,
+    tiny: str,
+    tiny_description: str,
+    name: str,
+    hf_id: str,
+    description: str,
+    num_frames: int = 8,
+) -> tuple[StudentSpec, StudentSpec]:
+    """A family's two registry entries: its tiny preset ``tiny`` (random init of the real
+    classes, no download) and the real checkpoint ``name`` at ``hf_id``."""
+    tiny_spec, real_spec = (
+        StudentSpec(
+            name=key,
+            family=family,
+            hf_id=hub,
+            tiny=hub is None,
+            num_frames=frames,
+            description=text,
+        )
+        for key, hub, frames, text in (
+            (tiny, None, TINY_FRAMES, tiny_description),
+            (name, hf_id, num_frames, description),
+        )
+    )
+    return tiny_spec, real_spec
+
+
+def encoder_factory(
+    encoder_class: Callable[..., VideoEncoder],
+) -> Callable[[StudentSpec, nn.Module, Any, str], VideoEncoder]:
+    """A family's ``make_encoder`` for an encoder class built as
+    ``encoder_class(spec=, tower=, config=, pooling=)``."""
+
+    def make(spec: StudentSpec, tower: nn.Module, config: Any, pooling: str) -> VideoEncoder:
+        return encoder_class(spec=spec, tower=tower, config=config, pooling=pooling)
+
+    return make
+
+
 @dataclass(frozen=True, kw_only=True)
 class StudentFamily:
     """Everything about one VideoLLM family; its module builds one and registers it.
@@ -266,10 +311,13 @@ __all__ = [
     "FAMILIES",
     "PARAM_GROUPS",
     "STUDENT_MODELS",
+    "TINY_FRAMES",
     "ParamGroups",
     "StudentFamily",
     "StudentSpec",
     "VisionGrid",
+    "encoder_factory",
+    "family_students",
     "get_family",
     "get_student_spec",
     "param_groups",

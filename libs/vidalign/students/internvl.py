@@ -29,10 +29,12 @@ from vidalign.students.family import (
     StudentFamily,
     StudentSpec,
     VisionGrid,
+    encoder_factory,
+    family_students,
     register_family,
 )
-from vidalign.students.loading import build_tiny_model
-from vidalign.students.tokenizer import CHATML_SPECIALS, chatml_chat_template
+from vidalign.students.loading import TINY_LLM, build_tiny_model
+from vidalign.students.tokenizer import chatml_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """ImageNet pixel mean (RGB); InternViT uses it."""
@@ -101,17 +103,7 @@ def tiny_internvl_config() -> Any:
             "image_size": [32, 32],
             "patch_size": [8, 8],
         },
-        text_config={
-            "model_type": "qwen2",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "vocab_size": 128,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        },
+        text_config={"model_type": "qwen2", **TINY_LLM, "bos_token_id": 1, "eos_token_id": 2},
         image_token_id=127,
         image_seq_length=4,
     )
@@ -138,37 +130,27 @@ def _vision_grid(encoder: Any, config: Any) -> VisionGrid:
 FAMILY = register_family(
     StudentFamily(
         name="internvl",
-        students=(
-            StudentSpec(
-                name="tiny-internvl3",
-                family="internvl",
-                hf_id=None,
-                tiny=True,
-                num_frames=8,
-                description="InternVL classes at toy size (InternViT 32 wide, 2 layers, 32 px); random init.",
-            ),
-            StudentSpec(
-                name="internvl3-8b",
-                family="internvl",
-                hf_id="OpenGVLab/InternVL3-8B-hf",
-                tiny=False,
-                num_frames=8,
-                description="InternVL3 8B; its InternViT-300M vision tower (448 px, frames as images) is E_phi.",
-            ),
+        students=family_students(
+            "internvl",
+            tiny="tiny-internvl3",
+            tiny_description="InternVL classes at toy size (InternViT 32 wide, 2 layers, 32 px); random init.",
+            name="internvl3-8b",
+            hf_id="OpenGVLab/InternVL3-8B-hf",
+            description="InternVL3 8B; its InternViT-300M vision tower (448 px, frames as images) is E_phi.",
         ),
         model_class="InternVLForConditionalGeneration",
         build_tiny=build_tiny_internvl,
         tower="model.vision_tower",
-        make_encoder=lambda spec, tower, config, pooling: InternVLEncoder(
-            spec=spec, tower=tower, config=config, pooling=pooling
-        ),
+        make_encoder=encoder_factory(InternVLEncoder),
         model_type="internvl",
         checkpoint_prefixes=("model.vision_tower.", "vision_tower."),
-        tiny_specials={**CHATML_SPECIALS, "<img>": 118, "</img>": 119, "<IMG_CONTEXT>": 127},
-        tiny_eos="<|im_end|>",
-        chat_template=chatml_chat_template(video="{{ '<video>\\n' }}", image="{{ '<image>\\n' }}"),
-        placeholder="<video>",
-        video_token="<IMG_CONTEXT>",
+        **chatml_text(
+            specials={"<img>": 118, "</img>": 119, "<IMG_CONTEXT>": 127},
+            video="{{ '<video>\\n' }}",
+            image="{{ '<image>\\n' }}",
+            placeholder="<video>",
+            video_token="<IMG_CONTEXT>",
+        ),
         inputs=_inputs,
         vision_grid=_vision_grid,
         vision_modules=("model.vision_tower",),

@@ -17,13 +17,15 @@ from typing import Any
 
 from torch import Tensor
 
-from vidalign.students.family import StudentFamily, StudentSpec, VisionGrid, register_family
-from vidalign.students.loading import build_tiny_model
-from vidalign.students.video_llava import (
-    LLAVA_SPECIALS,
-    VIDEO_LLAVA_CHAT_TEMPLATE,
-    VideoLlavaEncoder,
+from vidalign.students.family import (
+    StudentFamily,
+    VisionGrid,
+    encoder_factory,
+    family_students,
+    register_family,
 )
+from vidalign.students.loading import TINY_LLM, build_tiny_model
+from vidalign.students.video_llava import LLAVA_TEXT, TINY_CLIP_VISION, VideoLlavaEncoder
 
 
 class LlavaNextVideoEncoder(VideoLlavaEncoder):
@@ -36,25 +38,8 @@ def tiny_llava_next_video_config() -> Any:
     from transformers import LlavaNextVideoConfig
 
     return LlavaNextVideoConfig(
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-            "projection_dim": 32,
-        },
-        text_config={
-            "model_type": "llama",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "vocab_size": 128,
-        },
+        vision_config={**TINY_CLIP_VISION},
+        text_config={"model_type": "llama", **TINY_LLM},
         image_token_index=126,
         video_token_index=127,
         image_grid_pinpoints=[[32, 32]],
@@ -83,37 +68,21 @@ def _vision_grid(encoder: Any, config: Any) -> VisionGrid:
 FAMILY = register_family(
     StudentFamily(
         name="llava-next-video",
-        students=(
-            StudentSpec(
-                name="tiny-llava-next-video",
-                family="llava-next-video",
-                hf_id=None,
-                tiny=True,
-                num_frames=8,
-                description="LLaVA-NeXT-Video classes at toy size (CLIP ViT 32 wide, 2 layers, 32 px); random init.",
-            ),
-            StudentSpec(
-                name="llava-next-video-7b",
-                family="llava-next-video",
-                hf_id="llava-hf/LLaVA-NeXT-Video-7B-hf",
-                tiny=False,
-                num_frames=8,
-                description="LLaVA-NeXT-Video 7B; its CLIP ViT-L/14 (336 px) vision tower is E_phi.",
-            ),
+        students=family_students(
+            "llava-next-video",
+            tiny="tiny-llava-next-video",
+            tiny_description="LLaVA-NeXT-Video classes at toy size (CLIP ViT 32 wide, 2 layers, 32 px); random init.",
+            name="llava-next-video-7b",
+            hf_id="llava-hf/LLaVA-NeXT-Video-7B-hf",
+            description="LLaVA-NeXT-Video 7B; its CLIP ViT-L/14 (336 px) vision tower is E_phi.",
         ),
         model_class="LlavaNextVideoForConditionalGeneration",
         build_tiny=build_tiny_llava_next_video,
         tower="model.vision_tower",
-        make_encoder=lambda spec, tower, config, pooling: LlavaNextVideoEncoder(
-            spec=spec, tower=tower, config=config, pooling=pooling
-        ),
+        make_encoder=encoder_factory(LlavaNextVideoEncoder),
         model_type="llava_next_video",
         checkpoint_prefixes=("model.vision_tower.", "vision_tower."),
-        tiny_specials=LLAVA_SPECIALS,
-        tiny_eos="</s>",
-        chat_template=VIDEO_LLAVA_CHAT_TEMPLATE,
-        placeholder="<video>",
-        video_token="<video>",
+        **LLAVA_TEXT,
         inputs=_inputs,
         vision_grid=_vision_grid,
         vision_modules=("model.vision_tower",),

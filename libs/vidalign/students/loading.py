@@ -134,6 +134,18 @@ def load_tower(
     return config, tower.eval()
 
 
+TINY_LLM = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+}
+"""The tiny LLM of every tiny family's ``text_config`` (32 wide, 2 layers, 128 tokens); a family
+adds its ``model_type`` and special-token ids."""
+
+
 def build_tiny_model(model_class: str, config: object, seed: int):
     """``transformers.<model_class>(config)`` in eval mode, weights fixed by ``seed``.
 

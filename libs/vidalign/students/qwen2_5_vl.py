@@ -31,10 +31,11 @@ from vidalign.students.family import (
     StudentFamily,
     StudentSpec,
     VisionGrid,
+    family_students,
     register_family,
 )
-from vidalign.students.loading import build_tiny_model
-from vidalign.students.tokenizer import CHATML_SPECIALS, chatml_chat_template
+from vidalign.students.loading import TINY_LLM, build_tiny_model
+from vidalign.students.tokenizer import chatml_text
 
 QWEN_IMAGE_SIZE = 224
 """Fixed frame size for the real Qwen2.5-VL encoder (multiple of 14 x 2)."""
@@ -122,12 +123,7 @@ def tiny_qwen2_5_vl_config() -> Any:
             "fullatt_block_indexes": [1],
         },
         text_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "vocab_size": 128,
+            **TINY_LLM,
             "bos_token_id": 1,
             "eos_token_id": 2,
             "rope_parameters": {
@@ -171,23 +167,14 @@ def _vision_grid(encoder: Any, config: Any) -> VisionGrid:
 FAMILY = register_family(
     StudentFamily(
         name="qwen2.5-vl",
-        students=(
-            StudentSpec(
-                name="tiny-qwen2.5-vl",
-                family="qwen2.5-vl",
-                hf_id=None,
-                tiny=True,
-                num_frames=8,
-                description="Qwen2.5-VL classes at toy size (ViT 32 wide, 2 blocks, patch 4, 16 px); random init.",
-            ),
-            StudentSpec(
-                name="qwen2.5-vl-7b",
-                family="qwen2.5-vl",
-                hf_id="Qwen/Qwen2.5-VL-7B-Instruct",
-                tiny=False,
-                num_frames=16,
-                description="Qwen2.5-VL 7B Instruct; its vision transformer + merger (224 px, 2-frame temporal patches) is E_phi.",
-            ),
+        students=family_students(
+            "qwen2.5-vl",
+            tiny="tiny-qwen2.5-vl",
+            tiny_description="Qwen2.5-VL classes at toy size (ViT 32 wide, 2 blocks, patch 4, 16 px); random init.",
+            name="qwen2.5-vl-7b",
+            hf_id="Qwen/Qwen2.5-VL-7B-Instruct",
+            description="Qwen2.5-VL 7B Instruct; its vision transformer + merger (224 px, 2-frame temporal patches) is E_phi.",
+            num_frames=16,
         ),
         model_class="Qwen2_5_VLForConditionalGeneration",
         build_tiny=build_tiny_qwen2_5_vl,
@@ -195,20 +182,18 @@ FAMILY = register_family(
         make_encoder=_make_encoder,
         model_type="qwen2_5_vl",
         checkpoint_prefixes=("model.visual.", "visual."),
-        tiny_specials={
-            **CHATML_SPECIALS,
-            "<|vision_start|>": 123,
-            "<|vision_end|>": 124,
-            "<|image_pad|>": 125,
-            "<|video_pad|>": 126,
-        },
-        tiny_eos="<|im_end|>",
-        chat_template=chatml_chat_template(
+        **chatml_text(
+            specials={
+                "<|vision_start|>": 123,
+                "<|vision_end|>": 124,
+                "<|image_pad|>": 125,
+                "<|video_pad|>": 126,
+            },
             video="<|vision_start|><|video_pad|><|vision_end|>",
             image="<|vision_start|><|image_pad|><|vision_end|>",
+            placeholder="<|video_pad|>",
+            video_token="<|video_pad|>",
         ),
-        placeholder="<|video_pad|>",
-        video_token="<|video_pad|>",
         inputs=_inputs,
         vision_grid=_vision_grid,
         vision_modules=("model.visual",),

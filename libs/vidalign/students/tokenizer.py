@@ -129,3 +129,18 @@ CHATML_SPECIALS = {
 def chatml_chat_template(video: str, image: str) -> str:
     """:data:`CHATML_CHAT_TEMPLATE` with a family's video and image placeholders (Jinja)."""
     return CHATML_CHAT_TEMPLATE.replace("{{ VIDEO }}", video).replace("{{ IMAGE }}", image)
+
+
+def chatml_text(
+    *, specials: Mapping[str, int], video: str, image: str, placeholder: str, video_token: str
+) -> dict[str, Any]:
+    """The text fields of a ChatML :class:`~vidalign.students.StudentFamily`: the tiny
+    tokenizer's specials (:data:`CHATML_SPECIALS` plus the family's ``specials``), its
+    ``<|im_end|>`` eos, and the chat template with the family's ``video``/``image`` placeholders."""
+    return {
+        "tiny_specials": {**CHATML_SPECIALS, **specials},
+        "tiny_eos": "<|im_end|>",
+        "chat_template": chatml_chat_template(video=video, image=image),
+        "placeholder": placeholder,
+        "video_token": video_token,
+    }

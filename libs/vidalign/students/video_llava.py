@@ -25,9 +25,11 @@ from vidalign.students.family import (
     StudentFamily,
     StudentSpec,
     VisionGrid,
+    encoder_factory,
+    family_students,
     register_family,
 )
-from vidalign.students.loading import build_tiny_model
+from vidalign.students.loading import TINY_LLM, build_tiny_model
 
 if TYPE_CHECKING:
     from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
@@ -90,6 +92,19 @@ class VideoLlavaEncoder(VideoEncoder):
         return pooled.flatten(2).transpose(1, 2).reshape(b, t * self.grid**2, -1)
 
 
+TINY_CLIP_VISION = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 32,
+}
+"""The LLaVA families' tiny CLIP vision tower: 32 wide, 2 layers, 32 px, 8 px patches."""
+
+
 def tiny_video_llava_config() -> VideoLlavaConfig:
     """Video-LLaVA at toy size: CLIP ViT 32 wide, 2 layers, 32 px, 8 px patches; tiny Llama.
 
@@ -99,25 +114,8 @@ def tiny_video_llava_config() -> VideoLlavaConfig:
     from transformers import VideoLlavaConfig
 
     return VideoLlavaConfig(
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-            "projection_dim": 32,
-        },
-        text_config={
-            "model_type": "llama",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "vocab_size": 128,
-        },
+        vision_config={**TINY_CLIP_VISION},
+        text_config={"model_type": "llama", **TINY_LLM},
         image_token_index=126,
         video_token_index=127,
         image_seq_length=16,
@@ -148,6 +146,16 @@ VIDEO_LLAVA_CHAT_TEMPLATE = (
 LLAVA_SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": 126, "<video>": 127}
 """Special tokens of the LLaVA families' tiny tokenizers and their ids in the tiny configs."""
 
+LLAVA_TEXT: dict[str, Any] = {
+    "tiny_specials": LLAVA_SPECIALS,
+    "tiny_eos": "</s>",
+    "chat_template": VIDEO_LLAVA_CHAT_TEMPLATE,
+    "placeholder": "<video>",
+    "video_token": "<video>",
+}
+"""The text fields of a :class:`StudentFamily` in Video-LLaVA's conversation format (the
+LLaVA families': ``<video>`` is both the placeholder and the token the features fill)."""
+
 
 def _inputs(encoder: Any, config: Any, pixels: Tensor) -> tuple[dict[str, Tensor], str]:
     # The video path keeps CLS: T x (patches + 1) tokens.
@@ -165,39 +173,23 @@ def _vision_grid(encoder: Any, config: Any) -> VisionGrid:
 FAMILY = register_family(
     StudentFamily(
         name="video-llava",
-        students=(
-            StudentSpec(
-                name="tiny-videollava",
-                family="video-llava",
-                hf_id=None,
-                tiny=True,
-                num_frames=8,
-                description="Video-LLaVA classes at toy size (CLIP ViT: 32 wide, 2 layers, 32 px); random init.",
-            ),
-            StudentSpec(
-                name="video-llava-7b",
-                family="video-llava",
-                hf_id="LanguageBind/Video-LLaVA-7B-hf",
-                tiny=False,
-                num_frames=8,
-                description="Video-LLaVA 7B; its LanguageBind video encoder (CLIP ViT-L/14, 224 px) is E_phi.",
-            ),
+        students=family_students(
+            "video-llava",
+            tiny="tiny-videollava",
+            tiny_description="Video-LLaVA classes at toy size (CLIP ViT: 32 wide, 2 layers, 32 px); random init.",
+            name="video-llava-7b",
+            hf_id="LanguageBind/Video-LLaVA-7B-hf",
+            description="Video-LLaVA 7B; its LanguageBind video encoder (CLIP ViT-L/14, 224 px) is E_phi.",
         ),
         model_class="VideoLlavaForConditionalGeneration",
         build_tiny=build_tiny_video_llava,
         tower="model.video_tower",
-        make_encoder=lambda spec, tower, config, pooling: VideoLlavaEncoder(
-            spec=spec, tower=tower, config=config, pooling=pooling
-        ),
+        make_encoder=encoder_factory(VideoLlavaEncoder),
         model_type="video_llava",
         # transformers-5 module names, then the original hub naming (which
         # transformers 5 also writes in save_pretrained).
         checkpoint_prefixes=("model.video_tower.", "video_tower."),
-        tiny_specials=LLAVA_SPECIALS,
-        tiny_eos="</s>",
-        chat_template=VIDEO_LLAVA_CHAT_TEMPLATE,
-        placeholder="<video>",
-        video_token="<video>",
+        **LLAVA_TEXT,
         inputs=_inputs,
         vision_grid=_vision_grid,
         vision_modules=("model.video_tower", "model.image_tower"),

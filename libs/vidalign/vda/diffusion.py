@@ -26,6 +26,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from vidalign.errors import InvalidInput, NotFound
+from vidalign.pipelines import vae_scale_factor
 
 if TYPE_CHECKING:
     from vidalign.vda.registry import TeacherSpec
@@ -83,8 +84,7 @@ class DiffusionTeacher(torch.nn.Module):
         self.scheduler = scheduler
         self.cond_dim: int = unet.config.cross_attention_dim
         self.latent_channels: int = vae.config.latent_channels
-        # Each VAE down block but the last halves the side, as in the diffusers pipelines.
-        self.vae_scale_factor: int = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor: int = vae_scale_factor(vae.config.block_out_channels)
         self.num_train_timesteps: int = scheduler.config.num_train_timesteps
         self._active_lora: str | None = None
         self._check_consistent()

@@ -28,6 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from vidalign.errors import InvalidInput, NotFound
 from vidalign.papers import VDA_DIFFUSION_FRAMES
+from vidalign.pipelines import from_pretrained, vae_scale_factor
 from vidalign.vda.diffusion import FAMILIES, DiffusionTeacher
 from vidalign.vda.tokenizer import tiny_clip_tokenizer
 
@@ -295,14 +296,6 @@ def tiny_components(family: str, preset: str = "tiny") -> dict[str, Any]:
 # --- loading ----------------------------------------------------------------------
 
 
-def _from_pretrained(cls: Any, location: str, subfolder: str | None, **kwargs: Any) -> Any:
-    try:
-        return cls.from_pretrained(location, subfolder=subfolder, **kwargs)
-    except OSError as e:  # missing files or an unreachable hub: both mean "not here"
-        where = f"{location}/{subfolder}" if subfolder else location
-        raise NotFound(f"cannot load {cls.__name__} from {where}: {e}") from e
-
-
 def _load_config(cls: Any, location: str, subfolder: str) -> dict[str, Any]:
     try:
         return cls.load_config(location, subfolder=subfolder)
@@ -327,7 +320,7 @@ class _Parts:
         self, name: str, cls: Any, location: str | None, subfolder: str | None, **kwargs: Any
     ) -> Any:
         if location is not None:
-            return _from_pretrained(cls, location, subfolder, **kwargs)
+            return from_pretrained(cls, location, subfolder, **kwargs)
         if not self.spec.tiny:
             raise InvalidInput(
                 f"{name}: teacher {self.spec.name!r} needs a location for its {name}, got None"
@@ -391,7 +384,7 @@ def _directory_spec(directory: str, motion_adapter: str | None) -> TeacherSpec:
     is_motion_unet = unet_config.get("_class_name") == UNetMotionModel.__name__
     family = "animatediff" if motion_adapter is not None or is_motion_unet else "sd15"
     vae_config = _load_config(AutoencoderKL, directory, "vae")
-    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    vae_scale = vae_scale_factor(vae_config["block_out_channels"])
     return TeacherSpec(
         name=directory,
         family=family,

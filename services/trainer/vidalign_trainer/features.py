@@ -36,7 +36,7 @@ from vidalign.config import config_digest, to_dict
 from vidalign.errors import InvalidInput, NotFound
 from vidalign.hub import weights_component
 from vidalign.log import get_logger
-from vidalign.shards import Shard, ShardOutput, read_index, run_sharded
+from vidalign.shards import Shard, ShardingConfig, ShardOutput, read_index, run_sharded
 from vidalign.store import Manifest, open_store, read_artifact_file
 from vidalign.students import load_student
 from vidalign_trainer.common import ClipDataset, DataConfig, open_dataset
@@ -50,21 +50,16 @@ PRODUCER = "vidalign features extract"
 
 
 @dataclass(kw_only=True)
-class FeaturesOutputConfig:
+class FeaturesOutputConfig(ShardingConfig):
     dir: str = "runs/features"
     """Store URI (local dir or s3://bucket/prefix) of the feature set."""
-    shard_size: int = 256
-    """Clips per shard: the unit of commit and of resumption."""
-    rank: int = 0
-    """This process's share of the shards: every ``world_size``-th shard from ``rank``."""
-    world_size: int = 1
-    """Processes splitting the shards; whichever finishes last commits the index."""
+    shard_size: int = 256  # documented (and rank, world_size declared) by ShardingConfig
 
-    def __post_init__(self) -> None:
-        if self.shard_size < 1:
-            raise ValueError(f"output.shard_size must be >= 1, got {self.shard_size}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"output.rank must be in [0, world_size={self.world_size}), got {self.rank}")
+    _invalid = (
+        ValueError,
+        "output.shard_size must be >= 1, got {shard_size}",
+        "output.rank must be in [0, world_size={world_size}), got {rank}",
+    )
 
 
 @dataclass(kw_only=True)

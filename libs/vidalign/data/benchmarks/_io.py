@@ -133,6 +133,12 @@ def string_list(record: Any, name: str, where: str, minimum: int = 2) -> list[st
     return value
 
 
+def video_root(path: Path, video_dir: str | Path | None) -> Path:
+    """Where a set's relative video paths resolve: ``video_dir``, by default the directory of
+    the annotation file ``path``."""
+    return Path(video_dir) if video_dir is not None else path.parent
+
+
 class VideoIndex:
     """Resolves video paths and remembers which ones do not exist."""
 

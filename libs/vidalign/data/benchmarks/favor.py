@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vidalign.data.benchmarks._io import VideoIndex, json_records, need, string_list, text_field
+from vidalign.data.benchmarks._io import (
+    VideoIndex,
+    json_records,
+    need,
+    string_list,
+    text_field,
+    video_root,
+)
 from vidalign.data.benchmarks.records import LoadedSet, QAItem
 from vidalign.errors import InvalidInput
 
@@ -19,7 +26,7 @@ from vidalign.errors import InvalidInput
 def load_favor(path: str | Path, video_dir: str | Path | None = None) -> LoadedSet[QAItem]:
     """Every close-ended question; videos are looked up in ``video_dir`` (default: the file's)."""
     path = Path(path)
-    root = Path(video_dir) if video_dir is not None else path.parent
+    root = video_root(path, video_dir)
     videos = VideoIndex()
     items: list[QAItem] = []
     for number, record in json_records(path):

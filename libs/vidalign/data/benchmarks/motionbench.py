@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vidalign.data.benchmarks._io import VideoIndex, jsonl_records, need, text_field
+from vidalign.data.benchmarks._io import VideoIndex, jsonl_records, need, text_field, video_root
 from vidalign.data.benchmarks.records import LETTERS, LoadedSet, QAItem
 from vidalign.errors import InvalidInput
 
@@ -58,7 +58,7 @@ def load_motionbench(path: str | Path, video_dir: str | Path | None = None) -> L
     path = Path(path)
     if path.is_dir():
         path = path / META_FILE
-    root = Path(video_dir) if video_dir is not None else path.parent
+    root = video_root(path, video_dir)
     videos = VideoIndex()
     items: list[QAItem] = []
     seen: dict[str, int] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vidalign.data.benchmarks._io import VideoIndex, array_or_lines, text_field
+from vidalign.data.benchmarks._io import VideoIndex, array_or_lines, text_field, video_root
 from vidalign.data.benchmarks.records import LoadedSet, PreferenceItem
 
 
@@ -19,7 +19,7 @@ def load_motionvid_qa(
 ) -> LoadedSet[PreferenceItem]:
     """Every preference record; ``video`` resolves against ``video_dir`` (default: the file's)."""
     path = Path(path)
-    root = Path(video_dir) if video_dir is not None else path.parent
+    root = video_root(path, video_dir)
     videos = VideoIndex()
     items = []
     for k, (number, record) in enumerate(array_or_lines(path)):

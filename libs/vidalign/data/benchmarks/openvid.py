@@ -13,7 +13,7 @@ import csv
 import math
 from pathlib import Path
 
-from vidalign.data.benchmarks._io import VideoIndex, read_text
+from vidalign.data.benchmarks._io import VideoIndex, read_text, video_root
 from vidalign.data.benchmarks.records import CaptionItem, LoadedSet
 from vidalign.errors import InvalidInput
 
@@ -40,7 +40,7 @@ def _number(cell: str | None, column: str, where: str) -> float | None:
 def load_openvid(path: str | Path, video_dir: str | Path | None = None) -> LoadedSet[CaptionItem]:
     """Every row; ``video`` resolves against ``video_dir`` (default: the CSV's directory)."""
     path = Path(path)
-    root = Path(video_dir) if video_dir is not None else path.parent
+    root = video_root(path, video_dir)
     reader = csv.reader(read_text(path).splitlines(keepends=True))
     header = next(reader, None)
     if header is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from vidalign.data.benchmarks._io import VideoIndex, json_records, need, text_field
+from vidalign.data.benchmarks._io import VideoIndex, json_records, need, text_field, video_root
 from vidalign.data.benchmarks.records import LETTERS, LoadedSet, QAItem
 from vidalign.errors import InvalidInput
 
@@ -36,7 +36,7 @@ def load_seedbench_video(
     if isinstance(video_dir, Mapping):
         roots = {int(k): Path(v) for k, v in video_dir.items()}
     else:
-        root = Path(video_dir) if video_dir is not None else path.parent
+        root = video_root(path, video_dir)
         roots = dict.fromkeys(VIDEO_DIMENSIONS, root)
     videos = VideoIndex()
     items: list[QAItem] = []

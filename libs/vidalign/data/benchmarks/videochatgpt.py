@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vidalign.data.benchmarks._io import VideoIndex, json_records, text_field
+from vidalign.data.benchmarks._io import VideoIndex, json_records, text_field, video_root
 from vidalign.data.benchmarks.records import LoadedSet, QAItem
 from vidalign.errors import InvalidInput
 
@@ -45,7 +45,7 @@ def load_videochatgpt_qa(
     if path.is_dir():
         path = path / "test_q.json"
     answers = Path(answers) if answers is not None else path.with_name("test_a.json")
-    root = Path(video_dir) if video_dir is not None else path.parent
+    root = video_root(path, video_dir)
 
     by_id: dict[str, tuple[int, dict]] = {}
     for number, record in json_records(answers):

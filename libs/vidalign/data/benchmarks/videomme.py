@@ -23,7 +23,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vidalign.data.benchmarks._io import VideoIndex, array_or_lines, need, string_list, text_field
+from vidalign.data.benchmarks._io import (
+    VideoIndex,
+    array_or_lines,
+    need,
+    string_list,
+    text_field,
+    video_root,
+)
 from vidalign.data.benchmarks.records import LETTERS, LoadedSet, QAItem
 from vidalign.errors import InvalidInput
 
@@ -67,7 +74,7 @@ def _item(
 def load_videomme(path: str | Path, video_dir: str | Path | None = None) -> LoadedSet[QAItem]:
     """Every question; videos are ``{videoID}.mp4`` in ``video_dir`` (default: the file's)."""
     path = Path(path)
-    root = Path(video_dir) if video_dir is not None else path.parent
+    root = video_root(path, video_dir)
     videos = VideoIndex()
     items: list[QAItem] = []
     seen: dict[str, int] = {}
