@@ -85,6 +85,14 @@ class AdapterInfo:
     projection: str
     lora_rank: int
     source: str
+    """Where the adapter was loaded from; over gRPC only its file name (``public_name``)."""
+
+
+def public_name(location: str) -> str:
+    """What GetInfo says about a model or adapter location: a registry name as it is, of a
+    path or store URI only the last component, so that no directory, bucket or host of the
+    server reaches a client."""
+    return location.rstrip("/").rsplit("/", 1)[-1] if "/" in location else location
 
 
 @dataclass(kw_only=True)
@@ -134,30 +142,14 @@ def request_messages(
         )
         if value is not None
     }
-    for index, pieces in enumerate(wire.pack(tensors, chunk_bytes)):
-        message = pb.DenoisingLossRequest(tensors=pieces)
-        if index == 0:
-            message.params.CopyFrom(params)
-        yield message
+    yield from _stream(pb.DenoisingLossRequest, "params", params, tensors, chunk_bytes)
 
 
 def parse_request(
     messages: Iterable[pb.DenoisingLossRequest], max_bytes: int | None = None
 ) -> DenoisingLossRequest:
     """Assemble a request stream; InvalidInput/ResourceExhausted on malformed or oversized input."""
-    assembler = wire.TensorAssembler(max_bytes)
-    params: pb.DenoisingLossParams | None = None
-    for message in messages:
-        if message.HasField("params"):
-            if params is not None:
-                raise InvalidInput("params were sent twice; send them in the first message only")
-            params = message.params
-        elif params is None:
-            raise InvalidInput("the first message of a DenoisingLoss stream must carry params")
-        assembler.add(message.tensors)
-    if params is None:
-        raise InvalidInput("empty DenoisingLoss request stream")
-    tensors = assembler.finish()
+    params, tensors = _assemble(messages, max_bytes, "DenoisingLoss")
     unknown = set(tensors) - {"features", "latents", "pixels"}
     if unknown:
         raise InvalidInput(
@@ -181,6 +173,40 @@ def parse_request(
         want_grad=params.want_grad,
         model=params.model,
     )
+
+
+def _stream(
+    message_type: Any, header_field: str, header: Any, tensors: dict[str, torch.Tensor],
+    chunk_bytes: int,
+) -> Iterator[Any]:
+    """``tensors`` in pieces as a stream of ``message_type`` messages, ``header`` (params or
+    a selection) in the ``header_field`` of the first one only."""
+    for index, pieces in enumerate(wire.pack(tensors, chunk_bytes)):
+        message = message_type(tensors=pieces)
+        if index == 0:
+            getattr(message, header_field).CopyFrom(header)
+        yield message
+
+
+def _assemble(
+    messages: Iterable[Any], max_bytes: int | None, rpc: str
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The params and the tensors of ``rpc``'s request stream, whose first message, and only
+    that one, carries the params; ResourceExhausted past ``max_bytes``."""
+    assembler = wire.TensorAssembler(max_bytes)
+    params = None
+    for message in messages:
+        if message.HasField("params"):
+            if params is not None:
+                raise InvalidInput("params were sent twice; send them in the first message only")
+            params = message.params
+        elif params is None:
+            article = "an" if rpc[0] in "AEIOU" else "a"
+            raise InvalidInput(f"the first message of {article} {rpc} stream must carry params")
+        assembler.add(message.tensors)
+    if params is None:
+        raise InvalidInput(f"empty {rpc} request stream")
+    return params, assembler.finish()
 
 
 # --- results ----------------------------------------------------------------
@@ -211,7 +237,7 @@ def parse_result(messages: Iterable[pb.DenoisingLossResponse]) -> DenoisingLossR
 
 def info_message(info: TeacherInfo) -> pb.GetInfoResponse:
     return pb.GetInfoResponse(
-        model=info.model,
+        model=public_name(info.model),
         family=info.family,
         cond_dim=info.cond_dim,
         frames=info.frames,
@@ -225,7 +251,7 @@ def info_message(info: TeacherInfo) -> pb.GetInfoResponse:
                 feature_dim=a.feature_dim,
                 projection=a.projection,
                 lora_rank=a.lora_rank,
-                source=a.source,
+                source=public_name(a.source),
             )
             for a in info.adapters
         ],
@@ -288,30 +314,14 @@ def priors_request_messages(
     video = request.video
     if isinstance(video, np.ndarray):
         video = torch.from_numpy(np.ascontiguousarray(video))
-    for index, pieces in enumerate(wire.pack({"video": video}, chunk_bytes)):
-        message = pb.AttentionPriorsRequest(tensors=pieces)
-        if index == 0:
-            message.params.CopyFrom(params)
-        yield message
+    yield from _stream(pb.AttentionPriorsRequest, "params", params, {"video": video}, chunk_bytes)
 
 
 def parse_priors_request(
     messages: Iterable[pb.AttentionPriorsRequest], max_bytes: int | None = None
 ) -> AttentionPriorsRequest:
     """Assemble a request stream; InvalidInput/ResourceExhausted on malformed or oversized input."""
-    assembler = wire.TensorAssembler(max_bytes)
-    params: pb.AttentionPriorsParams | None = None
-    for message in messages:
-        if message.HasField("params"):
-            if params is not None:
-                raise InvalidInput("params were sent twice; send them in the first message only")
-            params = message.params
-        elif params is None:
-            raise InvalidInput("the first message of an AttentionPriors stream must carry params")
-        assembler.add(message.tensors)
-    if params is None:
-        raise InvalidInput("empty AttentionPriors request stream")
-    tensors = assembler.finish()
+    params, tensors = _assemble(messages, max_bytes, "AttentionPriors")
     unknown = set(tensors) - {"video"}
     if unknown:
         raise InvalidInput(f"unknown tensors {sorted(unknown)}; an AttentionPriors request carries video")
@@ -347,11 +357,7 @@ def priors_result_messages(
     tensors = {
         name: getattr(priors, name).detach().float().cpu().contiguous() for name in _PRIORS_TENSORS
     }
-    for index, pieces in enumerate(wire.pack(tensors, chunk_bytes)):
-        message = pb.AttentionPriorsResponse(tensors=pieces)
-        if index == 0:
-            message.selection.CopyFrom(selection)
-        yield message
+    yield from _stream(pb.AttentionPriorsResponse, "selection", selection, tensors, chunk_bytes)
 
 
 def parse_priors_result(messages: Iterable[pb.AttentionPriorsResponse]) -> Priors:
