@@ -20,7 +20,7 @@ IMAGE_PREFIX ?= vidalign
 IMAGE_TAG ?= 0.1.0
 COMPOSE = docker compose -f deploy/compose.yaml --env-file deploy/.env
 
-.PHONY: help setup test test-fast lint format protos bench demo demo-assets clean \
+.PHONY: help setup test test-fast lint format protos bench soak demo demo-assets clean \
 	images local-gpu local-gpu-down validate-deploy
 
 help: ## list the targets
@@ -57,6 +57,9 @@ bench: $(STAMP) ## wire throughput, stage-2 gRPC vs in-process, attention captur
 	$(BIN)/python bench/wire.py
 	$(BIN)/python bench/stage2.py
 	$(BIN)/python bench/attention_capture.py
+
+soak: $(STAMP) ## teacher under load on loopback: 8 clients x 25 requests + 8 idle streams; errors, health latency, RSS (BENCHMARKS.md)
+	$(BIN)/python bench/soak.py --clients 8 --requests 25 --idle 8
 
 demo: $(STAMP) ## baseline vs +VDA vs +MotionEnhancer, with controls, on SynthMotion (tiny models, offline)
 	VIDALIGN_LOG_FORMAT=$${VIDALIGN_LOG_FORMAT:-console} VIDALIGN_LOG_LEVEL=$${VIDALIGN_LOG_LEVEL:-warning} \

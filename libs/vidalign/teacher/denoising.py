@@ -271,15 +271,7 @@ class TeacherEngine:
 
         if request.latents is not None:
             z = request.latents
-            _check_float("latents", z)
-            if z.dim() != 5:
-                raise InvalidInput(
-                    f"latents: expected 5 dims (B, C, F, h, w), got shape {list(z.shape)}"
-                )
-            if z.shape[0] != batch:
-                raise InvalidInput(
-                    f"latents: batch {z.shape[0]} does not match {batch} sample_ids"
-                )
+            _check_batched("latents", z, 5, "B, C, F, h, w", batch)
             if z.shape[1] != t.latent_channels:
                 raise InvalidInput(
                     f"latents: {z.shape[1]} channels, {self.model_name} expects {t.latent_channels}"
@@ -318,15 +310,7 @@ class TeacherEngine:
 
         if request.features is not None:
             f = request.features
-            _check_float("features", f)
-            if f.dim() != 3:
-                raise InvalidInput(
-                    f"features: expected 3 dims (B, T, d_v), got shape {list(f.shape)}"
-                )
-            if f.shape[0] != batch:
-                raise InvalidInput(
-                    f"features: batch {f.shape[0]} does not match {batch} sample_ids"
-                )
+            _check_batched("features", f, 3, "B, T, d_v", batch)
             if f.shape[1] == 0:
                 raise InvalidInput("features: T is 0; send at least one feature token")
             if adapter is None:
@@ -381,8 +365,13 @@ class TeacherEngine:
             )
 
 
-def _check_float(name: str, tensor: torch.Tensor) -> None:
+def _check_batched(name: str, tensor: torch.Tensor, dims: int, layout: str, batch: int) -> None:
+    """``tensor`` is float, has ``dims`` dims laid out as ``layout`` and ``batch`` samples."""
     if tensor.dtype not in _FLOAT_DTYPES:
         raise InvalidInput(
             f"{name}: expected a float dtype (float32, float16, bfloat16), got {tensor.dtype}"
         )
+    if tensor.dim() != dims:
+        raise InvalidInput(f"{name}: expected {dims} dims ({layout}), got shape {list(tensor.shape)}")
+    if tensor.shape[0] != batch:
+        raise InvalidInput(f"{name}: batch {tensor.shape[0]} does not match {batch} sample_ids")

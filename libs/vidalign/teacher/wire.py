@@ -9,8 +9,9 @@ BENCHMARKS.md). The first piece of a tensor carries its dtype and shape; later
 pieces with the same name append bytes.
 
 ``pack`` turns named tensors into a stream of piece lists, one list per
-message; ``TensorAssembler`` turns pieces back into tensors, enforcing a byte
-budget before it allocates anything.
+message; ``TensorAssembler`` turns pieces back into tensors. It checks the
+declared sizes against a byte budget, but allocates only as bytes arrive: a
+message that declares a 1 GiB tensor and sends 1 MiB of it costs 1 MiB.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+MAX_DIMS = 8
+"""Most dimensions a received tensor may declare (requests use at most 5)."""
+MAX_ELEMENTS = 1 << 48
+"""Most elements a received tensor may span, counting zero dimensions as 1 (torch
+sizes and strides are int64; byte limits refuse far smaller tensors anyway)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -122,15 +129,16 @@ class TensorAssembler:
     """Collects tensor pieces from a stream and checks them.
 
     ``max_bytes`` bounds the sum of the declared sizes of all tensors; it is
-    checked on each tensor's first piece, before its buffer is allocated, so an
-    oversized request costs the server nothing.
+    checked on each tensor's first piece, so an oversized request is refused
+    before its data is read. Buffers grow as pieces arrive, never to the
+    declared size up front: what a request costs is what it has sent.
     """
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self.max_bytes = max_bytes
         self.total_bytes = 0
         self._buffers: dict[str, bytearray] = {}
-        self._filled: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}
         self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
 
     def add(self, pieces: Iterable[pb.Tensor]) -> None:
@@ -154,6 +162,11 @@ class TensorAssembler:
         shape = tuple(int(d) for d in piece.shape)
         if any(d < 0 for d in shape):
             raise InvalidInput(f"tensor '{name}': negative dimension in shape {shape}")
+        if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+            raise InvalidInput(
+                f"tensor '{name}': shape {list(shape)} has more than {MAX_DIMS} dimensions "
+                f"or spans more than 2^48 elements"
+            )
         dtype = DTYPES[piece.dtype]
         size = nbytes(dtype, shape)
         self.total_bytes += size
@@ -164,34 +177,33 @@ class TensorAssembler:
                 "send a smaller batch or fewer frames"
             )
         self._specs[name] = (dtype, shape)
-        self._buffers[name] = bytearray(size)
-        self._filled[name] = 0
+        self._sizes[name] = size
+        self._buffers[name] = bytearray()
         self._append(piece)
 
     def _append(self, piece: pb.Tensor) -> None:
         name = piece.name
-        buffer, filled = self._buffers[name], self._filled[name]
-        end = filled + len(piece.data)
-        if end > len(buffer):
+        buffer, size = self._buffers[name], self._sizes[name]
+        if len(buffer) + len(piece.data) > size:
             dtype, shape = self._specs[name]
             raise InvalidInput(
-                f"tensor '{name}': received more than {len(buffer)} bytes, the size of "
+                f"tensor '{name}': received more than {size} bytes, the size of "
                 f"{_NAMES[dtype]} with shape {list(shape)}"
             )
-        buffer[filled:end] = piece.data
-        self._filled[name] = end
+        buffer += piece.data
 
     def finish(self) -> dict[str, torch.Tensor]:
         """The assembled tensors; InvalidInput if any is short of its declared size."""
         out: dict[str, torch.Tensor] = {}
         for name, buffer in self._buffers.items():
             dtype, shape = self._specs[name]
-            if self._filled[name] != len(buffer):
+            size = self._sizes[name]
+            if len(buffer) != size:
                 raise InvalidInput(
-                    f"tensor '{name}': received {self._filled[name]} bytes, but "
-                    f"{_NAMES[dtype]} with shape {list(shape)} needs {len(buffer)}"
+                    f"tensor '{name}': received {len(buffer)} bytes, but "
+                    f"{_NAMES[dtype]} with shape {list(shape)} needs {size}"
                 )
-            if len(buffer) == 0:
+            if size == 0:
                 out[name] = torch.empty(shape, dtype=dtype)
             else:
                 out[name] = torch.frombuffer(buffer, dtype=dtype).reshape(shape)

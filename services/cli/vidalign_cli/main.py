@@ -78,10 +78,18 @@ def _teacher_address(parser: argparse.ArgumentParser, *, default: str | None) ->
                     "(configs: teacher.address)")
 
 
+def _teacher_credentials(parser: argparse.ArgumentParser) -> None:
+    """``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--token-file``: how to reach a secured teacher."""
+    from vidalign.teacher.credential_args import add_client_credential_arguments
+
+    add_client_credential_arguments(parser)
+
+
 # --- commands ---------------------------------------------------------------------------
 
 
 def _teacher_serve(args: argparse.Namespace) -> None:
+    from vidalign_teacher.limit_args import limit_settings
     from vidalign_teacher.server import ServerConfig, TeacherServer, serve
 
     config = ServerConfig(
@@ -96,6 +104,13 @@ def _teacher_serve(args: argparse.Namespace) -> None:
         max_message_bytes=int(args.max_message_mb * (1 << 20)),
         max_request_bytes=int(args.max_request_mb * (1 << 20)),
         workers=args.workers,
+        grace_s=args.grace_s,
+        **limit_settings(args),  # checks every ranged flag first
+        tls_cert=args.tls_cert or "",
+        tls_key=args.tls_key or "",
+        tls_client_ca=args.tls_client_ca or "",
+        token_file=args.token_file or "",
+        health_port=args.health_port,
     )
     if args.port_file:
         # Tests and the demo use --port 0; they learn the port from this file.
@@ -113,8 +128,10 @@ def _teacher_info(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from vidalign.teacher.client import GrpcTeacher
+    from vidalign.teacher.credential_args import client_credentials
 
-    teacher = GrpcTeacher(args.teacher, timeout=args.timeout)
+    teacher = GrpcTeacher(args.teacher, timeout=args.timeout, wait_s=args.timeout,
+                          credentials=client_credentials(args))
     try:
         print(json.dumps(asdict(teacher.info()), indent=2))
     finally:
@@ -125,8 +142,10 @@ def _teacher_gap(args: argparse.Namespace) -> None:
     from vidalign.data.toy import moving_squares
     from vidalign.gap import conditioning_gap
     from vidalign.teacher.client import connect
+    from vidalign.teacher.credential_args import client_credentials
 
-    teacher = connect(args.teacher, model=args.teacher_model)
+    teacher = connect(args.teacher, model=args.teacher_model,
+                      credentials=None if args.teacher == "local" else client_credentials(args))
     try:
         clips = moving_squares(args.n, frames=args.frames, size=args.size, seed=args.seed)
         gaps = conditioning_gap(teacher, clips, timesteps=args.timesteps, seed=args.seed,
@@ -200,9 +219,15 @@ def _priors_show(args: argparse.Namespace) -> None:
 
 
 def _adapter_init(args: argparse.Namespace) -> None:
+    from vidalign.store import is_store_uri, split_uri
     from vidalign.students import load_student
     from vidalign.vda import Adapter, load_teacher
 
+    if "://" in args.out and not is_store_uri(args.out):
+        raise InvalidInput(
+            f"--out {args.out}: unsupported scheme; give a file path, file:///abs/path or "
+            "s3://bucket/key (what `teacher serve --adapter` loads)"
+        )
     teacher = load_teacher(args.teacher_model)
     d_v = args.feature_dim or load_student(args.student).d_v
     adapter = Adapter.create(
@@ -214,8 +239,17 @@ def _adapter_init(args: argparse.Namespace) -> None:
         seed=args.seed,
         teacher=teacher,
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    digest = adapter.save(args.out)
+    if is_store_uri(args.out):
+        # One object in the store, which `teacher serve --adapter URI` materializes.
+        import tempfile
+
+        parent, name = split_uri(args.out)
+        with tempfile.TemporaryDirectory() as tmp:
+            digest = adapter.save(Path(tmp) / name)
+            parent.put_file(name, Path(tmp) / name)
+    else:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        digest = adapter.save(args.out)
     print(digest)
 
 
@@ -367,7 +401,8 @@ def _add_teacher(sub) -> None:
     serve = _command(teacher, "serve", "serve a diffusion model over gRPC", _teacher_serve)
     add_option(serve, "--teacher-model", old=("--model",), required=True, metavar="NAME",
             help="model to serve: registry name (vidalign models list) or local dir")
-    serve.add_argument("--host", default="[::]", help="address to bind; [::] is every interface")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind; 0.0.0.0 or [::] for every interface")
     serve.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one")
     serve.add_argument("--port-file", metavar="FILE",
                        help="write the bound port to FILE once listening")
@@ -381,19 +416,32 @@ def _add_teacher(sub) -> None:
     serve.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                        help="weights' dtype")
+    serve.add_argument("--grace-s", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM: health NOT_SERVING and new calls refused at once, calls "
+                            "in flight may finish for this long, then the process exits")
     serve.add_argument("--max-message-mb", type=float, default=16, help="per-message limit (MiB)")
     serve.add_argument("--max-request-mb", type=float, default=1024, help="per-request limit (MiB)")
-    serve.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+    serve.add_argument("--workers", type=int, default=8,
+                       help="gRPC threads for health, GetInfo and refusals, beyond the model calls'")
+    from vidalign_teacher.limit_args import add_limit_arguments
+
+    add_limit_arguments(serve)
+    from vidalign.teacher.credential_args import add_server_security_arguments
+
+    add_server_security_arguments(serve)
 
     info = _command(teacher, "info", "describe a running teacher", _teacher_info)
     _teacher_address(info, default=None)
-    info.add_argument("--timeout", type=float, default=30.0, help="deadline of the call (s)")
+    _teacher_credentials(info)
+    info.add_argument("--timeout", type=float, default=30.0,
+                      help="deadline of the call, and how long to wait for an unavailable teacher (s)")
 
     gap = _command(
         teacher, "gap", "the teacher's loss with the true vs a wrong motion description "
         "(check first)", _teacher_gap,
     )
     _teacher_address(gap, default="local")
+    _teacher_credentials(gap)
     add_option(gap, "--teacher-model", old=("--model",), metavar="NAME", default="tiny-animatediff",
             help="diffusion model: loaded here for local, checked against the service otherwise")
     gap.add_argument("--n", type=int, default=16, help="toy clips")
@@ -453,7 +501,8 @@ def _add_models(sub) -> None:
                       help="W_proj: linear (paper) or mlp (appendix B)")
     init.add_argument("--lora-rank", type=int, default=0, help="UNet LoRA rank; 0: none")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
-    init.add_argument("--out", required=True, metavar="FILE", help="the adapter file to write")
+    init.add_argument("--out", required=True, metavar="URI",
+                      help="the adapter file to write: a path, file:///abs/path or s3://bucket/key")
 
     models = _group(sub, "models", "model registry")
     _command(models, "list", "list teacher and student models", _models_list)

@@ -8,13 +8,18 @@ the other RPC with FAILED_PRECONDITION and a message naming the right pool.
 Start-up order matters to orchestrators: the port opens first with health
 NOT_SERVING (so a probe gets an answer, not a refused connection), the model
 loads, adapters load, and only then does health flip to SERVING. On SIGTERM
-health flips back to NOT_SERVING and in-flight calls get ``grace`` seconds.
+health flips back to NOT_SERVING at once, new calls get UNAVAILABLE (clients
+wait for the restart or go to another replica), the calls in flight run to
+completion for up to ``grace_s`` seconds, and the process exits (status 0).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -34,7 +39,10 @@ from vidalign.teacher.denoising import TeacherEngine
 from vidalign.teacher.priors import PriorsEngine, is_cogvideox
 from vidalign.teacher.v1 import teacher_pb2 as pb
 from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
+from vidalign_teacher.drain import Drain
 from vidalign_teacher.errors import ErrorInterceptor
+from vidalign_teacher.limits import Limits, bind, check_config, grpc_call_cap, pool_threads
+from vidalign_teacher.security import HealthPort, add_port, check_server_flags, interceptors
 
 log = get_logger("vidalign.teacher")
 
@@ -45,7 +53,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
 class ServerConfig:
     model: str
     """Registry name of the diffusion model (``vidalign models list``) or a local directory."""
-    host: str = "[::]"
+    host: str = "127.0.0.1"
+    """Address to bind: loopback by default; deployments pass 0.0.0.0 (or [::]) explicitly."""
     port: int = 50051
     """0 picks a free port (tests)."""
     adapters: Sequence[str] = field(default_factory=list)
@@ -62,14 +71,44 @@ class ServerConfig:
     max_request_bytes: int = 1 << 30
     """Largest assembled request (all tensors); larger ones get RESOURCE_EXHAUSTED."""
     workers: int = 8
-    """Threads accepting calls; model work is serialised by the engine."""
+    """Threads for health, GetInfo, reflection and refusals, beyond the ones admitted and
+    queued model calls hold; model work is serialised by the engine."""
     latent_cache_bytes: int = 1 << 30
+    """Memory cache of VAE latents (bytes); 0: none."""
+    max_concurrent_rpcs: int = 8
+    """Model calls (DenoisingLoss, AttentionPriors) admitted at once: reading, waiting, computing."""
+    max_queued: int = 16
+    """Model calls waiting for a slot; beyond them a call gets RESOURCE_EXHAUSTED at once."""
+    max_inflight_bytes: int = 2 << 30
+    """Request bytes held by all calls together, counted as they arrive (RESOURCE_EXHAUSTED beyond)."""
+    stream_idle_timeout_s: float = 30.0
+    """A model call whose client sends nothing for this long while its request is read is
+    cancelled (DEADLINE_EXCEEDED) and its memory freed."""
+    tls_cert: str = ""
+    """PEM certificate (chain) file; with ``tls_key`` the port speaks TLS only."""
+    tls_key: str = ""
+    """PEM private key file of ``tls_cert``."""
+    tls_client_ca: str = ""
+    """PEM CA file: clients must present a certificate it signed (mutual TLS)."""
+    token_file: str = ""
+    """File holding the bearer token every call but health's must carry; empty: no token."""
+    health_port: int = -1
+    """Also serve grpc.health.v1 alone, in plaintext, on this port (for probes that cannot
+    speak TLS); -1: no extra port, 0: a free one."""
+    grace_s: float = 30.0
+    """On SIGTERM, how long the calls in flight may run on (new ones are refused at once);
+    keep it below the orchestrator's kill timeout (Kubernetes: terminationGracePeriodSeconds)."""
 
     def __post_init__(self) -> None:
+        check_server_flags(tls_cert=self.tls_cert, tls_key=self.tls_key,
+                           tls_client_ca=self.tls_client_ca)
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_message_bytes < (2 << 20):
             raise ConfigError("max_message_bytes must be at least 2 MiB (tensors stream in 1 MiB pieces)")
+        if not self.grace_s >= 0:
+            raise ConfigError(f"grace_s must be >= 0 seconds, got {self.grace_s}")
+        check_config(self)
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
@@ -125,23 +164,45 @@ class TeacherServer:
         self.config = config
         self.servicer = TeacherServicer(config)
         self.health = health.HealthServicer()
+        self.drain = Drain(SERVICE_NAME)
         options = [
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
+            # A second server on a used port must fail, not share the port's connections.
+            ("grpc.so_reuseport", 0),
         ]
+        # Admission, byte budget and idle timeout of the model calls (vidalign_teacher.limits).
+        self.limits = Limits(
+            {f"/{SERVICE_NAME}/DenoisingLoss", f"/{SERVICE_NAME}/AttentionPriors"},
+            max_concurrent_rpcs=config.max_concurrent_rpcs,
+            max_queued=config.max_queued,
+            max_inflight_bytes=config.max_inflight_bytes,
+            stream_idle_timeout_s=config.stream_idle_timeout_s,
+        )
+        limit_args = (config.max_concurrent_rpcs, config.max_queued, config.workers)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="teacher"),
-            interceptors=[ErrorInterceptor(SERVICE_NAME)],
+            futures.ThreadPoolExecutor(
+                max_workers=pool_threads(*limit_args), thread_name_prefix="teacher"
+            ),
+            # The token check first: a caller without it reaches no handler.
+            # Then the drain (counts calls in flight, refuses new ones on shutdown).
+            interceptors=[*interceptors(config.token_file), self.drain, ErrorInterceptor(SERVICE_NAME),
+                          self.limits],
             options=options,
+            maximum_concurrent_rpcs=grpc_call_cap(*limit_args),
         )
         pb_grpc.add_TeacherServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind {config.host}:{config.port}")
+        self.port = bind(lambda: add_port(
+            self.server, f"{config.host}:{config.port}", tls_cert=config.tls_cert,
+            tls_key=config.tls_key, tls_client_ca=config.tls_client_ca, token_file=config.token_file,
+        ), f"{config.host}:{config.port}")
+        self.health_port = (
+            HealthPort(self.health, config.host, config.health_port) if config.health_port >= 0 else None
+        )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _set_health(self, status: int) -> None:
@@ -151,6 +212,8 @@ class TeacherServer:
     def start(self) -> None:
         """Open the port, load the model and adapters, then report SERVING."""
         self.server.start()
+        if self.health_port is not None:
+            self.health_port.start()
         log.info("teacher_listening", port=self.port, model=self.config.model)
         from vidalign.hub import weights_component
         from vidalign.vda import load_teacher
@@ -177,7 +240,7 @@ class TeacherServer:
             )
         engine = TeacherEngine(
             teacher,
-            model_name=self.config.model,
+            model_name=protocol.public_name(self.config.model),
             max_message_bytes=self.config.max_message_bytes,
             max_request_bytes=self.config.max_request_bytes,
             latent_cache_bytes=self.config.latent_cache_bytes,
@@ -211,7 +274,7 @@ class TeacherServer:
         teacher = load_cogvideox(self.config.model, device=self.config.device, dtype=dtype, repo=repo)
         engine = PriorsEngine(
             teacher,
-            model_name=self.config.model,
+            model_name=protocol.public_name(self.config.model),
             max_message_bytes=self.config.max_message_bytes,
             max_request_bytes=self.config.max_request_bytes,
         )
@@ -226,14 +289,30 @@ class TeacherServer:
             dtype=self.config.dtype,
         )
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float | None = None) -> bool:
+        """Drain, then stop: health NOT_SERVING and new calls UNAVAILABLE at once; the calls
+        in flight get ``grace`` seconds (default ``config.grace_s``), then are cancelled.
+        True when every call in flight finished."""
+        grace = self.config.grace_s if grace is None else grace
+        deadline = time.monotonic() + grace
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server.stop(grace).wait()
-        log.info("teacher_stopped")
+        in_flight = self.drain.close()
+        if in_flight:
+            log.info("teacher_draining", in_flight=in_flight, grace_s=grace)
+        drained = self.drain.wait_idle(grace)
+        self.server.stop(max(0.0, deadline - time.monotonic())).wait()
+        self.limits.stop()
+        if self.health_port is not None:
+            self.health_port.stop(0)
+        if drained:
+            log.info("teacher_stopped", drained=True)
+        else:
+            log.warning("teacher_stopped", drained=False, grace_s=grace)
+        return drained
 
 
 def serve(config: ServerConfig, server: TeacherServer | None = None) -> None:
-    """Run until SIGTERM/SIGINT."""
+    """Run until SIGTERM/SIGINT, then drain for ``config.grace_s`` and return (see ``stop``)."""
     server = server or TeacherServer(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -244,4 +323,10 @@ def serve(config: ServerConfig, server: TeacherServer | None = None) -> None:
         server.stop(grace=0)
         raise
     stop.wait()
-    server.stop()
+    log.info("teacher_signalled", grace_s=server.config.grace_s)
+    if not server.stop():
+        # A cancelled call's model work still holds a thread, and interpreter exit would
+        # wait for it: leave now, within the grace period.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
