@@ -1,17 +1,29 @@
-"""Several teacher replicas: round-robin, failover, identical answers; pipelined micro-batches are exact."""
+"""Several teacher replicas: round-robin, failover, identical answers; pipelined micro-batches are exact.
+A call waits for a teacher that is down within its time budget, then names the address and the budget."""
 
 from __future__ import annotations
+
+import socket
+import threading
+import time
 
 import pytest
 import torch
 
-from vidalign.teacher.client import PooledTeacher, RemoteDenoisingLoss, connect
+from vidalign.errors import InvalidInput, Unavailable
+from vidalign.teacher.client import GrpcTeacher, PooledTeacher, RemoteDenoisingLoss, connect
 from vidalign.teacher.protocol import DenoisingLossRequest
 from vidalign.vda.adapter import file_digest
 from vidalign_teacher.server import ServerConfig, TeacherServer
 from vidalign_trainer.stage2 import run_stage2
 
 from ..e2e.test_stage2 import config
+from ..support.numerics import (
+    TINY_TEACHER_GRAD_TERMS,
+    TINY_TEACHER_LOSS_TERMS,
+    assert_fp32_close,
+    assert_same_trajectory_scalars,
+)
 
 MODEL = "tiny-animatediff"
 
@@ -40,7 +52,7 @@ def request(adapter_id):
 
 def test_round_robin_failover_and_identical_answers(replicas, adapter_paths):
     adapter_id = file_digest(adapter_paths[MODEL])
-    pool = connect(",".join(f"127.0.0.1:{s.port}" for s in replicas), retries=1)
+    pool = connect(",".join(f"127.0.0.1:{s.port}" for s in replicas), wait_s=5)
     assert isinstance(pool, PooledTeacher)
     try:
         answers = [pool.denoising_loss(request(adapter_id)) for _ in range(4)]
@@ -54,6 +66,67 @@ def test_round_robin_failover_and_identical_answers(replicas, adapter_paths):
         assert replicas[1].servicer.engine.requests_served == 4
     finally:
         pool.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_teacher_that_stays_down_is_unavailable_after_the_wait_budget():
+    address = f"127.0.0.1:{_closed_port()}"
+    teacher = GrpcTeacher(address, wait_s=1.5)
+    try:
+        with pytest.raises(Unavailable) as err:
+            teacher.info()
+    finally:
+        teacher.close()
+    assert address in str(err.value) and "wait_s=1.5 s" in str(err.value)
+    assert "UNAVAILABLE" in str(err.value)
+
+    addresses = [f"127.0.0.1:{_closed_port()}" for _ in range(2)]
+    pool = connect(",".join(addresses), wait_s=1.5)
+    try:
+        with pytest.raises(Unavailable) as err:
+            pool.denoising_loss(request("sha256:" + "0" * 64))
+    finally:
+        pool.close()
+    assert all(a in str(err.value) for a in addresses) and "wait_s=1.5 s" in str(err.value)
+
+    with pytest.raises(InvalidInput, match="wait_s must be >= 0"):
+        connect(address, wait_s=-1)
+
+
+def test_the_pool_waits_for_a_replica_that_comes_back(replicas, adapter_paths):
+    """Every replica down: the call waits within its budget and goes to the first one back."""
+    adapter_id = file_digest(adapter_paths[MODEL])
+    pool = connect(",".join(f"127.0.0.1:{s.port}" for s in replicas), wait_s=60)
+    expected = pool.denoising_loss(request(adapter_id))
+    port = replicas[0].port
+    for server in replicas:
+        server.stop(grace=0)
+    restarted = []
+
+    def restart():
+        time.sleep(2.0)  # the call below starts while every replica is down
+        server = TeacherServer(ServerConfig(model=MODEL, host="127.0.0.1", port=port, device="cpu",
+                                            adapters=[str(adapter_paths[MODEL])]))
+        restarted.append(server)
+        server.start()
+
+    thread = threading.Thread(target=restart)
+    thread.start()
+    try:
+        answer = pool.denoising_loss(request(adapter_id))
+        thread.join()
+        assert torch.equal(answer.losses, expected.losses) and torch.equal(answer.grad, expected.grad)
+        assert restarted[0].servicer.engine.requests_served == 1
+    finally:
+        thread.join()
+        pool.close()
+        for server in restarted:
+            server.stop(grace=0)
 
 
 def test_submit_overlaps_calls_and_matches_forward(replicas, adapter_paths):
@@ -73,7 +146,10 @@ def test_submit_overlaps_calls_and_matches_forward(replicas, adapter_paths):
         torch.cat([p.result() for p in pending]).sum().backward()
     finally:
         teacher.close()
-    assert torch.allclose(f1.grad, f2.grad, atol=1e-6)
+    # Batch of 2 vs two singletons (other BLAS blocking): u 6e-8 x 4e4 terms (UNet forward
+    # + backward) x max|grad| -> 2.4e-3 of it; measured 4e-11 (bound 1.6e-7). A sample's gradient
+    # routed to the other row, or dropped, is off by O(max|grad|).
+    assert_fp32_close(f2.grad, f1.grad, terms=TINY_TEACHER_GRAD_TERMS, what="submitted grad")
 
 
 def test_stage2_micro_batches_equal_whole_batches(adapter_paths, tmp_path):
@@ -82,4 +158,8 @@ def test_stage2_micro_batches_equal_whole_batches(adapter_paths, tmp_path):
     cfg = config(adapter, tmp_path / "micro", 3)
     cfg.train.micro_batches = 2
     micro = run_stage2(cfg)
-    assert micro == pytest.approx(whole, abs=1e-6)
+    # Accumulated micro-batch gradients differ from the whole batch's in sum order only:
+    # one AdamW trajectory, per step u x 1.5e3 x |loss| + 1e-3 of the loss's fall over the
+    # run (support/numerics.py); measured 0. Micro-batches not averaged (a sum,
+    # or the last one alone) change the update, and the losses after it, by O(1e-2).
+    assert_same_trajectory_scalars(micro, whole, terms=TINY_TEACHER_LOSS_TERMS, what="micro vs whole")

@@ -49,3 +49,13 @@ def test_digest_changes_with_content():
     b = load_config(Stage2Config, None, ["train.steps=41"])
     assert config_digest(a) == config_digest(load_config(Stage2Config, None))
     assert config_digest(a) != config_digest(b)
+
+
+def test_teacher_wait_is_a_time_budget_and_retries_is_deprecated():
+    assert load_config(Stage2Config, None).teacher.wait_s == 300
+    assert load_config(Stage2Config, None, ["teacher.wait_s=60"]).teacher.wait_s == 60
+    with pytest.raises(ConfigError, match=r"teacher\.wait_s must be >= 0"):
+        load_config(Stage2Config, None, ["teacher.wait_s=-1"])
+    # The old key still loads: wait_s becomes the time its backoff took (0.5 s doubling).
+    assert load_config(Stage2Config, None, ["teacher.retries=5"]).teacher.wait_s == 15.5
+    assert load_config(Stage2Config, None, ["teacher.retries=0"]).teacher.wait_s == 0

@@ -6,6 +6,11 @@ teacher service (a ``dns:///`` name resolving to several replicas is balanced
 round-robin). Both answer the same ``DenoisingLossRequest`` with the same
 ``DenoisingLossResult`` and raise the same ``vidalign.errors`` exceptions.
 
+A teacher that is UNAVAILABLE (restarting, loading, draining) is waited for
+within a time budget, ``wait_s``: capped exponential backoff with jitter,
+polling the gRPC health service and resending the call once it reports
+SERVING. Resending is safe because randomness is part of the request.
+
 ``RemoteDenoisingLoss`` wraps a teacher as a loss module. Its forward sends
 F_V and returns each sample's denoising loss as a tensor; its backward hands
 back the teacher's dL/dF_V scaled by the incoming gradient. The chain rule is
@@ -29,9 +34,10 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -39,17 +45,20 @@ from typing import TYPE_CHECKING, Protocol
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vidalign.errors import (
     FailedPrecondition,
     InvalidInput,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     VidalignError,
 )
 from vidalign.log import get_logger
 from vidalign.teacher import protocol
+from vidalign.teacher.credentials import TeacherCredentials
 from vidalign.teacher.protocol import AttentionPriorsRequest, DenoisingLossRequest, TeacherInfo
 from vidalign.teacher.v1 import teacher_pb2 as pb
 from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
@@ -65,6 +74,14 @@ log = get_logger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 """Per-message gRPC limit on both sides. Tensors stream in 1 MiB pieces, so
 only a misbehaving peer comes near it."""
+
+DEFAULT_WAIT_S = 300.0
+"""How long a call waits for an UNAVAILABLE teacher to come back (a restart
+reloads the model: tens of seconds for real ones)."""
+BACKOFF_FIRST_S = 0.5
+BACKOFF_CAP_S = 10.0
+"""Waits start near 0.5 s and double, each jittered by x0.5-1.5, never over 10 s."""
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
 
 
 class Teacher(Protocol):
@@ -137,6 +154,7 @@ _STATUS_TO_ERROR: dict[grpc.StatusCode, type[VidalignError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
@@ -148,14 +166,114 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         # dns:/// names with several A records: spread calls over all replicas.
         ("grpc.lb_policy_name", "round_robin"),
         ("grpc.enable_retries", 0),  # retries are ours: bounded, logged, with backoff
+        # Reconnect soon after a restarted teacher reopens its port (gRPC's own
+        # reconnect backoff grows to 120 s, longer than our waits).
+        ("grpc.initial_reconnect_backoff_ms", int(BACKOFF_FIRST_S * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(BACKOFF_CAP_S * 1000)),
     ]
+
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class _Wait:
+    """Waiting for an UNAVAILABLE teacher, within ``budget_s`` seconds of the first failure.
+
+    Capped exponential backoff with jitter. Each step polls the teachers' health
+    (``grpc.health.v1.Health/Check``, waiting for the channel to connect) and
+    ends early once one reports SERVING, so that large requests are not re-sent
+    blindly. Every step is logged (``teacher_wait``: attempt, elapsed, budget).
+    """
+
+    def __init__(self, budget_s: float, **fields: object) -> None:
+        self.budget_s = budget_s
+        self.fields = fields
+        self.start = time.monotonic()
+        self.attempt = 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def until_serving(self, teachers: Sequence[GrpcTeacher], status: str) -> int | None:
+        """Index of a teacher that is back; None once the budget is spent."""
+        while True:
+            remaining = self.budget_s - self.elapsed
+            if remaining <= 0:
+                return None
+            backoff = BACKOFF_FIRST_S * 2 ** min(self.attempt, 20) * (0.5 + random.random())
+            delay = min(BACKOFF_CAP_S, backoff, remaining)
+            self.attempt += 1
+            log.warning(
+                "teacher_wait",
+                attempt=self.attempt,
+                elapsed_s=round(self.elapsed, 2),
+                budget_s=self.budget_s,
+                delay_s=round(delay, 2),
+                status=status,
+                **self.fields,
+            )
+            end = time.monotonic() + delay
+            back, status = _first_serving(teachers, delay)
+            if back is not None:
+                return back
+            time.sleep(max(0.0, end - time.monotonic()))
+
+
+def _first_serving(teachers: Sequence[GrpcTeacher], timeout: float) -> tuple[int | None, str]:
+    """Index of a teacher whose health says SERVING within ``timeout`` seconds (else None),
+    and what the health checks saw (``NOT_SERVING``, or the check's own status code).
+
+    One that has no health service (UNIMPLEMENTED) or does not know the service's
+    name (NOT_FOUND) counts as back: the call itself will tell.
+    """
+    done = threading.Event()
+    lock = threading.Lock()
+    found: list[int] = []
+    seen: set[str] = set()
+    left = [len(teachers)]
+
+    def on_done(i: int, future: grpc.Future) -> None:
+        try:
+            status = future.result().status
+            ok, name = status == _SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        except grpc.RpcError as err:
+            ok = err.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)
+            name = err.code().name
+        except grpc.FutureCancelledError:
+            ok, name = False, "DEADLINE_EXCEEDED"
+        with lock:
+            seen.add(name)
+            if ok:
+                found.append(i)
+            left[0] -= 1
+            if ok or left[0] == 0:
+                done.set()
+
+    checks = []
+    for i, teacher in enumerate(teachers):
+        check = teacher._health.Check.future(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+            timeout=max(timeout, 0.05),
+            wait_for_ready=True,  # wait for the channel to connect: the port may be reopening
+        )
+        check.add_done_callback(lambda f, i=i: on_done(i, f))
+        checks.append(check)
+    done.wait(timeout + 1.0)
+    for check in checks:
+        check.cancel()
+    with lock:
+        return (found[0] if found else None), ",".join(sorted(seen)) or "DEADLINE_EXCEEDED"
 
 
 class GrpcTeacher:
     """A teacher service reached over gRPC.
 
-    Calls are safe to retry (randomness is part of the request), so UNAVAILABLE
-    is retried with jittered exponential backoff up to ``retries`` times.
+    Calls are safe to retry (randomness is part of the request), so a call that
+    finds the teacher UNAVAILABLE waits for it for up to ``wait_s`` seconds
+    (jittered backoff, health-checked: see ``_Wait``) and is then sent again;
+    once the budget is spent, ``Unavailable`` names the address and the budget.
+    ``wait_s=0`` fails at once (a pool's replicas: the pool waits).
     """
 
     def __init__(
@@ -163,16 +281,23 @@ class GrpcTeacher:
         target: str,
         *,
         timeout: float = 600.0,
-        retries: int = 5,
+        wait_s: float = DEFAULT_WAIT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = 1 << 20,
+        credentials: TeacherCredentials | None = None,
     ) -> None:
+        """``credentials``: TLS files and token (``vidalign.teacher.credentials``); None:
+        plaintext, with the token of ``VIDALIGN_TEACHER_TOKEN`` if that is set."""
+        if wait_s < 0:
+            raise InvalidInput(f"wait_s must be >= 0, got {wait_s}")
         self.target = target
         self.timeout = timeout
-        self.retries = retries
+        self.wait_s = wait_s
         self.chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        credentials = credentials or TeacherCredentials.load()
+        self._channel = credentials.channel(target, channel_options(max_message_bytes))
         self._stub = pb_grpc.TeacherServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until the channel connects; Unavailable after ``timeout`` seconds."""
@@ -187,30 +312,30 @@ class GrpcTeacher:
     def _call(self, name: str, fn):
         request_id = uuid.uuid4().hex[:16]
         metadata = (("x-request-id", request_id),)
-        for attempt in range(self.retries + 1):
+        wait: _Wait | None = None
+        while True:
             try:
-                return fn(metadata)
+                result = fn(metadata)
             except grpc.RpcError as err:
                 code = err.code()
-                if code in _RETRYABLE and attempt < self.retries:
-                    delay = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
-                    log.warning(
-                        "teacher_retry",
-                        rpc=name,
-                        target=self.target,
-                        attempt=attempt + 1,
-                        delay_s=round(delay, 2),
-                        status=code.name,
-                        request_id=request_id,
-                    )
-                    time.sleep(delay)
-                    continue
+                if code in _RETRYABLE and self.wait_s > 0:
+                    wait = wait or _Wait(self.wait_s, rpc=name, target=self.target, request_id=request_id)
+                    if wait.until_serving([self], code.name) is not None:
+                        continue
+                    raise Unavailable(
+                        f"teacher {self.target} {name} failed [{code.name}]: {err.details()}; "
+                        f"still unavailable after waiting {wait.elapsed:.0f} s "
+                        f"(budget wait_s={self.wait_s:g} s) (request_id={request_id})"
+                    ) from None
                 error = _STATUS_TO_ERROR.get(code, VidalignError)
                 raise error(
                     f"teacher {self.target} {name} failed [{code.name}]: {err.details()} "
                     f"(request_id={request_id})"
                 ) from None
-        raise AssertionError("unreachable")
+            if wait is not None:
+                log.info("teacher_back", rpc=name, target=self.target, waited_s=round(wait.elapsed, 2),
+                         attempts=wait.attempt, request_id=request_id)
+            return result
 
     def info(self) -> TeacherInfo:
         response = self._call(
@@ -219,30 +344,33 @@ class GrpcTeacher:
         )
         return protocol.parse_info(response)
 
-    def denoising_loss(self, request: DenoisingLossRequest) -> DenoisingLossResult:
+    def _streaming(self, name: str, stub_method, messages: Callable[[], Iterator], parse):
+        """A streaming RPC through ``_call``: ``stub_method`` takes the stream ``messages()``
+        makes and ``parse`` reads its response stream."""
+
         def call(md):
             # A fresh message iterator per attempt: a retry resends the whole request.
-            responses = self._stub.DenoisingLoss(
-                protocol.request_messages(request, self.chunk_bytes),
-                timeout=self.timeout,
-                metadata=md,
-            )
-            return protocol.parse_result(responses)
+            responses = stub_method(messages(), timeout=self.timeout, metadata=md)
+            return parse(responses)
 
-        return self._call("DenoisingLoss", call)
+        return self._call(name, call)
+
+    def denoising_loss(self, request: DenoisingLossRequest) -> DenoisingLossResult:
+        return self._streaming(
+            "DenoisingLoss",
+            self._stub.DenoisingLoss,
+            lambda: protocol.request_messages(request, self.chunk_bytes),
+            protocol.parse_result,
+        )
 
     def attention_priors(self, request: AttentionPriorsRequest) -> Priors:
         """MotionEnhancer priors of one clip from a CogVideoX teacher service."""
-
-        def call(md):
-            responses = self._stub.AttentionPriors(
-                protocol.priors_request_messages(request, self.chunk_bytes),
-                timeout=self.timeout,
-                metadata=md,
-            )
-            return protocol.parse_priors_result(responses)
-
-        return self._call("AttentionPriors", call)
+        return self._streaming(
+            "AttentionPriors",
+            self._stub.AttentionPriors,
+            lambda: protocol.priors_request_messages(request, self.chunk_bytes),
+            protocol.parse_priors_result,
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -251,35 +379,58 @@ class GrpcTeacher:
 class PooledTeacher:
     """Several teacher replicas named by address; calls go round-robin.
 
-    A replica that is UNAVAILABLE is skipped and the call goes to the next;
-    when every replica is down the pool waits (jittered backoff) and tries
-    again, up to ``retries`` rounds. Safe because randomness is part of the
-    request: any replica gives the same answer.
+    A replica that is UNAVAILABLE is skipped and the call goes at once to the
+    next; when every replica is down the pool waits for one to come back, for
+    up to ``wait_s`` seconds (jittered backoff, polling every replica's health,
+    resending to the first that reports SERVING). The replicas themselves do
+    not wait (``wait_s=0``). Safe because randomness is part of the request:
+    any replica gives the same answer.
     """
 
-    def __init__(self, teachers: Sequence[GrpcTeacher], *, retries: int = 5) -> None:
+    def __init__(self, teachers: Sequence[GrpcTeacher], *, wait_s: float = DEFAULT_WAIT_S) -> None:
         if not teachers:
             raise InvalidInput("a teacher pool needs at least one address")
+        if wait_s < 0:
+            raise InvalidInput(f"wait_s must be >= 0, got {wait_s}")
         self.teachers = list(teachers)
-        self.retries = retries
+        self.wait_s = wait_s
+        self.target = ",".join(t.target for t in self.teachers)
         self._turn = itertools.count()
 
     def _call(self, name: str, fn):
-        start = next(self._turn)
-        errors = []
-        for round_ in range(self.retries + 1):
+        start = next(self._turn) % len(self.teachers)
+        wait: _Wait | None = None
+        while True:
             for i in range(len(self.teachers)):
                 teacher = self.teachers[(start + i) % len(self.teachers)]
                 try:
-                    return fn(teacher)
+                    result = fn(teacher)
                 except Unavailable as err:
-                    errors.append(str(err))
-            if round_ < self.retries:
-                time.sleep(min(30.0, 0.5 * 2**round_) * (0.5 + random.random()))
-        raise Unavailable(f"no teacher replica answered {name}: {errors[-1]}")
+                    last = str(err)
+                    continue
+                if wait is not None:
+                    log.info("teacher_back", rpc=name, target=teacher.target,
+                             waited_s=round(wait.elapsed, 2), attempts=wait.attempt)
+                return result
+            wait = wait or _Wait(self.wait_s, rpc=name, target=self.target)
+            back = wait.until_serving(self.teachers, "UNAVAILABLE")
+            if back is None:
+                raise Unavailable(
+                    f"no teacher replica of {self.target} answered {name} within the "
+                    f"wait_s={self.wait_s:g} s budget; last error: {last}"
+                )
+            start = back
 
     def info(self) -> TeacherInfo:
-        infos = [t.info() for t in self.teachers]
+        """The replicas' model; replicas that are down are skipped (all down: wait as a call does)."""
+        infos = []
+        for teacher in self.teachers:
+            try:
+                infos.append(teacher.info())
+            except Unavailable as err:
+                log.warning("teacher_replica_unavailable", target=teacher.target, error=str(err))
+        if not infos:
+            infos = [self._call("GetInfo", lambda t: t.info())]
         models = {i.model for i in infos}
         if len(models) > 1:
             raise InvalidInput(f"the teacher replicas host different models: {sorted(models)}")
@@ -303,14 +454,17 @@ def connect(
     adapters: Sequence[str | Path] = (),
     device: str = "cpu",
     timeout: float = 600.0,
-    retries: int = 5,
+    wait_s: float = DEFAULT_WAIT_S,
+    credentials: TeacherCredentials | None = None,
 ) -> Teacher:
     """A teacher by address.
 
     ``local`` (needs ``model``) runs it in this process; ``host:port`` or
     ``dns:///name:port`` (round-robin over the name's addresses) reach the
     service; ``host1:port,host2:port`` is a pool of replicas, round-robin with
-    failover.
+    failover. ``credentials`` (TLS, mutual TLS, bearer token) apply to every channel.
+    ``timeout`` is one call's deadline; ``wait_s`` how long a call waits for an
+    UNAVAILABLE teacher (every replica of a pool) to come back.
     """
     if address == "local":
         if not model:
@@ -324,8 +478,11 @@ def connect(
             "or a comma-separated list of them"
         )
     if len(addresses) == 1:
-        return GrpcTeacher(addresses[0], timeout=timeout, retries=retries)
-    return PooledTeacher([GrpcTeacher(a, timeout=timeout, retries=0) for a in addresses], retries=retries)
+        return GrpcTeacher(addresses[0], timeout=timeout, wait_s=wait_s, credentials=credentials)
+    return PooledTeacher(
+        [GrpcTeacher(a, timeout=timeout, wait_s=0, credentials=credentials) for a in addresses],
+        wait_s=wait_s,
+    )
 
 
 # --- the differentiable loss ------------------------------------------------

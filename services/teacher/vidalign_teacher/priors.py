@@ -47,9 +47,10 @@ from vidalign.papers import (
     ME_HEAD_RATIO,
     ME_TOKEN_RATIO,
 )
-from vidalign.shards import Shard, ShardOutput, run_sharded
+from vidalign.shards import Shard, ShardingConfig, ShardOutput, run_sharded
 from vidalign.store import open_store
-from vidalign.teacher.protocol import AttentionPriorsRequest, TeacherInfo
+from vidalign.teacher.credential_args import client_credentials
+from vidalign.teacher.protocol import AttentionPriorsRequest, TeacherInfo, public_name
 
 log = get_logger("vidalign.priors")
 
@@ -145,7 +146,10 @@ class PriorsTeacher(Protocol):
 
 
 @dataclass(kw_only=True)
-class ExtractConfig:
+class ExtractConfig(ShardingConfig):
+    """What ``extract_dataset_priors`` does; ``shard_size``, ``rank`` and ``world_size`` are
+    ``ShardingConfig``'s."""
+
     data: str
     """Dataset directory (or its meta file) in a benchmark loader's layout."""
     out: str
@@ -157,9 +161,10 @@ class ExtractConfig:
     """CogVideoX model: loaded in process, or the model the --teacher service must host."""
     teacher: str = ""
     """host:port of a CogVideoX teacher service; empty: in process."""
+    credentials: Any = None
+    """``vidalign.teacher.credentials.TeacherCredentials`` for ``teacher`` (TLS, token); None:
+    plaintext (with ``VIDALIGN_TEACHER_TOKEN`` if set)."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    shard_size: int = 64
-    """Clips per shard: the unit of commit and of resumption."""
     frames: int = 0
     """Frames sampled per clip; 0: the model's."""
     height: int = 0
@@ -173,23 +178,13 @@ class ExtractConfig:
     chunk_size: int = 256
     memory: bool = ME_CROSS_STREAM_MEMORY
     skip_missing: bool = False
-    rank: int = 0
-    """This process's share of the shards: every ``world_size``-th shard from ``rank``."""
-    world_size: int = 1
-    """Processes splitting the shards; whichever finishes last commits the index."""
-
-    def __post_init__(self) -> None:
-        if self.shard_size < 1:
-            raise InvalidInput(f"shard_size: expected >= 1, got {self.shard_size}")
-        if not 0 <= self.rank < self.world_size:
-            raise InvalidInput(f"rank: expected 0 <= rank < world_size={self.world_size}, got {self.rank}")
 
 
 def _connect(config: ExtractConfig) -> PriorsTeacher:
     from vidalign.teacher.client import GrpcTeacher, LocalTeacher
 
     if config.teacher:
-        teacher = GrpcTeacher(config.teacher)
+        teacher = GrpcTeacher(config.teacher, credentials=config.credentials)
         teacher.wait_ready(timeout=60.0)
         return teacher
     return LocalTeacher(config.model, device=config.device)
@@ -215,7 +210,7 @@ def extract_dataset_priors(config: ExtractConfig, *, teacher: PriorsTeacher | No
             raise InvalidInput(
                 f"teacher: '{info.model}' is a {info.family} teacher; priors need a CogVideoX one"
             )
-        if config.teacher and config.model and info.model != config.model:
+        if config.teacher and config.model and info.model != public_name(config.model):
             raise NotFound(
                 f"teacher {config.teacher} hosts '{info.model}', not '{config.model}'; "
                 "pass the model it hosts with --teacher-model or point --teacher at the right pool"
@@ -288,7 +283,7 @@ def _clip_priors(
         token_ratio=config.token_ratio,
         chunk_size=config.chunk_size,
         memory=config.memory,
-        model=config.model if config.teacher else "",
+        model=public_name(config.model) if config.teacher else "",
     ))
     meta = {
         "clip_id": clip.clip_id,
@@ -450,7 +445,7 @@ def show(
     return paths
 
 
-# --- command line (also `python -m vidalign_teacher.priors extract|show`) ------------
+# --- command line (`vidalign priors extract|show`) ---------------------------------------
 
 
 def run_extract(args: argparse.Namespace) -> None:
@@ -461,6 +456,7 @@ def run_extract(args: argparse.Namespace) -> None:
         token_ratio=args.token_ratio, chunk_size=args.chunk_size, memory=not args.no_memory,
         skip_missing=args.skip_missing, rank=args.rank, world_size=args.world_size,
         **({"device": args.device} if args.device else {}),
+        credentials=client_credentials(args) if args.teacher else None,
     )
     print(extract_dataset_priors(config))
 

@@ -12,6 +12,7 @@ from vidalign.papers import (
     ME_HEAD_RATIO,
     ME_TOKEN_RATIO,
 )
+from vidalign.teacher.credential_args import add_client_credential_arguments
 
 
 def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", default="", metavar="ADDRESS",
                         help="host:port of a CogVideoX teacher service "
                              "(default: none: the model runs in this process)")
+    add_client_credential_arguments(parser)
     parser.add_argument("--device", help="in-process device (default: cuda if available)")
     parser.add_argument("--shard-size", type=int, default=64, help="clips per committed shard")
     parser.add_argument("--frames", type=int, default=0, help="frames per clip; 0: the model's")

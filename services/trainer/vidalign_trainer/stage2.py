@@ -35,10 +35,13 @@ import torch
 
 from vidalign.checkpoint import Checkpoint
 from vidalign.errors import InvalidInput
+from vidalign.log import get_logger
 from vidalign.papers import VDA_TIMESTEP_RANGE
 from vidalign.store import commit_artifact, materialize
 from vidalign.students import load_student
-from vidalign.teacher.client import RemoteDenoisingLoss, Teacher, connect
+from vidalign.teacher.client import DEFAULT_WAIT_S, RemoteDenoisingLoss, Teacher, connect
+from vidalign.teacher.credentials import TeacherCredentials, tls_files_problem
+from vidalign.teacher.protocol import public_name
 from vidalign.vda.adapter import file_digest
 from vidalign.video import sample_frames
 from vidalign_trainer.common import DataConfig, open_dataset, step_seed
@@ -55,6 +58,8 @@ from vidalign_trainer.loop import (
 from vidalign_trainer.loop import TrainConfig as BaseTrainConfig
 from vidalign_trainer.zero import DeepSpeedConfig
 
+log = get_logger(__name__)
+
 
 @dataclass(kw_only=True)
 class TeacherConfig(TeacherSection):
@@ -66,8 +71,43 @@ class TeacherConfig(TeacherSection):
     """Adapter file or store URI (its digest is sent), or an id ``sha256:<hex>`` the server has loaded."""
     timeout_s: float = 600.0
     """Deadline of one teacher call."""
-    retries: int = 5
-    """Retries of a call that found the teacher UNAVAILABLE (backoff 0.5 s doubling, jittered)."""
+    wait_s: float = DEFAULT_WAIT_S
+    """How long a call that finds the teacher UNAVAILABLE (restarting, loading, draining; with
+    several replicas: all of them) waits for it to come back: backoff from 0.5 s doubling to
+    10 s, jittered, polling its health and resending once it is SERVING; 0: fail at once."""
+    retries: int | None = None
+    """Deprecated: use ``wait_s``. If set, ``wait_s`` becomes the time its backoff took
+    (0.5 s doubling: 5 retries, 15.5 s)."""
+    tls_ca: str = ""
+    """PEM CA file that signed the teacher's certificate: connect over TLS; empty: plaintext."""
+    tls_cert: str = ""
+    """PEM client certificate file, for a teacher that requires mutual TLS (with ``tls_key``)."""
+    tls_key: str = ""
+    """PEM private key file of ``tls_cert``."""
+    token_file: str = ""
+    """File holding the teacher's bearer token; empty: ``VIDALIGN_TEACHER_TOKEN`` if set."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.retries is not None:
+            if self.retries < 0:
+                raise ValueError(f"teacher.retries must be >= 0, got {self.retries}")
+            self.wait_s = sum(min(30.0, 0.5 * 2**i) for i in range(self.retries))
+            log.warning("config_deprecated", key="teacher.retries", use="teacher.wait_s",
+                        wait_s=self.wait_s)
+        if self.wait_s < 0:
+            raise ValueError(f"teacher.wait_s must be >= 0, got {self.wait_s}")
+        problem = tls_files_problem(cert=self.tls_cert, key=self.tls_key, prefix="teacher.")
+        if problem:
+            raise ValueError(problem)
+
+    def credentials(self) -> TeacherCredentials | None:
+        """What ``connect`` presents to a remote teacher (files read now); None in process."""
+        if self.address == "local":
+            return None
+        return TeacherCredentials.load(tls_ca=self.tls_ca, tls_cert=self.tls_cert,
+                                       tls_key=self.tls_key, token_file=self.token_file,
+                                       prefix="teacher.")
 
 
 @dataclass(kw_only=True)
@@ -144,10 +184,14 @@ class Stage2(Job):
                 adapters=[] if adapter.startswith("sha256:") else [adapter],
                 device=config.device,
                 timeout=config.teacher.timeout_s,
-                retries=config.teacher.retries,
+                wait_s=config.teacher.wait_s,
+                credentials=config.teacher.credentials(),
             )
         self.info = info = self.teacher.info()
-        if config.teacher.model and info.model != config.teacher.model:
+        # A remote teacher names a model dir or store URI by its last component only.
+        if config.teacher.model and info.model not in (
+            config.teacher.model, public_name(config.teacher.model)
+        ):
             raise InvalidInput(
                 f"teacher at {config.teacher.address} hosts '{info.model}', "
                 f"the config asks for '{config.teacher.model}'"
