@@ -28,8 +28,12 @@ import yaml
 from manifests import ROOT, TARGETS, Container
 
 GPU = "nvidia.com/gpu"
-GPU_TARGETS = ("k8s/overlays/gpu", "k8s/overlays/kubeflow", "deploy")
+GPU_TARGETS = ("k8s/overlays/gpu", "k8s/overlays/kubeflow", "k8s/overlays/gpu-tls", "deploy")
 TEACHER_PORT = 50051
+HEALTH_PORT = 50052
+"""The plaintext health-only port of a teacher that serves TLS (kubelet probes speak no TLS)."""
+TLS_TARGETS = ("k8s/overlays/gpu-tls",)
+"""Overlays in which the teacher requires TLS, mutual TLS and a bearer token."""
 PIPELINE = ("features", "stage1", "stage3", "eval", "priors", "sft")
 VDA_PIPELINE = PIPELINE[:4]
 """The Jobs that compose also runs, as profiles (MotionEnhancer's run on Kubernetes only)."""
@@ -216,9 +220,16 @@ def test_teacher_has_grpc_startup_readiness_and_liveness_probes(rendered):
         teacher = manifests.pod_spec(manifests.find(objects, "Deployment", "teacher"))
         (container,) = [c for c in teacher["containers"] if c["name"] == "teacher"]
         assert {"containerPort": TEACHER_PORT, "name": "grpc"} in container["ports"]
+        # Behind TLS the probes go to the health-only plaintext port the server opens.
+        tls = any(a.startswith("--tls-cert=") for a in container["args"])
+        assert tls == (target in TLS_TARGETS), target
+        probe_port = HEALTH_PORT if tls else TEACHER_PORT
+        if tls:
+            assert f"--health-port={HEALTH_PORT}" in container["args"]
+            assert {"containerPort": HEALTH_PORT, "name": "health"} in container["ports"]
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = container[kind]
-            assert probe["grpc"]["port"] == TEACHER_PORT, (target, kind)
+            assert probe["grpc"]["port"] == probe_port, (target, kind)
             assert probe["grpc"].get("service", "") in ("", SERVICE_NAME), (target, kind)
         assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
         startup = container["startupProbe"]
@@ -260,8 +271,12 @@ def test_trainer_reaches_the_teacher_through_the_headless_service(rendered):
 
 def test_no_secret_is_committed_or_written_into_a_manifest(rendered):
     example = manifests.example_credentials()
-    assert set(example) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    for path in ("k8s/base/minio.env", "deploy/.env"):
+    workloads = manifests.example_credentials("store.env")
+    assert set(example) == set(workloads) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert example["AWS_ACCESS_KEY_ID"] != workloads["AWS_ACCESS_KEY_ID"]
+    for path in ("k8s/base/minio.env", "k8s/base/store.env", "deploy/.env",
+                 "k8s/components/teacher-tls/secrets/token",
+                 "k8s/components/teacher-tls/secrets/tls.key"):
         tracked = subprocess.run(
             ["git", "ls-files", "--error-unmatch", path], cwd=ROOT, capture_output=True
         )
@@ -270,10 +285,14 @@ def test_no_secret_is_committed_or_written_into_a_manifest(rendered):
         assert ignored.returncode == 0, f"{path} is not gitignored"
     for target, objects in rendered.items():
         secrets = [o for o in objects if o["kind"] == "Secret"]
-        assert [s["metadata"]["name"].rsplit("-", 1)[0] for s in secrets] == ["minio-credentials"]
-        # The one Secret holds exactly what the generator read (here: the example).
+        expected = {"minio-credentials", "store-credentials"} | (
+            {"teacher-auth"} if target in TLS_TARGETS else set()
+        )
+        assert {s["metadata"]["name"].rsplit("-", 1)[0] for s in secrets} == expected, target
+        # Each Secret holds exactly what its generator read (here: the examples).
         assert manifests.secret_data(objects, "minio-credentials") == example
-        assert "stringData" not in secrets[0]
+        assert manifests.secret_data(objects, "store-credentials") == workloads
+        assert all("stringData" not in secret for secret in secrets)
         for o in objects:
             if o["kind"] == "ConfigMap":
                 keys = o.get("data", {})
@@ -323,10 +342,10 @@ def test_every_referenced_configmap_and_secret_is_rendered_under_that_name(rende
 def test_a_changed_secret_rolls_every_pod_that_uses_it():
     """secretGenerator's hash suffix: new credentials, new name, new pod templates."""
 
-    def render_with(secret: str) -> list[dict[str, Any]]:
+    def render_with(secret: str, file: str = "minio.env") -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory() as tmp:
             manifests._copy_tree(Path(tmp))
-            (Path(tmp) / "k8s/base/minio.env").write_text(
+            (Path(tmp) / "k8s/base" / file).write_text(
                 f"AWS_ACCESS_KEY_ID=a\nAWS_SECRET_ACCESS_KEY={secret}\n"
             )
             out = subprocess.run(
@@ -337,22 +356,106 @@ def test_a_changed_secret_rolls_every_pod_that_uses_it():
             ).stdout
         return [d for d in yaml.safe_load_all(out) if d]
 
-    before, after = render_with("first-secret"), render_with("second-secret")
-    for kind, name in (
-        ("StatefulSet", "minio"),
+    workloads = (
         ("Deployment", "teacher"),
         ("Job", "stage2"),
-        ("Job", "bucket"),
+        ("Job", "bucket"),  # creates the workloads' user
         *(("Job", name) for name in PIPELINE),
-    ):
-        old = manifests.find(before, kind, name)["spec"]["template"]
-        new = manifests.find(after, kind, name)["spec"]["template"]
-        assert old != new, f"{kind}/{name} would not roll on a credential change"
-    for objects in (before, after):
-        (secret,) = [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"]
-        text = yaml.safe_dump_all(objects)
-        assert text.count("name: minio-credentials\n") == 0  # every reference is the hashed name
-        assert secret in text
+    )
+    root = (("StatefulSet", "minio"), ("Job", "bucket"))
+    for file, users in (("minio.env", root), ("store.env", workloads)):
+        before, after = render_with("first-secret", file), render_with("second-secret", file)
+        for kind, name in users:
+            old = manifests.find(before, kind, name)["spec"]["template"]
+            new = manifests.find(after, kind, name)["spec"]["template"]
+            assert old != new, f"{kind}/{name} would not roll on a change of {file}"
+        for objects in (before, after):
+            secrets = [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"]
+            text = yaml.safe_dump_all(objects)
+            for name in ("minio-credentials", "store-credentials"):
+                assert text.count(f"name: {name}\n") == 0  # every reference is the hashed name
+            assert all(secret in text for secret in secrets)
+
+
+def test_only_minio_and_the_bucket_job_hold_the_root_credentials(rendered):
+    """Every other pod reaches the store as the workloads' user, which the bucket Job
+    creates with a policy limited to the artifact bucket."""
+    for target, objects in rendered.items():
+        root = manifests.find(objects, "Secret", "minio-credentials")["metadata"]["name"]
+        users = {
+            (c.owner["kind"], c.owner["metadata"]["name"])
+            for c in manifests.containers(objects)
+            if root in yaml.safe_dump(c.spec)
+        }
+        assert users == {("StatefulSet", "minio"), ("Job", "bucket")}, target
+        store = manifests.find(objects, "Secret", "store-credentials")["metadata"]["name"]
+        for c in manifests.containers(objects):
+            if c.owner["metadata"]["name"] in ("minio", "bucket"):
+                continue
+            refs = {ref["name"] for ref in _secret_key_refs(c.spec)}
+            assert root not in refs, f"{target}: {c.where}"
+            if "AWS_ACCESS_KEY_ID" in {e["name"] for e in c.spec.get("env", [])}:
+                assert store in refs, f"{target}: {c.where}"
+        (mc,) = manifests.pod_spec(manifests.find(objects, "Job", "bucket"))["containers"]
+        script = " ".join(mc.get("command", []) + mc.get("args", []))
+        assert 'mc admin user add store "$WORKLOAD_ACCESS_KEY_ID" "$WORKLOAD_SECRET_ACCESS_KEY"' in script
+        assert "mc admin policy attach store vidalign-workloads" in script
+        assert '"arn:aws:s3:::$STORE_BUCKET/*"' in script and '"s3:*"' not in script
+
+
+def _secret_key_refs(node: Any):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "secretKeyRef":
+                yield value
+            else:
+                yield from _secret_key_refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _secret_key_refs(item)
+
+
+def _mounted_secret_files(pod: dict[str, Any], container: dict[str, Any], secret: str) -> set[str]:
+    """Paths under which ``container`` sees the keys of ``secret``."""
+    volumes = {
+        v["name"]: v["secret"] for v in pod.get("volumes", [])
+        if v.get("secret", {}).get("secretName") == secret
+    }
+    files = set()
+    for mount in container.get("volumeMounts", []):
+        if mount["name"] in volumes:
+            assert mount.get("readOnly") is True
+            files |= {f"{mount['mountPath']}/{i['path']}" for i in volumes[mount["name"]]["items"]}
+    return files
+
+
+def test_the_tls_overlay_mounts_the_teacher_secret_and_passes_every_file(rendered):
+    for target in TLS_TARGETS:
+        objects = rendered[target]
+        auth = manifests.find(objects, "Secret", "teacher-auth")["metadata"]["name"]
+        teacher_pod = manifests.pod_spec(manifests.find(objects, "Deployment", "teacher"))
+        (teacher,) = [c for c in teacher_pod["containers"] if c["name"] == "teacher"]
+        files = _mounted_secret_files(teacher_pod, teacher, auth)
+        flags = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in teacher["args"] if "=" in a}
+        for flag in ("--tls-cert", "--tls-key", "--tls-client-ca", "--token-file"):
+            assert flags[flag] in files, (target, flag)
+        assert not any(f.endswith("client.key") for f in files)  # not the trainers' key
+        stage2_pod = manifests.pod_spec(manifests.find(objects, "Job", "stage2"))
+        (trainer,) = [c for c in stage2_pod["containers"] if c["name"] == "trainer"]
+        files = _mounted_secret_files(stage2_pod, trainer, auth)
+        sets = dict(a.removeprefix("--set=").split("=", 1) for a in trainer["args"]
+                    if a.startswith("--set=teacher."))
+        for key in ("teacher.tls_ca", "teacher.tls_cert", "teacher.tls_key", "teacher.token_file"):
+            assert sets[key] in files, (target, key)
+        assert not any(f.endswith("tls.key") for f in files)  # not the teacher's key
+        # No token or key is written into an argument: only file paths.
+        words = " ".join(teacher["args"] + trainer["args"])
+        assert "placeholder" not in words
+    for target in set(TARGETS) - set(TLS_TARGETS):
+        assert not any(
+            o["kind"] == "Secret" and o["metadata"]["name"].startswith("teacher-auth")
+            for o in rendered[target]
+        )
 
 
 # --- jobs ---------------------------------------------------------------------------
@@ -739,20 +842,7 @@ def test_compose_pipeline_profiles_run_the_kubernetes_jobs_commands(rendered, tm
 def test_compose_refuses_to_start_without_credentials(tmp_path):
     empty = tmp_path / ".env"
     empty.write_text("")
-    proc = subprocess.run(
-        [
-            str(manifests.tool("docker-compose")),
-            "-f",
-            str(ROOT / "deploy" / "compose.yaml"),
-            "--env-file",
-            str(empty),
-            "config",
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin"},
-    )
+    proc = manifests.check_compose(empty, env={"PATH": "/usr/bin:/bin"})
     # Which missing variable compose names first varies from run to run.
     assert proc.returncode != 0 and "is missing a value: set AWS_" in proc.stderr, proc.stderr
 
@@ -871,3 +961,18 @@ def test_cpu_overlay_pods_run_as_local_processes(tmp_path):
     assert "motionbench.json" in names, names
     assert (store / "priors" / "synthmotion" / "index" / "MANIFEST.json").is_file()
     assert (store / "runs" / "sft" / "model" / "MANIFEST.json").is_file()
+
+
+def test_every_deployed_teacher_binds_every_interface_explicitly(rendered):
+    """`teacher serve` binds loopback by default; each deployment opens it on purpose."""
+    for target, objects in rendered.items():
+        teacher = manifests.pod_spec(manifests.find(objects, "Deployment", "teacher"))
+        (container,) = [c for c in teacher["containers"] if c["name"] == "teacher"]
+        assert "--host=0.0.0.0" in container["args"], target
+    assert "--host=0.0.0.0" in compose_config()["services"]["teacher"]["command"]
+    (cmd,) = [
+        i for i in dockerfile.parse_file(str(ROOT / "Dockerfile")) if i.cmd.lower() == "cmd"
+        and "teacher" in i.value
+    ]
+    words = list(cmd.value)
+    assert words[words.index("--host") + 1] == "0.0.0.0"

@@ -89,7 +89,7 @@ def test_cli_reports_config_and_teacher_errors(adapter_paths, tmp_path):
     bad_key = subprocess.run([*base, "--set", "train.stepz=3"], capture_output=True, text=True, timeout=120)
     assert bad_key.returncode == 2 and "unknown config key(s) train.stepz" in bad_key.stderr
     dead = subprocess.run(
-        [*base, "--set", "teacher.address=127.0.0.1:1", "--set", "teacher.timeout_s=2", "--set", "teacher.retries=1",
+        [*base, "--set", "teacher.address=127.0.0.1:1", "--set", "teacher.timeout_s=2", "--set", "teacher.wait_s=1",
          "--set", f"teacher.adapter={adapter_paths['tiny-animatediff']}",
          "--set", f"output.dir={tmp_path}"],
         capture_output=True, text=True, timeout=300,

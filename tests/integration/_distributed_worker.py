@@ -41,7 +41,7 @@ def shard(batch: dict, rank: int, world_size: int) -> dict:
 def _remote_loss(features, batch, address, adapter_id):
     from vidalign.teacher.client import GrpcTeacher, RemoteDenoisingLoss
 
-    teacher = GrpcTeacher(address, timeout=120.0, retries=2)
+    teacher = GrpcTeacher(address, timeout=120.0, wait_s=30)
     teacher.wait_ready(timeout=30.0)
     criterion = RemoteDenoisingLoss(teacher, adapter_id=adapter_id, timestep_range=TIMESTEP_RANGE)
     losses = criterion(

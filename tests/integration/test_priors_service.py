@@ -55,7 +55,7 @@ def stub(address):
 
 @pytest.fixture(scope="module")
 def client(address):
-    client = GrpcTeacher(address, chunk_bytes=4096, retries=0)  # the 27 KB video spans 7 messages
+    client = GrpcTeacher(address, chunk_bytes=4096, wait_s=0)  # the 27 KB video spans 7 messages
     yield client
     client.close()
 
@@ -193,7 +193,7 @@ def test_denoising_loss_on_cogvideox_is_failed_precondition(client, stub, clip):
 
 
 def test_attention_priors_on_animatediff_is_failed_precondition(animatediff_address, clip):
-    teacher = GrpcTeacher(animatediff_address, retries=0)
+    teacher = GrpcTeacher(animatediff_address, wait_s=0)
     try:
         assert teacher.info().family == "animatediff"
         with pytest.raises(FailedPrecondition, match=r"AttentionPriors needs a CogVideoX teacher; "
