@@ -136,15 +136,18 @@ def test_stage2_zero2_equals_plain_torch_and_resumes_exactly(adapter_paths, tmp_
     assert zero["optimizer"] == "DeepSpeedZeroOptimizer" and zero["zero_stage"] == 2
     assert zero["world_size"] == 1 and zero["gradient_clipping"] == 0.01
     # ZeRO's flat buffers vs per-parameter tensors: one AdamW trajectory up to fp32 sum
-    # order. Per step u x 1.5e3 x |loss| + 1e-3 of the loss's fall (support/numerics.py);
-    # not re-measured (DeepSpeed run). Clipping twice or not at all changes the steps by O(1).
+    # order. Per step u x 1.5e3 x |loss| + 1e-3 of the loss's span (support/numerics.py):
+    # bound 1.4e-4, measured 1.2e-7 (1,150x headroom). A skipped optimizer step moves the
+    # losses by 1.0e-3 (7x the bound); clipping twice or not at all changes the steps by O(1).
     assert_same_trajectory_scalars(
         zero["losses"], plain, terms=TINY_TEACHER_LOSS_TERMS, what="stage2 zero2 losses"
     )
     # DeepSpeed clipped once, as clip_grad_norm_ does: the same norms before clipping.
     # A norm carries u x 2e3 (10 sigma of its entries' 4e4 roundings) x |norm|, + 1e-3 of its
-    # change over the run, + 1e-6 for the 6-decimal metrics; not re-measured (DeepSpeed run).
-    # A norm taken after clipping would read 0.01, far off.
+    # change over the run, + 1e-6 for the 6-decimal metrics: bound 1.8e-5, measured 0 (the
+    # 6-decimal values agree). Gradients averaged wrong by a factor 2 move the norms by 3.7e-2
+    # (2,000x the bound; the weights cannot show it: clipping and Adam are scale-free); a
+    # skipped step by 8.2e-3; a norm taken after clipping would read 0.01.
     assert_same_trajectory_scalars(
         [m["grad_norm"] for m in _metrics(zero_out)], [m["grad_norm"] for m in _metrics(plain_out)],
         terms=TINY_TEACHER_GRAD_NORM_TERMS, decimals=6, what="stage2 zero2 grad norms",
@@ -158,6 +161,8 @@ def test_stage2_zero2_equals_plain_torch_and_resumes_exactly(adapter_paths, tmp_
     assert trained.keys() == initial.keys() and trainable and trainable < trained.keys()
     assert all(torch.equal(trained[k], initial[k]) for k in trained.keys() - trainable)
     assert all(not torch.equal(trained[k], initial[k]) for k in trainable)
+    # ||zero - plain|| / ||plain - initial|| <= 1e-3 (support/numerics.py): measured 7.3e-7
+    # (1,400x headroom); a skipped step leaves the weights 0.49 of their displacement away.
     assert_same_adam_trajectory(trained, _encoder(plain_out, 4), initial)
 
     # Killed after step 2's checkpoint; --resume repeats steps 3 and 4 exactly.
@@ -192,7 +197,9 @@ def test_stage2_zero2_two_ranks_under_torchrun(teacher_servers, adapter_paths, t
     ranks = [json.loads((tmp_path / f"zero-rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
     assert ranks[0]["losses"] == ranks[1]["losses"]  # the global mean, on every rank
-    # Same bound as above (two ranks' halves vs one batch); not re-measured (DeepSpeed run).
+    # Same bounds as above (two ranks' halves vs one batch): losses measured 1.2e-7 (bound
+    # 1.4e-4), weights 9.6e-6 of their displacement (bound 1e-3, 100x headroom). A rank whose
+    # gradient is not all-reduced trains on its half alone: O(1) of the displacement.
     assert_same_trajectory_scalars(
         ranks[0]["losses"], single, terms=TINY_TEACHER_LOSS_TERMS, what="stage2 zero2 2-rank losses"
     )
@@ -232,8 +239,10 @@ def test_sft_zero2_equals_plain_torch_with_each_groups_learning_rate(tmp_path):
     assert zero["optimizer"] == "DeepSpeedZeroOptimizer" and zero["zero_stage"] == 2
     assert zero["gradient_clipping"] == config.train.grad_clip
     # The tiny VLM's losses and grad norms: u x 2e3 terms (its depth) x |value| + 1e-3 of
-    # their change over the run (+ 1e-6 for the 6-decimal norms); not re-measured (DeepSpeed run).
-    # A group on another learning rate moves the losses by O(1e-2) within 4 steps.
+    # their change over the run (+ 1e-6 for the 6-decimal norms): bounds 6.7e-4 (losses) and
+    # 1.5e-3 (norms), both measured 0. A skipped step moves them by 7.5e-2 and 0.26 (> 100x
+    # the bounds), gradients averaged wrong by 2 the norms by 4.1; a group on another learning
+    # rate moves the losses by O(1e-2) within 4 steps.
     assert_same_trajectory_scalars(zero["losses"], plain, terms=TINY_VLM_TERMS, what="sft zero2 losses")
     assert_same_trajectory_scalars(
         [m["grad_norm"] for m in _metrics(zero_out)], [m["grad_norm"] for m in _metrics(plain_out)],
@@ -258,8 +267,9 @@ def test_sft_zero2_equals_plain_torch_with_each_groups_learning_rate(tmp_path):
         assert {g["name"] for g in groups} == set(GROUPS)
         assert {g["weight_decay"] for g in groups} == {config.train.weight_decay, 0.0}
         for g in groups:
-            # float64 schedule (a cos and a few products, < 10 roundings of 1.1e-16): 1e-12
-            assert g["lr"] == pytest.approx(expected[g["name"]], rel=1e-12), (step, g)
+            # Exact: both sides are LambdaLR's base_lr * factor(step), the same float64
+            # expression (math.cos included) in both processes, carried through JSON by repr.
+            assert g["lr"] == expected[g["name"]], (step, g)
     first = {g["name"]: g["lr"] for g in zero["param_groups"][0]}
     assert first == base  # distinct per group, and not yet decayed
     assert [m["lr"] for m in _metrics(zero_out)] == [m["lr"] for m in _metrics(plain_out)]

@@ -357,6 +357,33 @@ def test_serve_flags_out_of_range_are_one_line_and_status_2(flags, message, caps
     assert err.startswith(f"vidalign: error: {message}") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("value", ["99999", "65536", "-2"])
+def test_serve_health_port_out_of_range_is_a_usage_error(value, capsys):
+    """-1 (none) and 0 (a free port) are the only values below 1; gRPC itself would bind
+    99999 modulo 65536 and take -2 as no health port. Checked as the flags are parsed
+    (vidalign.teacher.credential_args): status 2 before the model loads."""
+    from vidalign_cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["teacher", "serve", "--teacher-model", MODEL, "--device", "cpu", "--health-port", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.splitlines()[-1] == (
+        "vidalign teacher serve: error: argument --health-port: must be within -1..65535 "
+        f"(-1: none, 0: a free port), got {value}"
+    ), err
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "1", "65535"])
+def test_serve_health_port_accepts_none_free_and_every_port(value):
+    from vidalign_cli.main import build_parser
+
+    args = build_parser().parse_args(
+        ["teacher", "serve", "--teacher-model", MODEL, "--health-port", value]
+    )
+    assert args.health_port == int(value)
+
+
 CONFIGS = [
     (dict(latent_cache_bytes=-1), "latent_cache_bytes must be at least 0, got -1"),
     (dict(max_request_bytes=0), "max_request_bytes must be at least 1, got 0"),

@@ -23,6 +23,8 @@ from vidalign.motionenhancer.align import (
 from vidalign.motionenhancer.mtti import SelectedToken
 from vidalign.students.videollm import load_videollm, tiny_tokenizer
 
+from ..support.numerics import TINY_VLM_TERMS, assert_fp32_close
+
 TEXT = "The red ball's bouncing, then stops."
 
 
@@ -139,8 +141,17 @@ def test_hooked_rows_equal_eager_attention_and_carry_gradients(student):
     assert llm.config.text_config._attn_implementation == "sdpa"  # the model itself was not eager
     expected, eager_loss = _eager_rows(llm, inputs, queries, keys)
     assert cap.layers == llm.config.text_config.num_hidden_layers
-    assert (cap.attention - expected).abs().max() < 1e-5
-    assert torch.allclose(out.loss, eager_loss, atol=1e-5)
+    # The capture is a forward hook that returns nothing: the hooked forward is the plain
+    # sdpa forward, bit for bit (same kernels, same inputs, same process).
+    assert torch.equal(out.loss, llm.model(**inputs).loss)
+    # sdpa vs eager: the same model summed in another order, whose hidden states drift apart
+    # along the LM's depth; the hook recomputes softmax(q k^T) from sdpa's. TINY_VLM_TERMS
+    # (2e3) x u x max|value| (support/numerics.py). Measured <= 9.3e-10 on rows of max
+    # 5e-3..1.2e-2 (bounds 5.9e-7..1.4e-6) and 0 on losses of 4.9 (bound 5.8e-4), across the
+    # 4 families. A wrong query or key index, a missing causal/padding mask, or a layer not
+    # averaged moves rows by O(their own size).
+    assert_fp32_close(cap.attention, expected, terms=TINY_VLM_TERMS, what=f"{student} rows")
+    assert_fp32_close(out.loss, eager_loss, terms=TINY_VLM_TERMS, what=f"{student} eager loss")
     assert cap.attention[1, 2].abs().sum() == 0  # padded query row
     cap.attention[:, :2].sum().backward()
     q_proj = next(
@@ -159,10 +170,17 @@ def test_prior_resampled_onto_each_family_grid():
     ):
         rows = prior_to_grid(prior, g)
         assert rows.shape == (2, g.size)
-        assert torch.allclose(rows.sum(-1), torch.ones(2))
+        # Rows x / sum(x): the sum of n = g.size terms carries <= n u, each quotient u more,
+        # and summing the quotients n u again: 2n + 1 roundings of 1 (worst case; measured
+        # 0, bound 1.5e-5 for n = 128). A lost or doubled cell moves a sum by >= 1/n.
+        assert_fp32_close(rows.sum(-1), torch.ones(2), terms=2 * g.size + 1, what="grid row sums")
         grid0 = rows[0].view(g.frames, g.height, g.width)
         assert grid0[-1, 0, 0] == grid0.max() and grid0[0].sum() == 0
-        assert torch.allclose(rows[1], torch.full((g.size,), 1.0 / g.size))
+        # A constant prior: linear resampling on three axes (a product and a sum each, so 6
+        # roundings) then the normalisation above (n + 1): measured 0, bound 6.3e-8 of 1/128.
+        # A wrong interpolation weight (not summing to 1) moves cells by O(1/n).
+        uniform = torch.full((g.size,), 1.0 / g.size)
+        assert_fp32_close(rows[1], uniform, terms=g.size + 7, what="uniform prior on the grid")
     # Frame positions: a 16-frame clip, the teacher saw 13 frames as 4 token frames.
     g = VisionGrid(4, 2, 2, 16, tuple(range(16)), 2, 8)
     pos = frame_positions(g, clip_frames=16, teacher_frames_used=13, teacher_token_frames=4)
@@ -192,8 +210,12 @@ def test_aligner_is_small_and_starts_as_identity():
     vlm = sum(p.numel() for p in load_videollm("tiny-videollava").model.parameters())
     assert AttentionAligner.param_bound(128, 16) < 0.1 * vlm
     assert AttentionAligner.param_bound(2048, 64) < 300_000
-    rows = torch.softmax(torch.randn(3, 5, 128), -1)
-    assert torch.allclose(AttentionAligner(128, 16)(rows), rows, atol=1e-6)
+    rows = torch.softmax(torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(0)), -1)
+    # Zero last layer: the MLP adds exactly 0, so the output is softmax(log rows) = rows up
+    # to log's and exp's roundings (relative error u x |log r| <= 15 u for r >= 1e-6 each)
+    # and the softmax's normalisation over 128 cells (2 x 128 + 1 roundings): 300 x u x
+    # max|row| (0.2): 3.6e-6; measured 1.5e-8. A last layer not zeroed moves rows by O(1).
+    assert_fp32_close(AttentionAligner(128, 16)(rows), rows, terms=300, what="identity aligner")
 
 
 def test_align_loss_uses_only_selected_rows():
@@ -207,7 +229,10 @@ def test_align_loss_uses_only_selected_rows():
             (vlm[1, 0] - prior[1, 0]).pow(2).sum(),
         ]
     ).mean()
-    assert torch.allclose(align_loss(vlm, prior, mask), expected)
+    # Same squared distances, reduced in another order (a masked sum over 6 rows / count vs a
+    # mean of 3): 10 (row sums) + 6 + 1 roundings of |loss| (0.075). Measured 0 (bound 7.6e-8);
+    # an unmasked row or a wrong count moves the loss by >= 1/3 of a row's distance.
+    assert_fp32_close(align_loss(vlm, prior, mask), expected, terms=17, what="align loss")
     assert align_loss(prior, prior, mask) == 0
 
 
@@ -236,6 +261,9 @@ def test_align_batch_pools_covering_rows():
     assert batch.mask.tolist() == [[True, True], [False, False]]  # row 2: caption absent -> CE only
     # Char-level tokenizer: "moves" -> 5 VLM tokens, each with weight 1/5, and they decode to the word.
     picked = batch.queries[0][batch.pool[0, 0] > 0]
-    assert torch.allclose(batch.pool[0, 0][batch.pool[0, 0] > 0], torch.full((5,), 0.2))
+    # Exact: 1.0 / 5 in float64 rounded to float32 is float32(0.2), as torch.full stores it.
+    assert torch.equal(batch.pool[0, 0][batch.pool[0, 0] > 0], torch.full((5,), 0.2))
     assert llm.tokenizer.decode(batch.inputs["input_ids"][0, picked]) == "moves"
-    assert torch.allclose(batch.prior[0].sum(-1), torch.ones(2))
+    # Normalised rows of grid.size cells: 2n + 1 roundings of 1 (as in the test above).
+    sums = batch.prior[0].sum(-1)
+    assert_fp32_close(sums, torch.ones(2), terms=2 * grid.size + 1, what="prior sums")

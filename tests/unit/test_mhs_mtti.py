@@ -9,6 +9,8 @@ from vidalign.errors import InvalidInput
 from vidalign.motionenhancer.mhs import head_metrics, run_stats, select_heads, top_count
 from vidalign.motionenhancer.mtti import pool_tokens, select_tokens, token_spans
 
+from ..support.numerics import FP32_U
+
 FRAMES, SPATIAL = 4, 9
 NV = FRAMES * SPATIAL
 
@@ -40,16 +42,29 @@ def test_metrics_equal_brute_force_on_full_maps() -> None:
     full = torch.rand(3, NV, NV, generator=torch.Generator().manual_seed(1)) ** 4
     full = 0.7 * full / full.sum(-1, keepdim=True)
     got = head_metrics(_same_location(full), full.sum((1, 2)))
+    # The brute force runs in float64 (exact to 1e-16 here); head_metrics' float32 sums are
+    # of positive entries, each within (n - 1) u relative for n summands. tau: the mass
+    # (n = NV^2 = 1296) and a division: NV^2 u = 7.7e-5. dfc: inside (324 entries), outside =
+    # mass - inside (the mass's error grows by mass / outside = 1.1 here) and a division:
+    # < 2 NV^2 u = 1.5e-4. Measured: <= 5.6e-8 and 1.8e-7 relative. A mass over a wrong count
+    # (N_v (N_v - 1)) moves tau by 2.8%; inside and outside swapped move dfc 60-fold.
+    full64 = full.double()
     for h in range(3):
-        tau = full[h].mean()
+        tau = full64[h].mean()
         mask = torch.zeros(NV, NV, dtype=torch.bool)
         for i in range(NV):
             for j in range(NV):
                 mask[i, j] = i % SPATIAL == j % SPATIAL
-        inside = full[h][mask].sum()
-        assert got["tau"][h] == pytest.approx(float(tau), rel=1e-5)
-        assert got["dfc"][h] == pytest.approx(float(inside / full[h][~mask].sum()), rel=1e-4)
-        assert got["dsr"][h] == pytest.approx(float((full[h][mask] > tau).float().mean()), rel=1e-5)
+        inside = full64[h][mask].sum()
+        assert got["tau"][h] == pytest.approx(float(tau), rel=NV**2 * FP32_U)
+        dfc = float(inside / full64[h][~mask].sum())
+        assert got["dfc"][h] == pytest.approx(dfc, rel=2 * NV**2 * FP32_U)
+        # DSR and TCS count entries above tau: against head_metrics' own float32 tau, the
+        # same comparisons on the same float32 entries, so the counts are exact (a tau a few
+        # ulps off could flip an entry lying that close). DSR = count / 324 rounded once in
+        # float32 on both sides: equal.
+        tau = got["tau"][h]
+        assert got["dsr"][h] == (full[h][mask] > tau).float().mean()
         runs_per_row = []
         for s in range(SPATIAL):
             for f in range(FRAMES):
@@ -64,7 +79,11 @@ def test_metrics_equal_brute_force_on_full_maps() -> None:
                         runs.append(n)
                         n = 0
                 runs_per_row.append(sum(runs) / len(runs) if runs else 0.0)
-        assert got["tcs"][h] == pytest.approx(sum(runs_per_row) / len(runs_per_row), rel=1e-5)
+        # float32 run-length ratios (u each) averaged over S x F = 36 rows (36 + 1 roundings)
+        # against the float64 brute force: 38 u = 2.3e-6 relative; measured <= 2.8e-8. One run
+        # miscounted moves it by >= 1/72.
+        expected = sum(runs_per_row) / len(runs_per_row)
+        assert got["tcs"][h] == pytest.approx(expected, rel=(SPATIAL * FRAMES + 2) * FP32_U)
 
 
 def test_run_stats() -> None:
@@ -80,8 +99,12 @@ def test_temporal_heads_rank_above_spatial_and_uniform() -> None:
     others = [h for h, k in enumerate(kinds) if k != "temporal"]
     assert result.score[temporal].min() > result.score[others].max()
     assert len(result.selected) == 3  # top 50% of 6
-    # tau is the map mean: row mass / N_v with rows normalised over more than the block
-    assert torch.allclose(result.tau, torch.full((6,), 0.8 / NV), rtol=1e-5)
+    # tau is the map mean: row mass / N_v with rows normalised over more than the block.
+    # Each entry 0.8 x / rowsum carries (N_v + 3) u, the float32 mass sums N_v^2 of them
+    # ((N_v^2 - 1) u) and is divided once: (N_v^2 + N_v + 4) u = 8e-5 relative; measured
+    # 6e-8. A mass over the wrong count (N_v (N_v - 1)) is 2.8% off.
+    rtol = (NV**2 + NV + 4) * FP32_U
+    assert torch.allclose(result.tau, torch.full((6,), 0.8 / NV), rtol=rtol, atol=0)
     only_dsr = select_heads(
         _same_location(full), full.sum((1, 2)), ratio=1 / 3, weights={"dsr": 1.0}
     )
@@ -118,7 +141,12 @@ def test_mtti_keeps_changing_tokens_drops_flat_and_padding() -> None:
     eligible = torch.tensor([1] * 6 + [0] * 4, dtype=torch.bool)
     result = select_tokens(a_tok, eligible)
     assert result.selected == [0, 1, 2]
-    assert torch.allclose(result.mean[:3], result.mean[3:6], rtol=1e-5)
+    # Tokens 3-5 hold token 0's one-stage float32 mean over its F x S = 36 cells ((36 + 1) u);
+    # pooling then averages S cells per frame and F frames, on both sides ((S + F + 2) u
+    # each): 2 (F S + F + S + 2) u = 6.1e-6 relative. Measured 1.1e-7. Pooling over the wrong
+    # axis or a head left out: O(1).
+    rtol = 2 * (NV + FRAMES + SPATIAL + 2) * FP32_U
+    assert torch.allclose(result.mean[:3], result.mean[3:6], rtol=rtol, atol=0)
     assert (result.diff[:3] > 0).all() and (result.diff[3:6] == 0).all()
     assert torch.isinf(result.score[6:]).all()
     prompt = "abcdef"

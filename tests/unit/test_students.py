@@ -21,6 +21,8 @@ from vidalign.students import (
     load_student,
 )
 
+from ..support.numerics import assert_fp32_close, max_abs
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -96,11 +98,13 @@ def test_preprocess_samples_frames_uniformly_and_normalises():
         values = ((x * std + mean) * 255).round()
         expected = np.linspace(0, n - 1, 8).round()
         assert torch.equal(values[0, :, 0, 0, 0], torch.tensor(expected, dtype=torch.float32))
-        assert torch.allclose(values, values[..., :1, :1].expand_as(values))
+        # Exact: integers after round(); the normalise/denormalise round trip (~6 roundings of
+        # <= 255: < 1e-4) stays far inside the 0.5 that rounding absorbs.
+        assert torch.equal(values, values[..., :1, :1].expand_as(values))
     white = tiny.preprocess(torch.full((1, 8, 32, 32, 3), 255, dtype=torch.uint8))
-    assert torch.allclose(
-        white[0, 0, :, 0, 0], (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    )
+    # Exact: 32 px needs no resize, 255 / 255 is 1, and (1 - mean) / std is the same float32
+    # expression on both sides.
+    assert torch.equal(white[0, 0, :, 0, 0], (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD))
 
 
 @pytest.mark.parametrize(
@@ -129,7 +133,8 @@ def test_frame_features_are_the_models_own_hidden_states(tiny, pixels):
     with torch.no_grad():
         hidden = model.model.get_video_features(pixels, output_hidden_states=True).hidden_states[-2]
     expected = hidden[:, 1:].mean(dim=1).view(2, 8, 32)  # patch tokens only, CLS dropped
-    torch.testing.assert_close(features, expected)
+    # Exact: the same tower forward on the same (B * T) frames, then the same slice and mean.
+    assert torch.equal(features, expected)
 
 
 def test_grid_pooling_layout(tiny, pixels):
@@ -138,10 +143,17 @@ def test_grid_pooling_layout(tiny, pixels):
     tokens = full(pixels)
     assert full.tokens_per_frame == 16 and tokens.shape == (2, 8 * 16, 32)
     # Frame-major order: frame t owns tokens [16t, 16t + 16); their mean is the frame feature.
-    torch.testing.assert_close(tokens.view(2, 8, 16, 32).mean(dim=2), frame)
+    # Both sides are means of the same n tokens summed in their own order (strided vs
+    # contiguous): each within (n + 2) u max|token| (sum, division), so 2(n + 2) roundings
+    # (worst case), max|token| 3.95. n = 16: bound 8.5e-6, measured 0; n = 4 (grid:2 cells):
+    # 2.8e-6, measured 1.2e-7. A token in the wrong frame or cell moves a mean by O(|token| / n).
+    top = max_abs(tokens)
+    assert_fp32_close(tokens.view(2, 8, 16, 32).mean(dim=2), frame, terms=2 * (16 + 2),
+                      magnitude=top, what="grid:4 means")
     two = load_student("tiny-videollava", pooling="grid:2")(pixels).view(2, 8, 2, 2, 32)
     grid = tokens.view(2, 8, 4, 4, 32)
-    torch.testing.assert_close(two[:, :, 0, 1], grid[:, :, 0:2, 2:4].mean(dim=(2, 3)))
+    assert_fp32_close(two[:, :, 0, 1], grid[:, :, 0:2, 2:4].mean(dim=(2, 3)), terms=2 * (4 + 2),
+                      magnitude=top, what="grid:2 cells")
 
 
 @pytest.mark.parametrize("pooling", ["mean", "grid:0", "grid:x", "grid:5"])
@@ -299,7 +311,10 @@ def test_any_module_can_be_wrapped():
     assert encoder.spec.family == "custom" and encoder.tokens_per_frame == 1
     x = encoder.preprocess(torch.full((3, 10, 24, 24, 3), 255, dtype=torch.uint8))
     assert x.shape == (3, 4, 3, 20, 20)
-    assert torch.allclose(x, torch.full_like(x, 2.0))
+    # 24 -> 20 px: the antialiased bilinear resize of a constant 1 rounds its <= 4 normalised
+    # weights and their sum per axis (<= 8 u each, 2 passes), then (x - 0.5) / 0.25 scales the
+    # error by 4: 64 u = 32 roundings of 2.0, 3.8e-6; measured 9.5e-7. A wrong mean or std: O(1).
+    assert_fp32_close(x, torch.full_like(x, 2.0), terms=32, what="normalised constant")
     features = encoder(x)
     assert features.shape == (3, 4, 16)
     features.sum().backward()
@@ -344,8 +359,15 @@ def test_family_feature_shape_gradient_and_determinism(name):
     assert features.shape == (2, steps, d_v) and features.dtype == torch.float32
     grid = load_student(name, pooling="grid:2")(x)
     assert grid.shape == (2, steps * 4, d_v)
-    # Frame-major: the mean of a step's 2 x 2 grid is its frame feature.
-    torch.testing.assert_close(grid.view(2, steps, 4, d_v).mean(dim=2), features)
+    # Frame-major: the mean of a step's 2 x 2 grid is its frame feature. Both are means of the
+    # same n tokens (the tower's own grid, read with grid:g), in one stage or two: 2(n + 2)
+    # roundings of max|token| (as in test_grid_pooling_layout). Measured <= 1.8e-7 (bounds
+    # 6.4e-8 (Qwen, measured 0)..8.4e-6). A step's cells from another frame move the mean by
+    # O(|token| / n).
+    g = getattr(encoder, "patch_grid", None) or encoder.merged_grid
+    tokens = load_student(name, pooling=f"grid:{g}")(x)
+    assert_fp32_close(grid.view(2, steps, 4, d_v).mean(dim=2), features, terms=2 * (g * g + 2),
+                      magnitude=max_abs(tokens), what=f"{name} grid:2 means")
 
     features.square().sum().backward()
     trainable = [(n, p) for n, p in encoder.tower.named_parameters() if p.requires_grad]
@@ -439,7 +461,13 @@ def test_videollm_loss_is_cross_entropy_on_the_targets_only(name):
         logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
     )
     loss = llm.loss(video, PROMPTS, TARGETS)
-    torch.testing.assert_close(loss, expected)
+    # Same logits (same forward); the two cross-entropies differ in reduction order only:
+    # a logsumexp over the V-token vocabulary (<= V + 4 roundings of a nat) and a mean of N
+    # per-token losses (N roundings of |loss|), each side: 2(V + N + 4) roundings of |loss|
+    # (4.9): 1.1e-4 for V = 128, N = 50; measured 0. Loss on the prompt tokens or labels not
+    # shifted: O(0.1).
+    vocab, targets = logits.shape[-1], int((labels != IGNORE_INDEX).sum())
+    assert_fp32_close(loss, expected, terms=2 * (vocab + targets + 4), what=f"{name} loss")
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in llm.encoder.tower.parameters())
 
@@ -492,7 +520,8 @@ def test_qwen_patches_follow_qwens_own_processor():
         frame[0, 0].numpy(), patch_size=4, merge_size=2, temporal_patch_size=2
     )
     assert grid_thw.tolist() == [[1, gh, gw]] == [[1, 4, 4]]
-    torch.testing.assert_close(patches, torch.from_numpy(np.ascontiguousarray(expected)))
+    # Exact: both are the same float32 values permuted (reshape and transpose only).
+    assert torch.equal(patches, torch.from_numpy(np.ascontiguousarray(expected)))
 
 
 @pytest.mark.parametrize(
