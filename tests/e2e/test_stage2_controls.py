@@ -68,5 +68,5 @@ def test_stage2_sends_the_teacher_the_right_clips(adapter_paths, synth_dir, tmp_
 def test_synth_data_config_needs_a_path():
     with pytest.raises(ValueError, match=r"data\.path"):
         DataConfig(kind="synth")
-    with pytest.raises(ValueError, match="toy or synth"):
+    with pytest.raises(ValueError, match="expected one of"):
         DataConfig(kind="webvid")

@@ -19,12 +19,8 @@ from vidalign.config import load_config
 from vidalign.run import RunDir
 from vidalign.store import commit_artifact, open_store
 from vidalign.students import load_student
-from vidalign_trainer.stage3 import (
-    Stage3Config,
-    ToyInstructions,
-    load_student_for_stage3,
-    run_stage3,
-)
+from vidalign_trainer.common import Instructions
+from vidalign_trainer.stage3 import Stage3Config, load_student_for_stage3, run_stage3
 
 from ..support.numerics import TINY_VLM_TERMS, assert_fp32_close
 
@@ -66,7 +62,7 @@ def stage2_encoder(tmp_path_factory) -> tuple[str, dict[str, torch.Tensor]]:
 
 
 def full_set_loss(llm, cfg: Stage3Config) -> float:
-    data = ToyInstructions(cfg.data)
+    data = Instructions(cfg.data)
     with torch.no_grad():
         losses = [llm.loss(b.video, b.prompts, b.targets).item() for b in data.batches(4)]
     return sum(losses) / len(losses)
@@ -119,7 +115,7 @@ def test_stage3_trains_only_lora_and_the_adapter_loads_in_peft(stage2_encoder, t
     }
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     assert (adapter_config["r"], adapter_config["lora_alpha"]) == (16, 32)
-    data = ToyInstructions(cfg.data).batches(3)[0]
+    data = next(Instructions(cfg.data).batches(3))
     expected = llm.logits(data.video, data.prompts, data.targets)
     with torch.no_grad():
         untrained = base.logits(data.video, data.prompts, data.targets)
@@ -142,7 +138,7 @@ def test_merged_model_matches_the_adapter(stage2_encoder, tmp_path):
     cfg = config(encoder_uri, out, 2, "output.merge=true")
     base = load_student_for_stage3(cfg)
     llm = run_stage3(cfg).videollm
-    data = ToyInstructions(cfg.data).batches(2)[0]
+    data = next(Instructions(cfg.data).batches(2))
     expected = llm.logits(data.video, data.prompts, data.targets)
     base.model = VideoLlavaForConditionalGeneration.from_pretrained(out / "merged").eval()
     # Merging rounds each W + scale * B @ A once (u x |W|) and then runs the plain layers:

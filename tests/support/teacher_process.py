@@ -100,7 +100,8 @@ def _json_lines(text: str) -> list[dict]:
 class Stage2Process:
     """`vidalign train stage2` (configs/stage2-tiny.yaml) in a subprocess; logs to a file."""
 
-    def __init__(self, out: Path, address: str, adapter: Path, steps: int, *sets: str) -> None:
+    def __init__(self, out: Path, address: str, adapter: Path, steps: int, *sets: str,
+                 resume: bool = False) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
         self.log_path = out.parent / f"{out.name}.log"
@@ -110,6 +111,8 @@ class Stage2Process:
         for item in (f"teacher.address={address}", f"teacher.adapter={adapter}",
                      f"output.dir={out}", f"train.steps={steps}", "data.num_clips=4", *sets):
             cmd += ["--set", item]
+        if resume:
+            cmd.append("--resume")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     def steps_done(self) -> int:

@@ -204,13 +204,19 @@ def rewrite_all(items: Sequence[CaptionItem], rewriter: Rewriter, *, progress: b
     return [rewriter.rewrite(i.caption) for i in tqdm(items, desc="static captions", disable=not progress)]
 
 
-def subset_records(items: Sequence[CaptionItem], static: Sequence[str]) -> bytes:
-    """The subset as JSON lines: what feature extraction and stage 1 read."""
+def subset_records(
+    items: Sequence[CaptionItem], static: Sequence[str], video_root: str = ""
+) -> bytes:
+    """The subset as JSON lines (``data.kind: records``): what every VDA stage reads.
+
+    ``video`` is the file's path, or ``<video_root>/<name>`` when the videos
+    live in a store (``video_root`` a store URI).
+    """
     lines = []
     for item, caption in zip(items, static, strict=True):
         lines.append(json.dumps({
             "uid": item.uid,
-            "video": str(item.video_path),
+            "video": f"{video_root.rstrip('/')}/{item.uid}" if video_root else str(item.video_path),
             "caption": item.caption,
             "static_caption": caption,
             **{c: getattr(item, c) for c in STRATA_COLUMNS},
@@ -223,11 +229,18 @@ def prepare(
     video_dir: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Sample, rewrite and commit the subset as the artifact ``<out>/subset``; returns the report."""
-    from vidalign.data.benchmarks import load_openvid
-    from vidalign.store import commit_artifact, open_store
+    import warnings
+
+    from vidalign.data.benchmarks import MissingVideosWarning, load_openvid
+    from vidalign.store import commit_artifact, is_store_uri, materialize, open_store
 
     store = open_store(out)
-    source = load_openvid(csv, video_dir=video_dir).items
+    remote_videos = bool(video_dir) and is_store_uri(video_dir)
+    with warnings.catch_warnings():
+        if remote_videos:  # files in a store: nothing to check on the local disk
+            warnings.simplefilter("ignore", MissingVideosWarning)
+        source = load_openvid(materialize(csv) if is_store_uri(csv) else csv,
+                              video_dir=None if remote_videos else video_dir).items
     subset = stratified_sample(source, n, seed=seed, bins=bins)
     if rewriter == "llm":
         chosen: Rewriter = LLMRewriter.from_env(cache=store.child("static-captions"))
@@ -239,7 +252,7 @@ def prepare(
     report = subset_report(source, subset)
     commit_artifact(
         store, "subset",
-        {"subset.jsonl": subset_records(subset, static),
+        {"subset.jsonl": subset_records(subset, static, video_dir if remote_videos else ""),
          "report.json": json.dumps(report, indent=2).encode()},
         producer="vidalign data prepare",
         meta={"source": csv, "n": n, "seed": seed, "bins": bins, "rewriter": chosen.name,

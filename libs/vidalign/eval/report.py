@@ -34,6 +34,7 @@ def result_dict(result: EvalResult, *, model: str | None = None) -> dict[str, An
         "controls": list(s.controls),
         "unscorable": s.unscorable,
         "missing_videos": len(result.missing),
+        "unreadable_videos": len(result.unreadable),
     }
     if result.open_ended is not None:
         out["judge"] = {
@@ -79,7 +80,9 @@ def markdown_table(rows: Mapping[str, Score], *, digits: int = 2) -> str:
 def write_result(
     result: EvalResult, out_dir: str | Path, *, name: str, model: str | None = None
 ) -> dict[str, Path]:
-    """Write ``{name}.json``, ``{name}.md`` and ``{name}.predictions.jsonl``; return their paths."""
+    """Write ``{name}.json``, ``{name}.md`` and ``{name}.predictions.jsonl`` (and
+    ``{name}.skipped.jsonl``: the questions whose video could not be decoded, with the file,
+    line and reason); return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -92,6 +95,9 @@ def write_result(
         "markdown": markdown_table({model or name: result.score}),
         "predictions": "".join(json.dumps(asdict(p)) + "\n" for p in result.predictions),
     }
+    if result.unreadable:
+        paths["skipped"] = out / f"{name}.skipped.jsonl"
+        contents["skipped"] = "".join(json.dumps(u) + "\n" for u in result.unreadable)
     for key, path in paths.items():
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(contents[key], encoding="utf-8")

@@ -24,6 +24,9 @@ from vidalign.errors import InvalidInput, NotFound
 from vidalign.eval.answers import is_correct
 from vidalign.eval.judges import ExactMatchJudge, Judge, OpenEndedRecord, OpenEndedScore, judge_all
 from vidalign.eval.scoring import Score, score
+from vidalign.log import get_logger
+
+log = get_logger(__name__)
 
 Answerer = Callable[[list[QAItem], list[np.ndarray]], list[str]]
 """``answerer(items, videos) -> outputs``: one output per item, in order."""
@@ -48,6 +51,9 @@ class EvalResult:
     """Judge accuracy and mean score, for open-ended benchmarks."""
     missing: tuple[str, ...] = ()
     """uids scored as unanswered because their video is missing."""
+    unreadable: tuple[dict[str, str], ...] = ()
+    """Questions scored as unanswered because their video could not be decoded:
+    ``{uid, file, line, reason}`` each (``skipped.jsonl`` of ``write_result``)."""
 
 
 def _benchmark(items: Sequence[QAItem]) -> str:
@@ -64,6 +70,7 @@ def score_outputs(
     judge: Judge | None = None,
     judge_dir: str | Path | None = None,
     missing: Sequence[str] = (),
+    unreadable: Sequence[dict[str, str]] = (),
     progress: bool = False,
 ) -> EvalResult:
     """Score outputs already produced (uid -> text); an item without one is wrong.
@@ -98,6 +105,7 @@ def score_outputs(
         score=score((p.category, p.correct) for p in predictions),
         open_ended=open_ended,
         missing=tuple(missing),
+        unreadable=tuple(unreadable),
     )
 
 
@@ -117,7 +125,9 @@ def evaluate(
 
     Each video is decoded to ``frames`` uniform frames (or sampled at ``fps``
     when given) within the item's segment. Items whose video is missing raise
-    NotFound, unless ``skip_missing``, which scores them as unanswered.
+    NotFound, unless ``skip_missing``, which scores them as unanswered. A video
+    that exists but cannot be decoded (cut short, damaged) is scored as
+    unanswered and listed in ``EvalResult.unreadable``; the run goes on.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInput(f"batch_size: expected an integer >= 1, got {batch_size!r}")
@@ -138,24 +148,37 @@ def evaluate(
     todo = [i for i in items if exists[i.video_path]]
 
     outputs: dict[str, str] = {}
-    cached: tuple[tuple, np.ndarray] | None = None  # questions about one video are adjacent
+    unreadable: dict[str, dict[str, str]] = {}
+    cached: tuple[tuple, np.ndarray | str] | None = None  # questions about one video are adjacent
     with tqdm(total=len(todo), desc=benchmark, unit="q", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            videos = []
-            for item in batch:
+            batch, videos = [], []
+            for item in todo[start : start + batch_size]:
                 key = (item.video_path, item.segment, frames, fps)
                 if cached is None or cached[0] != key:
                     begin, end = item.segment or (None, None)
-                    video = decode_frames(
-                        item.video_path,
-                        num_frames=None if fps else frames,
-                        fps=fps,
-                        start=begin,
-                        end=end,
-                    )
+                    try:
+                        video: np.ndarray | str = decode_frames(
+                            item.video_path,
+                            num_frames=None if fps else frames,
+                            fps=fps,
+                            start=begin,
+                            end=end,
+                        )
+                    except (InvalidInput, NotFound) as err:
+                        video = str(err).removeprefix("path: ").removeprefix(
+                            f"{str(item.video_path)!r} ")
                     cached = (key, video)
+                if isinstance(cached[1], str):
+                    unreadable[item.uid] = {"uid": item.uid, "file": str(item.video_path),
+                                            "line": f"{item.source_file}:{item.line}",
+                                            "reason": cached[1]}
+                    continue
+                batch.append(item)
                 videos.append(cached[1])
+            bar.update(len(todo[start : start + batch_size]))
+            if not batch:
+                continue
             answers = answerer(batch, videos)
             if not isinstance(answers, list) or len(answers) != len(batch):
                 got = f"{len(answers)} items" if isinstance(answers, list) else type(answers).__name__
@@ -165,10 +188,12 @@ def evaluate(
                     kind = type(answer).__name__
                     raise InvalidInput(f"answerer: output for {item.uid} is {kind}, not str")
                 outputs[item.uid] = answer
-            bar.update(len(batch))
+    if unreadable:
+        log.warning("eval_unreadable_videos", benchmark=benchmark, questions=len(unreadable),
+                    first=next(iter(unreadable.values())))
     return score_outputs(
         items, outputs, judge=judge, judge_dir=judge_dir,
-        missing=[i.uid for i in absent], progress=progress,
+        missing=[i.uid for i in absent], unreadable=list(unreadable.values()), progress=progress,
     )
 
 

@@ -292,6 +292,27 @@ def _data_prepare(args: argparse.Namespace) -> None:
     print(json.dumps({"subset": f"{args.out.rstrip('/')}/subset", "ks": report}, indent=2))
 
 
+def _data_shard(args: argparse.Namespace) -> None:
+    import json
+
+    from vidalign.data.shardset import write_shards
+    from vidalign.data.videoset import SOURCES
+
+    sources = []
+    for spec in args.source:
+        kind, sep, location = spec.partition(":")
+        if not sep or kind not in SOURCES or kind == "shards" or not location:
+            raise InvalidInput(
+                f"--source {spec!r}: expected KIND:LOCATION with KIND one of "
+                f"{[k for k in SOURCES if k != 'shards']}"
+            )
+        sources.append((kind, location))
+    meta = write_shards(sources, args.out, clips_per_shard=args.clips_per_shard,
+                        video_dir=args.video_dir or "")
+    print(json.dumps({"shards": args.out, "clips": meta["clips"], "files": meta["shards"],
+                      "skipped": len(meta["skipped"])}, indent=2))
+
+
 def _what_to_score(args: argparse.Namespace) -> None:
     """``vidalign eval`` scores exactly one thing, named explicitly: never a default answerer."""
     given = [flag for flag, value in (("--student", args.student),
@@ -538,7 +559,21 @@ def _add_data(sub) -> None:
                            "VIDALIGN_REWRITER_{BASE_URL,MODEL,API_KEY}")
     prep.add_argument("--seed", type=int, default=0, help="sampling seed")
     prep.add_argument("--bins", type=int, default=4, help="quantile bins per stratification column")
-    prep.add_argument("--video-dir", help="where the videos are (default: beside the CSV)")
+    prep.add_argument("--video-dir", help="where the videos are, a directory or store URI "
+                                           "(default: beside the CSV)")
+
+    shard = _command(
+        data, "shard", "pack clips (encoded bytes) and their records into WebDataset tar shards on "
+        "a store, for every trainer's data.kind: shards (resumable)", _data_shard,
+    )
+    shard.add_argument("--source", action="append", required=True, metavar="KIND:LOCATION",
+                       help="records:URI (a `data prepare` subset or records JSONL), "
+                            "motionbench:DIR, motionvid:FILE or synth:DIR; repeat to join sets")
+    shard.add_argument("--out", required=True, metavar="URI", help="directory or store URI of the set")
+    shard.add_argument("--clips-per-shard", type=int, default=256,
+                       help="clips per tar shard")
+    shard.add_argument("--video-dir", help="where the sources' relative video paths resolve "
+                                           "(default: beside each annotation file)")
 
 
 def _add_priors(sub) -> None:

@@ -12,7 +12,13 @@ with ``--teacher host:port``) and writes them to a store::
 
 A unit is one video with its caption when the dataset has a SynthMotion
 sidecar (``synthmotion.jsonl``), else one question (prompt = the question
-text, its segment of the video). Each shard is an artifact (files first,
+text, its segment of the video). With ``--bench records|shards|motionvid``
+(a ``data prepare`` subset, a ``data shard`` set, MotionVid-QA) a unit is one
+clip, keyed by the id the trainers use, prompted with its caption or else its
+first question; SFT on the same records or shards finds each clip's priors by
+that id. A clip that cannot be decoded is skipped (``<out>/skipped.jsonl``:
+file, record line, reason; the index lists only the clips it has), and the job
+stops once more than ``--max-skip-fraction`` of the clips read were bad. Each shard is an artifact (files first,
 manifest last): a killed run leaves whole shards only, and a rerun skips the
 shards committed with the same source and the same clips. The index is
 committed last; ``load_priors_set`` refuses a set without it. Planning,
@@ -28,6 +34,7 @@ highlighted). PNGs are drawn with Pillow (matplotlib is not a dependency).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,19 +72,44 @@ class PriorsClip:
     """One unit of extraction: a video (or a segment of it) and its prompt."""
 
     clip_id: str
-    video_path: Path
+    video_path: Path | str
     prompt: str
     segment: tuple[float, float] | None = None
+    record: Any = None
+    """The ``VideoRecord`` of a records or shards source (read through its store)."""
+
+
+RECORD_SOURCES = ("records", "shards", "motionvid")
+"""``--bench`` values read as training records (``vidalign.data.videoset``): one unit per
+clip, prompted with its caption, or its first question when it has none."""
+
+
+def record_clips(bench: str, data: str, video_dir: str | None) -> tuple[list[PriorsClip], Any]:
+    """The units of a records, shards or MotionVid-QA source, and the source's records."""
+    from vidalign.data.videoset import read_records
+
+    loaded = read_records(bench, str(data), video_dir=str(video_dir or ""))
+    clips = []
+    for record in loaded.records:
+        prompt = record.caption or (record.qa[0].prompt if record.qa else "")
+        if not prompt:
+            raise InvalidInput(f"{record.origin}: clip {record.id} has neither a caption nor a question")
+        clips.append(PriorsClip(clip_id=record.id, video_path=record.video, prompt=prompt,
+                                segment=record.segment, record=record))
+    return clips, loaded
 
 
 def dataset_clips(
     data: str | Path, *, bench: str = "motionbench", video_dir: str | Path | None = None,
     skip_missing: bool = False,
 ) -> list[PriorsClip]:
-    """The units of a dataset: per video with a sidecar caption, else per question."""
+    """The units of a dataset: per video with a sidecar caption, else per question; per clip
+    for the record sources (:data:`RECORD_SOURCES`)."""
     from vidalign.data.benchmarks import load_benchmark
     from vidalign.data.synth import SIDECAR_FILE, read_sidecar
 
+    if bench in RECORD_SOURCES:
+        return _unique(record_clips(bench, str(data), str(video_dir) if video_dir else None)[0])
     loaded = load_benchmark(bench, data, video_dir=video_dir)
     if loaded.missing and not skip_missing:
         raise NotFound(
@@ -105,6 +137,10 @@ def dataset_clips(
             clips.append(PriorsClip(
                 clip_id=item.uid, video_path=video, prompt=item.question, segment=item.segment
             ))
+    return _unique(clips)
+
+
+def _unique(clips: list[PriorsClip]) -> list[PriorsClip]:
     ids = [c.clip_id for c in clips]
     if len(set(ids)) != len(ids):
         raise InvalidInput("data: clip ids are not unique; priors are keyed by them")
@@ -178,6 +214,8 @@ class ExtractConfig(ShardingConfig):
     chunk_size: int = 256
     memory: bool = ME_CROSS_STREAM_MEMORY
     skip_missing: bool = False
+    max_skip_fraction: float = 0.01
+    """Stop when more than this fraction of the clips read were unreadable (``skipped.jsonl``)."""
 
 
 def _connect(config: ExtractConfig) -> PriorsTeacher:
@@ -232,16 +270,35 @@ def extract_dataset_priors(config: ExtractConfig, *, teacher: PriorsTeacher | No
         }
         log.info("priors_teacher", model=info.model, teacher=config.teacher or "in-process")
 
+        from vidalign.data.videoset import BadVideo, Skip, SkipLog
+
+        ranks_key = "skipped.jsonl" if config.rank == 0 else f"skipped.rank{config.rank}.jsonl"
+        skips = SkipLog(store, max_fraction=config.max_skip_fraction, total=len(clips), key=ranks_key)
+        store_uri = config.data if config.bench == "shards" else ""
+
         def run_shard(shard: Shard, advance: Callable[[int], None]) -> ShardOutput:
             files: dict[str, bytes] = {}
+            bad: list[str] = []
             for clip in clips[shard.start : shard.stop]:
-                files[f"{clip_key(clip.clip_id)}.safetensors"] = _clip_priors(
-                    teacher, clip, config, frames=frames, height=height, width=width
-                )
+                try:
+                    video = _clip_frames(clip, store_uri, frames=frames, height=height, width=width)
+                except BadVideo as err:
+                    origin = getattr(clip.record, "origin", "") or str(clip.video_path)
+                    skips.record([Skip(clip.clip_id, str(clip.video_path), origin, str(err))])
+                    bad.append(clip.clip_id)
+                else:
+                    skips.record([], read=[clip.clip_id])
+                    files[f"{clip_key(clip.clip_id)}.safetensors"] = _clip_priors(
+                        teacher, clip, video, config, frames=frames, height=height, width=width
+                    )
                 advance(1)
-            return ShardOutput(files, {"keys": [clip_key(c.clip_id) for c in clips[shard.start : shard.stop]]})
+            if not files:  # an artifact needs a file: the shard's own list of what it skipped
+                files["skipped.json"] = json.dumps(bad).encode()
+            keys = [clip_key(c.clip_id) for c in clips[shard.start : shard.stop] if c.clip_id not in bad]
+            return ShardOutput(files, {"keys": keys, "skipped": bad})
 
         def index(shards: list[Shard], manifests: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+            skipped = {i for m in manifests for i in m.meta.get("skipped", [])}
             entries = [
                 {
                     "id": c.clip_id,
@@ -253,8 +310,12 @@ def extract_dataset_priors(config: ExtractConfig, *, teacher: PriorsTeacher | No
                 }
                 for shard in shards
                 for c in clips[shard.start : shard.stop]
+                if c.clip_id not in skipped
             ]
-            return {"clips": entries}, {"model": info.model}
+            if not entries:
+                raise InvalidInput(f"data: no clip of {config.data} could be read; see "
+                                   f"{store.uri}/{ranks_key}")
+            return {"clips": entries}, {"model": info.model, "skipped": len(skipped)}
 
         run = run_sharded(
             store, [c.clip_id for c in clips], config.shard_size, run_shard, source=source,
@@ -267,13 +328,29 @@ def extract_dataset_priors(config: ExtractConfig, *, teacher: PriorsTeacher | No
     return run.uri
 
 
+def _clip_frames(
+    clip: PriorsClip, store_uri: str, *, frames: int, height: int, width: int
+) -> np.ndarray:
+    """uint8 (frames, height, width, 3) of one unit; ``BadVideo`` when it cannot be read."""
+    from vidalign.data.videoset import BadVideo, VideoItems, View
+
+    if clip.record is not None:  # records and shards: resized to cover, centre-cropped
+        view = {"cogvideox": View(frames, height, width)}
+        reader = VideoItems([clip.record], [0], view, store_uri=store_uri)
+        return reader.read(clip.record)["cogvideox"].numpy()
+    try:
+        return load_frames(clip.video_path, frames=frames, height=height, width=width,
+                           segment=clip.segment)
+    except (InvalidInput, NotFound) as err:
+        raise BadVideo(str(err).removeprefix("path: ")) from None
+
+
 def _clip_priors(
-    teacher: PriorsTeacher, clip: PriorsClip, config: ExtractConfig, *, frames: int, height: int,
-    width: int,
+    teacher: PriorsTeacher, clip: PriorsClip, video: np.ndarray, config: ExtractConfig, *,
+    frames: int, height: int, width: int,
 ) -> bytes:
     from vidalign.motionenhancer.io import priors_to_bytes
 
-    video = load_frames(clip.video_path, frames=frames, height=height, width=width, segment=clip.segment)
     priors = teacher.attention_priors(AttentionPriorsRequest(
         video=video,
         prompt=clip.prompt,
@@ -454,7 +531,8 @@ def run_extract(args: argparse.Namespace) -> None:
         teacher=args.teacher, shard_size=args.shard_size, frames=args.frames, height=args.height,
         width=args.width, steps=args.steps, guidance=args.guidance, head_ratio=args.head_ratio,
         token_ratio=args.token_ratio, chunk_size=args.chunk_size, memory=not args.no_memory,
-        skip_missing=args.skip_missing, rank=args.rank, world_size=args.world_size,
+        skip_missing=args.skip_missing, max_skip_fraction=args.max_skip_fraction,
+        rank=args.rank, world_size=args.world_size,
         **({"device": args.device} if args.device else {}),
         credentials=client_credentials(args) if args.teacher else None,
     )

@@ -17,10 +17,14 @@ from vidalign.teacher.credential_args import add_client_credential_arguments
 
 def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = HelpFormatter
-    parser.add_argument("--data", required=True, help="dataset dir or meta file (MotionBench layout)")
+    parser.add_argument("--data", required=True,
+                        help="dataset dir or meta file (MotionBench layout), or with --bench "
+                             "records|shards|motionvid: a `data prepare` subset, a `data shard` "
+                             "set or a MotionVid-QA file (path or store URI)")
     parser.add_argument("--out", required=True, metavar="URI",
                         help="store URI of the priors set (dir or s3://...)")
-    parser.add_argument("--bench", default="motionbench", help="benchmark loader")
+    parser.add_argument("--bench", default="motionbench",
+                        help="benchmark loader, or records, shards, motionvid (one unit per clip)")
     parser.add_argument("--video-dir", help="where the videos are (default: beside the annotations)")
     add_option(parser, "--teacher-model", old=("--model",), metavar="NAME", default="tiny-cogvideox",
                help="CogVideoX model (registry name or dir): run here, or the one the --teacher "
@@ -47,6 +51,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
                         help="denoise without cross-stream memory")
     parser.add_argument("--skip-missing", action="store_true",
                         help="skip clips whose video is missing instead of failing")
+    parser.add_argument("--max-skip-fraction", type=float, default=0.01,
+                        help="stop when more than this fraction of the clips read were unreadable "
+                             "(each listed in OUT/skipped.jsonl)")
     parser.add_argument("--rank", type=int, default=0,
                         help="this process's share of the shards: every WORLD_SIZE-th from RANK")
     parser.add_argument("--world-size", type=int, default=1,

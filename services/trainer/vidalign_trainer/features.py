@@ -18,8 +18,11 @@ set without it is incomplete, and ``load_features`` refuses it. Planning,
 resumption and commits are ``vidalign.shards``'s; ``output.rank`` and
 ``output.world_size`` split the shards among processes.
 
-Plug-in point: a dataset is anything with ``ids`` (list of clip ids) and
-``clips(indices) -> ClipBatch``; the toy clips are the only one today.
+Data: any ``data`` section (``vidalign_trainer.common``): toy or SynthMotion
+clips in memory, or records, shards and QA sets decoded by worker processes. A
+clip that cannot be read gets no F_V (the index lists only the clips that
+have one) and a line in ``<output.dir>/skipped.jsonl``; stage 1 then trains on
+the clips with features.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from vidalign.log import get_logger
 from vidalign.shards import Shard, ShardingConfig, ShardOutput, read_index, run_sharded
 from vidalign.store import Manifest, open_store, read_artifact_file
 from vidalign.students import load_student
-from vidalign_trainer.common import ClipDataset, DataConfig, open_dataset
+from vidalign_trainer.common import ClipData, DataConfig, Dist, open_dataset
 
 log = get_logger("vidalign.features")
 
@@ -95,17 +98,20 @@ def _source(config: FeaturesConfig) -> dict[str, Any]:
 # --- extraction -----------------------------------------------------------------
 
 
-def extract_features(config: FeaturesConfig, *, dataset: ClipDataset | None = None) -> str:
+def extract_features(config: FeaturesConfig, *, dataset: ClipData | None = None) -> str:
     """Write F_V of every clip to ``config.output.dir``; returns the feature set's URI.
 
     Shards already committed from the same source are kept, so a rerun after a
-    crash (or of a finished job) only does the missing work.
+    crash (or of a finished job) only does the missing work. A clip that cannot
+    be read gets no F_V and a line in ``<output.dir>/skipped.jsonl``.
     """
     store = open_store(config.output.dir)
     dataset = dataset if dataset is not None else open_dataset(config.data)
     ids = list(dataset.ids)
     if not ids:
         raise InvalidInput("dataset: no clips to extract features from")
+    ranks = Dist(rank=config.output.rank, world_size=config.output.world_size)
+    skips = dataset.skip_log(store, ranks)
     encoder = None
 
     def run_shard(shard: Shard, advance: Callable[[int], None]) -> ShardOutput:
@@ -115,21 +121,34 @@ def extract_features(config: FeaturesConfig, *, dataset: ClipDataset | None = No
             encoder = load_student(config.student, device=config.device, pooling=config.pooling, path=weights)
             encoder.eval().requires_grad_(False)
         out: dict[str, torch.Tensor] = {}
-        for start in range(shard.start, shard.stop, config.batch_size):
-            batch = dataset.clips(list(range(start, min(start + config.batch_size, shard.stop))))
-            with torch.inference_mode():
-                features = encoder(encoder.preprocess(batch.video.to(config.device)))
-            for clip_id, f_v in zip(batch.ids, features, strict=True):
-                out[clip_id] = f_v.float().cpu().contiguous()
-            advance(len(batch.ids))
-        tokens, d_v = next(iter(out.values())).shape
-        return ShardOutput({FEATURES_FILE: safetensors_save(out)}, {"d_v": d_v, "tokens": tokens})
+        plan = [list(range(lo, min(lo + config.batch_size, shard.stop)))
+                for lo in range(shard.start, shard.stop, config.batch_size)]
+        feed = dataset.feed(range(len(ids)), {"student": config.data.view}, plan, skips=skips,
+                            substitute=False)
+        try:
+            for batch, fed in zip(plan, feed, strict=True):
+                if fed.ids:
+                    with torch.inference_mode():
+                        features = encoder(encoder.preprocess(fed.views["student"].to(config.device)))
+                    for clip_id, f_v in zip(fed.ids, features, strict=True):
+                        out[clip_id] = f_v.float().cpu().contiguous()
+                advance(len(batch))
+        finally:
+            feed.close()
+        skipped = [ids[i] for i in range(shard.start, shard.stop) if ids[i] not in out]
+        shape = dict(zip(("tokens", "d_v"), next(iter(out.values())).shape, strict=True)) if out else {}
+        return ShardOutput({FEATURES_FILE: safetensors_save(out)}, {**shape, "skipped": skipped})
 
     def index(shards: list[Shard], manifests: list[Manifest]) -> tuple[dict[str, Any], dict[str, Any]]:
-        d_v, tokens = manifests[0].meta["d_v"], manifests[0].meta["tokens"]
+        shaped = [m for m in manifests if "d_v" in m.meta]
+        if not shaped:
+            raise InvalidInput(f"features: no clip of {config.data.path or config.data.kind} could be read; "
+                               f"see {store.uri}/skipped.jsonl")
+        d_v, tokens = shaped[0].meta["d_v"], shaped[0].meta["tokens"]
+        skipped = {i for m in manifests for i in m.meta.get("skipped", [])}
         return (
-            {"clip_ids": ids, "d_v": d_v, "tokens": tokens},
-            {"student": config.student, "d_v": d_v, "tokens": tokens},
+            {"clip_ids": [i for i in ids if i not in skipped], "d_v": d_v, "tokens": tokens},
+            {"student": config.student, "d_v": d_v, "tokens": tokens, "skipped": len(skipped)},
         )
 
     run = run_sharded(
@@ -152,6 +171,9 @@ class FeatureSet:
     d_v: int
     tokens: int
     source: dict[str, Any]
+
+    def ids(self) -> set[str]:
+        return set(self.features)
 
     def get(self, ids: Sequence[str]) -> torch.Tensor:
         """F_V of ``ids``, stacked ``(B, T, d_v)``."""

@@ -54,12 +54,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from vidalign.checkpoint import Checkpoint
-from vidalign.data.toy import moving_squares
 from vidalign.errors import InvalidInput
 from vidalign.log import get_logger
 from vidalign.motionenhancer.align import (
@@ -82,9 +80,10 @@ from vidalign.papers import (
 from vidalign.store import commit_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
 from vidalign_trainer.common import (
-    CAPTION_PROMPT,
-    QA_PROMPT,
+    ClipData,
+    InstructionBatch,
     InstructionDataConfig,
+    Instructions,
     epoch_order,
 )
 from vidalign_trainer.loop import Built, Context, Job, LoopConfig, StepOutput, StudentSection, fit
@@ -133,12 +132,17 @@ class TrainConfig(LoopConfig):
     """AdamW weight decay on matrices (none on biases and norm weights)."""
     warmup_ratio: float = ME_WARMUP_RATIO
     """Linear warmup over ``ceil(warmup_ratio * steps)`` steps, then cosine to 0."""
+    eval_examples: int = 0
+    """Examples of the evaluation before the first and after the last step: the first N of
+    the set in order (0: all of them; a real set wants a few hundred)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         lrs = (self.lr_vision, self.lr_projector, self.lr_llm, self.lr_aligner)
         if min(lrs) < 0 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("train.lr_* must be >= 0 and 0 <= train.warmup_ratio < 1")
+        if self.eval_examples < 0:
+            raise ValueError(f"train.eval_examples must be >= 0, got {self.eval_examples}")
 
 
 @dataclass(kw_only=True)
@@ -173,25 +177,37 @@ class SFTConfig(StudentSection):
 # Data
 
 
-def load_clip_priors(config: SFTConfig, clips: list) -> dict[str, PriorItem]:
+def load_clip_priors(config: SFTConfig, data: ClipData) -> dict[str, PriorItem]:
     """Priors by clip id: from the priors set at ``priors`` or extracted in-process."""
     from vidalign.motionenhancer.io import load_priors_set
 
     out: dict[str, PriorItem] = {}
     if config.priors:
         priors_set = load_priors_set(config.priors)
-        for clip in clips:
-            priors, prompt = priors_set.get(clip.clip_id)
-            out[clip.clip_id] = _item(priors, prompt)
+        have = set(priors_set.ids)
+        for clip_id in data.ids:
+            if clip_id in have:  # a clip extraction skipped trains on CE alone
+                priors, prompt = priors_set.get(clip_id)
+                out[clip_id] = _item(priors, prompt)
+        if not out:
+            raise InvalidInput(f"priors {config.priors}: none of the data's clips has priors")
+        if len(out) < len(data.ids):
+            log.warning("sft_clips_without_priors", priors=config.priors, clips=len(data.ids),
+                        without=len(data.ids) - len(out), first=next(i for i in data.ids if i not in out))
         return out
+    if not data.in_memory:
+        raise InvalidInput(
+            f"priors: data.kind {config.data.kind} is read from files; extract its priors first "
+            "(`vidalign priors extract`) and give that set as `priors`"
+        )
     from vidalign.motionenhancer import extract_priors, load_cogvideox
 
     if config.prior_steps < 1:
         raise InvalidInput("prior_steps: expected an int >= 1")
     teacher = load_cogvideox(config.teacher, device=config.device)
-    for clip in clips:
-        priors = extract_priors(teacher, clip.video, clip.caption, steps=config.prior_steps)
-        out[clip.clip_id] = _item(priors, clip.caption)
+    for record in data.records:
+        priors = extract_priors(teacher, record.pixels, record.caption, steps=config.prior_steps)
+        out[record.id] = _item(priors, record.caption)
     return out
 
 
@@ -204,67 +220,15 @@ def _item(priors, prompt: str) -> PriorItem:
     )
 
 
-@dataclass
-class SFTClip:
-    clip_id: str
-    video: np.ndarray
-    """uint8 (F, H, W, 3)."""
-    caption: str
-    qa: list[tuple[str, str]]
-    """(prompt, target) pairs."""
+class MotionSFTData(Instructions):
+    """Instruction examples with each clip's attention prior (None: CE only)."""
 
+    def __init__(self, config: DataConfig) -> None:
+        super().__init__(config)
+        self.priors: dict[str, PriorItem] = {}
 
-def sft_clips(config: DataConfig) -> list[SFTClip]:
-    """The clips of the ``data`` section with their caption and QA examples."""
-    if config.kind == "synth":
-        from vidalign.data.synthset import load_synth_set
-
-        # The evaluation's own prompts (MotionBench's) and answer letters.
-        synth = load_synth_set(config.path, num_clips=config.num_clips, frames=config.frames,
-                               size=config.size)
-        qa: list[list[tuple[str, str]]] = [[] for _ in synth.ids]
-        for q in synth.qa:
-            qa[q.clip].append((q.prompt, q.target))
-        return [
-            SFTClip(clip_id, synth.videos[i].numpy(), synth.captions[i], qa[i])
-            for i, clip_id in enumerate(synth.ids)
-        ]
-    return [
-        SFTClip(c.clip_id, c.video, c.caption, [(QA_PROMPT, c.direction)])
-        for c in moving_squares(config.num_clips, frames=config.frames, size=config.size, seed=config.seed)
-    ]
-
-
-class ToyMotionSFT:
-    """(clip, prompt, target, prior) examples; the batch of step s depends on (seed, s) only."""
-
-    def __init__(self, config: DataConfig, priors: dict[str, PriorItem] | None = None) -> None:
-        self.clips = sft_clips(config)
-        self.videos = torch.stack([torch.from_numpy(c.video) for c in self.clips])
-        self.priors = priors or {}
-        self.examples: list[tuple[int, str, str]] = []
-        for i, clip in enumerate(self.clips):
-            if "caption" in config.tasks:
-                self.examples.append((i, CAPTION_PROMPT, clip.caption))
-            if "qa" in config.tasks:
-                self.examples.extend((i, prompt, target) for prompt, target in clip.qa)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def take(
-        self, picks: list[int]
-    ) -> tuple[torch.Tensor, list[str], list[str], list[PriorItem | None]]:
-        rows = [self.examples[i] for i in picks]
-        return (
-            self.videos[[r[0] for r in rows]],
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            [self.priors.get(self.clips[r[0]].clip_id) for r in rows],
-        )
-
-    def picks(self, step: int, batch_size: int, seed: int) -> list[int]:
-        return epoch_order(len(self), step, batch_size, seed)
+    def with_priors(self, batch: InstructionBatch) -> list[PriorItem | None]:
+        return [self.priors.get(clip_id) for clip_id in batch.ids]
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,12 +305,14 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def evaluate(
     llm: VideoLLM,
     aligner: AttentionAligner,
-    data: ToyMotionSFT,
+    data: MotionSFTData,
     grid: VisionGrid,
     batch_size: int,
     weight: float,
+    limit: int = 0,
 ) -> dict[str, float]:
-    """Mean CE and L_align over the whole training set, in order (eval mode).
+    """Mean CE and L_align over the training set's first ``limit`` examples (0: all), in
+    order (eval mode).
 
     ``align_raw`` is L_align without the aligner (the VLM rows against the prior):
     how much of the alignment the VLM itself carries.
@@ -355,15 +321,15 @@ def evaluate(
     llm.model.eval()
     ce = al = raw = 0.0
     n = 0
-    for start in range(0, len(data), batch_size):
-        picks = list(range(start, min(start + batch_size, len(data))))
-        videos, prompts, targets, priors = data.take(picks)
-        batch = build_align_batch(llm, videos, prompts, targets, priors, grid)
+    for examples in data.batches(batch_size, limit):
+        batch = build_align_batch(llm, examples.video, examples.prompts, examples.targets,
+                                  data.with_priors(examples), grid)
         out = motion_sft_loss(llm, aligner, batch, grid, weight=weight)
-        ce += float(out.ce) * len(picks)
-        al += float(out.align) * len(picks)
-        raw += float(align_loss(out.rows, batch.prior, batch.mask)) * len(picks)
-        n += len(picks)
+        size = len(examples.ids)
+        ce += float(out.ce) * size
+        al += float(out.align) * size
+        raw += float(align_loss(out.rows, batch.prior, batch.mask)) * size
+        n += size
     llm.model.train(was)
     return {"ce": ce / n, "align": al / n, "align_raw": raw / n}
 
@@ -406,8 +372,9 @@ class SFT(Job):
             aligner.load_state_dict(checkpoint.weights("aligner"))
         optimizer, self.counts = build_optimizer(llm, aligner, config.train)
         scheduler = cosine_with_warmup(optimizer, config.train.steps, config.train.warmup_ratio)
-        self.data = ToyMotionSFT(config.data)
-        self.data.priors = load_clip_priors(config, self.data.clips)
+        self.data = MotionSFTData(config.data)
+        self.data.priors = load_clip_priors(config, self.data.data)
+        self.skips = self.data.data.skip_log(ctx.run.store, ctx.ranks)
         return Built(SFTStep(llm, aligner, grid, config.align.weight), optimizer, scheduler, info={
             "student": config.student,
             "examples": len(self.data),
@@ -417,23 +384,30 @@ class SFT(Job):
 
     def _evaluate(self) -> dict[str, float]:
         return evaluate(self.llm, self.aligner, self.data, self.grid, self.config.train.batch_size,
-                        self.config.align.weight)
+                        self.config.align.weight, self.config.train.eval_examples)
 
     def on_start(self, start: int) -> None:
         self.eval_start = self._evaluate()
         log.info("sft_eval", step=start, **self.eval_start)
         self.llm.model.train()
+        train = self.config.train
+        plan = [self.ctx.local(epoch_order(len(self.data), step, train.batch_size, train.seed),
+                               train.batch_size) for step in range(start, train.steps)]
+        self.batches = self.data.feed(plan, self.skips)
 
     def step(self, model, step: int) -> StepOutput:
-        train = self.config.train
-        picks = self.ctx.local(self.data.picks(step, train.batch_size, train.seed), train.batch_size)
-        videos, prompts, targets, priors = self.data.take(picks)
-        batch = build_align_batch(self.llm, videos, prompts, targets, priors, self.grid)
+        examples = next(self.batches)
+        batch = build_align_batch(self.llm, examples.video, examples.prompts, examples.targets,
+                                  self.data.with_priors(examples), self.grid)
         loss, ce, align = model(batch)
         return StepOutput(loss, metrics={"ce": ce, "align": align})
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"model": trainable_state(self.llm.model), "aligner": self.aligner.state_dict()}
+
+    def close(self) -> None:
+        if getattr(self, "batches", None) is not None:
+            self.batches.close()
 
     def on_end(self) -> None:
         self.eval_end = self._evaluate()

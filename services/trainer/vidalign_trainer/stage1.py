@@ -36,13 +36,14 @@ from torch import Tensor
 
 from vidalign.checkpoint import Checkpoint
 from vidalign.config import to_dict
+from vidalign.data.videoset import Skip, SkipLog, View
+from vidalign.errors import InvalidInput
 from vidalign.hub import weights_component
 from vidalign.log import get_logger
 from vidalign.papers import VDA_LORA_RANK, VDA_PROJECTION, VDA_TIMESTEP_RANGE
 from vidalign.store import Store, commit_artifact, read_artifact_file, read_manifest
 from vidalign.vda import Adapter, DiffusionTeacher, denoising_loss, load_teacher
-from vidalign.video import sample_frames
-from vidalign_trainer.common import ClipDataset, DataConfig, Dist, open_dataset, step_seed
+from vidalign_trainer.common import ClipData, DataConfig, Dist, epoch_order, open_dataset, step_seed
 from vidalign_trainer.features import FeatureSet, load_features
 from vidalign_trainer.loop import (
     Built,
@@ -207,33 +208,38 @@ class Stage1Model(torch.nn.Module):
 
 
 def encode_latents(
-    teacher: DiffusionTeacher, dataset: ClipDataset, *, frames: int = 0, batch_size: int = 8
+    teacher: DiffusionTeacher, dataset: ClipData, items: Sequence[int], view: View, *,
+    skips: SkipLog | None = None, batch_size: int = 8,
 ) -> dict[str, Tensor]:
-    """Clean VAE latents (C, F, h, w) of every clip, at ``frames`` (default: the teacher's) and its resolution."""
+    """Clean VAE latents (C, F, h, w) of the records ``items`` at ``view``; a clip that cannot
+    be read is left out (and logged in ``skips``)."""
+    plan = [list(range(lo, min(lo + batch_size, len(items)))) for lo in range(0, len(items), batch_size)]
     latents: dict[str, Tensor] = {}
-    n = len(dataset.ids)
-    for start in range(0, n, batch_size):
-        batch = dataset.clips(range(start, min(start + batch_size, n)))
-        pixels = sample_frames(batch.video, frames or teacher.frames, teacher.resolution)
-        for clip_id, z in zip(batch.ids, teacher.encode_video(pixels).cpu(), strict=True):
-            latents[clip_id] = z.contiguous()
+    feed = dataset.feed(items, {"teacher": view}, plan, skips=skips, substitute=False)
+    try:
+        for fed in feed:
+            if fed.ids:
+                for clip_id, z in zip(fed.ids, teacher.encode_video(fed.views["teacher"]).cpu(), strict=True):
+                    latents[clip_id] = z.contiguous()
+    finally:
+        feed.close()
     return latents
 
 
 def cached_latents(
-    store: Store, teacher: DiffusionTeacher, model: str, dataset: ClipDataset, data: DataConfig, ranks: Dist,
-    frames: int = 0,
+    store: Store, teacher: DiffusionTeacher, model: str, dataset: ClipData, items: Sequence[int],
+    data: DataConfig, ranks: Dist, view: View, skips: SkipLog | None,
 ) -> dict[str, Tensor]:
     """The clips' latents from the run's ``latents`` artifact, encoding (and committing) them once."""
-    frames = frames or teacher.frames
-    key = {"teacher_model": model, "frames": frames, "resolution": teacher.resolution,
+    key = {"teacher_model": model, "frames": view.frames, "resolution": view.height,
            "data": to_dict(data)}
+    wanted = {dataset.ids[i] for i in items}
     manifest = read_manifest(store, LATENTS)
     if manifest is not None and manifest.meta.get("key") == key:
         latents = safetensors_load(read_artifact_file(store, LATENTS, LATENTS_FILE))
-        if set(latents) >= set(dataset.ids):
+        if set(latents) >= wanted:
             return latents
-    latents = encode_latents(teacher, dataset, frames=frames)
+    latents = encode_latents(teacher, dataset, items, view, skips=skips)
     if ranks.main:
         commit_artifact(store, LATENTS, {LATENTS_FILE: safetensors_save(latents)},
                         producer=PRODUCER, meta={"key": key})
@@ -241,13 +247,24 @@ def cached_latents(
 
 
 class Stage1Data:
-    """Everything a step reads, keyed by clip id: latents, F_V and the static caption."""
+    """What a step reads: the clips that have F_V, their static captions, and their latents
+    (cached for clips held in memory; encoded each step from decoded video otherwise)."""
 
-    def __init__(self, dataset: ClipDataset, latents: dict[str, Tensor], features: FeatureSet) -> None:
+    def __init__(self, dataset: ClipData, features: FeatureSet, skips: SkipLog | None) -> None:
         self.dataset = dataset
-        self.latents = latents
         self.features = features
-        self.features.get(dataset.ids)  # fail now, naming the missing clips, not at step 731
+        have = features.ids()
+        self.items = [k for k, clip_id in enumerate(dataset.ids) if clip_id in have]
+        absent = [dataset.records[k] for k, clip_id in enumerate(dataset.ids) if clip_id not in have]
+        if absent and skips is not None:
+            skips.record([
+                Skip(r.id, r.video, r.origin, f"no F_V in the feature set {features.uri} "
+                     "(feature extraction skipped it)") for r in absent
+            ], read=dataset.ids)
+        if not self.items:
+            raise InvalidInput(f"features {features.uri}: none of the data's clips has features")
+        self.latents: dict[str, Tensor] = {}
+        self.eval_latents: dict[str, Tensor] = {}
         self.captions = dict(zip(dataset.ids, dataset.static_captions, strict=True))
 
     def caption(self, ids: Sequence[str]) -> list[str]:
@@ -262,12 +279,12 @@ def evaluate(
     teacher: DiffusionTeacher, adapter: Adapter, data: Stage1Data, config: Stage1Config
 ) -> float:
     """Mean denoising loss on the fixed evaluation set: fixed clips, timesteps and noise."""
-    ids = data.dataset.ids[: config.eval.num_clips]
+    ids = list(data.eval_latents)
     text_emb = teacher.encode_text(data.caption(ids)) if config.train.text else None
     losses, _ = denoising_loss(
         teacher,
         adapter,
-        torch.stack([data.latents[i] for i in ids]),
+        torch.stack([data.eval_latents[i] for i in ids]),
         text_emb=text_emb,
         features=data.features.get(ids),
         sample_ids=ids,
@@ -326,14 +343,24 @@ class Stage1(Job):
             log.warning("features_data_differs", features=features.uri,
                         extracted_from=features.source.get("data"), training_on=to_dict(config.data))
         dataset = open_dataset(config.data)
-        # Rank 0 encodes and commits the latents once; the other ranks then read them.
-        if ranks.world_size > 1 and not ranks.main:
-            dist.barrier()
-        latents = cached_latents(ctx.run.store, teacher, config.teacher.model, dataset, config.data,
-                                 ranks, frames=config.teacher.frames)
-        if ranks.world_size > 1 and ranks.main:
-            dist.barrier()
-        self.data = Stage1Data(dataset, latents, features)
+        self.skips = dataset.skip_log(ctx.run.store, ranks)
+        self.data = data = Stage1Data(dataset, features, self.skips if ranks.main else None)
+        self.view = View(config.teacher.frames or teacher.frames, teacher.resolution)
+        # Clips held in memory: rank 0 encodes and commits every clip's latents once, the
+        # other ranks read them. Clips read from files are encoded step by step instead.
+        if dataset.in_memory:
+            if ranks.world_size > 1 and not ranks.main:
+                dist.barrier()
+            data.latents = cached_latents(ctx.run.store, teacher, config.teacher.model, dataset,
+                                          data.items, config.data, ranks, self.view, self.skips)
+            if ranks.world_size > 1 and ranks.main:
+                dist.barrier()
+        # The fixed evaluation set: the first eval.num_clips clips, on rank 0.
+        eval_ids = [dataset.ids[k] for k in data.items[: config.eval.num_clips]] if ranks.main else []
+        if dataset.in_memory:
+            data.eval_latents = {i: data.latents[i] for i in eval_ids}
+        else:
+            data.eval_latents = encode_latents(teacher, dataset, data.items[: len(eval_ids)], self.view)
 
         adapter = self.adapter = _build_adapter(config, teacher, features.d_v)
         if checkpoint is not None:
@@ -355,7 +382,7 @@ class Stage1(Job):
         return Built(Stage1Model(teacher, adapter), optimizer, info={
             "teacher": config.teacher.model,
             "features": features.uri,
-            "clips": len(dataset.ids),
+            "clips": len(data.items),
             "d_v": adapter.d_v,
             "projection": adapter.projection,
             "lora_rank": adapter.lora_rank,
@@ -373,14 +400,26 @@ class Stage1(Job):
     def on_start(self, start: int) -> None:
         if start == 0 and (value := self._evaluate(0, force=True)) is not None:
             log.info("stage1_eval", step=0, eval_loss=round(value, 6))
+        train, data = self.config.train, self.data
+        plan = [
+            self.ctx.local(epoch_order(len(data.items), step, train.batch_size, train.seed), train.batch_size)
+            for step in range(start, train.steps)
+        ]
+        views = {} if data.dataset.in_memory else {"teacher": self.view}
+        self.feed = data.dataset.feed(data.items, views, plan, skips=self.skips)
 
     def step(self, model, step: int) -> StepOutput:
         train, data = self.config.train, self.data
-        picks = self.ctx.local(data.dataset.order(step, train.batch_size, train.seed), train.batch_size)
-        ids = [data.dataset.ids[i] for i in picks]
+        fed = next(self.feed)
+        ids = fed.ids
+        if data.dataset.in_memory:
+            latents = torch.stack([data.latents[i] for i in ids])
+        else:
+            with torch.no_grad():
+                latents = self.teacher.encode_video(fed.views["teacher"])
         text_emb = self.teacher.encode_text(data.caption(ids)) if train.text else None
         per_sample = model(
-            torch.stack([data.latents[i] for i in ids]),
+            latents,
             text_emb,
             data.features.get(ids),
             ids,
@@ -432,6 +471,8 @@ class Stage1(Job):
         return f"{self.ctx.run.store.uri}/{ADAPTER}/{ADAPTER_FILE}"
 
     def close(self) -> None:
+        if getattr(self, "feed", None) is not None:
+            self.feed.close()
         if self.lora is not None and self.teacher is not None:
             self.teacher.detach_lora(self.lora)
 

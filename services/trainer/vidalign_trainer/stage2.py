@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vidalign.checkpoint import Checkpoint
+from vidalign.data.videoset import View
 from vidalign.errors import InvalidInput
 from vidalign.log import get_logger
 from vidalign.papers import VDA_TIMESTEP_RANGE
@@ -43,7 +44,6 @@ from vidalign.teacher.client import DEFAULT_WAIT_S, RemoteDenoisingLoss, Teacher
 from vidalign.teacher.credentials import TeacherCredentials, tls_files_problem
 from vidalign.teacher.protocol import public_name
 from vidalign.vda.adapter import file_digest
-from vidalign.video import sample_frames
 from vidalign_trainer.common import DataConfig, open_dataset, step_seed
 from vidalign_trainer.loop import (
     Built,
@@ -218,6 +218,11 @@ class Stage2(Job):
                 f"batch ({self.per_rank})"
             )
         self.data = open_dataset(config.data)
+        self.skips = self.data.skip_log(ctx.run.store, ctx.ranks)
+        self.views = {
+            "student": config.data.view,
+            "teacher": View(config.teacher.frames or info.frames, info.resolution),
+        }
         self.criterion = RemoteDenoisingLoss(
             self.teacher,
             adapter_id=self.adapter_id,
@@ -235,19 +240,23 @@ class Stage2(Job):
             "clips": len(self.data),
         })
 
+    def on_start(self, start: int) -> None:
+        config, data, n = self.config, self.data, len(self.data)
+        plan = []
+        for step in range(start, config.train.steps):
+            picks = self.ctx.local(data.order(step, config.train.batch_size, config.train.seed),
+                                   config.train.batch_size)
+            # The teacher's side of the pair: the same clips, or (control) other ones.
+            plan.append(picks + [(i + n // 2) % n for i in picks] if config.train.mismatch else picks)
+        self.feed = data.feed(range(n), self.views, plan, skips=self.skips)
+
     def step(self, model, step: int) -> StepOutput:
-        config, data, encoder, device = self.config, self.data, self.encoder, self.ctx.device
-        picks = data.order(step, config.train.batch_size, config.train.seed)
-        batch = data.clips(picks)
-        # The teacher's side of the pair: the same clips, or (control) other ones.
-        seen = data.clips([(i + len(data) // 2) % len(data) for i in picks]) if config.train.mismatch else batch
-        rank = self.ctx.ranks.rank
-        local = slice(rank * self.per_rank, (rank + 1) * self.per_rank)
-        video, ids = batch.video[local], seen.ids[local]
-        teacher_video = sample_frames(
-            seen.video[local], config.teacher.frames or self.info.frames, self.info.resolution
-        )
-        captions = seen.static_captions[local] if config.train.text else None
+        config, encoder, device = self.config, self.encoder, self.ctx.device
+        fed = next(self.feed)
+        seen = slice(self.per_rank, None) if config.train.mismatch else slice(None)
+        video = fed.views["student"][: self.per_rank]
+        ids, teacher_video = fed.ids[seen], fed.views["teacher"][seen]
+        captions = [self.data.static_captions[r] for r in fed.records[seen]] if config.train.text else None
         size = self.per_rank // config.train.micro_batches
         parts = [slice(lo, lo + size) for lo in range(0, self.per_rank, size)]
         if self.whole_forward:
@@ -290,6 +299,8 @@ class Stage2(Job):
         )
 
     def close(self) -> None:
+        if getattr(self, "feed", None) is not None:
+            self.feed.close()
         if self.own_teacher and self.teacher is not None:
             self.teacher.close()
 

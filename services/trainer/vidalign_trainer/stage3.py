@@ -6,12 +6,15 @@
 
 Everything but the LoRA matrices on the LLM's q/k/v/o projections is frozen:
 the encoder E_phi, the projector, the LLM. Training pairs are the clips'
-captions ("Describe the video." -> caption) and questions: for the toy clips
-"Which direction does the square move?" -> direction, for SynthMotion
-(``data.kind: synth``) every question of the directory with the prompt the
-evaluation gives (MotionBench's) -> the option's text and letter, "stays still
-(C)" (``vidalign.data.synthset.ANSWER_FORMAT``). Each pair is rendered
-with the student's own chat template.
+captions ("Describe the video." -> caption; VDA's stage 3: the captions of the
+same clips stages 1 and 2 saw, ``data.tasks: [caption]`` on their records or
+shards) and questions: for the toy clips "Which direction does the square
+move?" -> direction; for SynthMotion, MotionBench-layout sets and shards made
+from them, every question with the prompt the evaluation gives (MotionBench's)
+-> the option's text and letter, "stays still (C)"
+(``vidalign.data.synthset.ANSWER_FORMAT``); for MotionVid-QA the chosen
+answer. Each pair is rendered with the student's own chat template; videos
+are decoded by ``data.workers`` processes (``vidalign_trainer.common``).
 
 Every source of randomness is a function of the config: batch order of step s
 is a function of (seed, s), LoRA init of ``train.seed`` (drawn inside
@@ -39,18 +42,12 @@ from pathlib import Path
 import torch
 
 from vidalign.checkpoint import Checkpoint
-from vidalign.data.toy import moving_squares
 from vidalign.errors import InvalidInput
 from vidalign.papers import VDA_LORA_RANK
 from vidalign.store import commit_artifact
 from vidalign.students.answerer import load_encoder_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
-from vidalign_trainer.common import (
-    CAPTION_PROMPT,
-    QA_PROMPT,
-    InstructionDataConfig,
-    epoch_order,
-)
+from vidalign_trainer.common import InstructionDataConfig, Instructions, epoch_order
 from vidalign_trainer.loop import Built, Context, Job, StepOutput, StudentSection, fit
 from vidalign_trainer.loop import OutputConfig as BaseOutputConfig
 from vidalign_trainer.loop import TrainConfig as BaseTrainConfig
@@ -104,62 +101,6 @@ class Stage3Config(StudentSection):
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-
-
-@dataclass
-class Batch:
-    video: torch.Tensor  # uint8 (B, F, H, W, 3)
-    prompts: list[str]
-    targets: list[str]
-
-
-class ToyInstructions:
-    """(clip, prompt, target) triples in memory; the batch of step s depends on (seed, s) only."""
-
-    def __init__(self, config: DataConfig) -> None:
-        if config.kind == "synth":
-            from vidalign.data.synthset import load_synth_set
-
-            synth = load_synth_set(
-                config.path, num_clips=config.num_clips, frames=config.frames, size=config.size
-            )
-            self.videos = synth.videos
-            self.examples = []
-            if "caption" in config.tasks:
-                self.examples += [(i, CAPTION_PROMPT, c) for i, c in enumerate(synth.captions)]
-            if "qa" in config.tasks:
-                self.examples += [(q.clip, q.prompt, q.target) for q in synth.qa]
-            return
-        clips = moving_squares(
-            config.num_clips, frames=config.frames, size=config.size, seed=config.seed
-        )
-        self.videos = torch.stack([torch.from_numpy(c.video) for c in clips])
-        self.examples: list[tuple[int, str, str]] = []
-        for i, clip in enumerate(clips):
-            if "caption" in config.tasks:
-                self.examples.append((i, CAPTION_PROMPT, clip.caption))
-            if "qa" in config.tasks:
-                self.examples.append((i, QA_PROMPT, clip.direction))
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def take(self, picks: list[int]) -> Batch:
-        return Batch(
-            video=self.videos[[self.examples[i][0] for i in picks]],
-            prompts=[self.examples[i][1] for i in picks],
-            targets=[self.examples[i][2] for i in picks],
-        )
-
-    def batch(self, step: int, batch_size: int, seed: int) -> Batch:
-        return self.take(epoch_order(len(self), step, batch_size, seed))
-
-    def batches(self, batch_size: int) -> list[Batch]:
-        """The whole set in order, for evaluation."""
-        return [
-            self.take(list(range(i, min(i + batch_size, len(self)))))
-            for i in range(0, len(self), batch_size)
-        ]
 
 
 @dataclass
@@ -242,19 +183,27 @@ class Stage3(Job):
         optimizer = torch.optim.AdamW(
             trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
         )
-        self.data = ToyInstructions(config.data)
+        self.data = Instructions(config.data)
+        self.skips = self.data.data.skip_log(ctx.run.store, ctx.ranks)
         return Built(CaptionLoss(llm), optimizer, info={
             "student": config.student,
             "encoder": config.encoder or "(student's own)",
             "examples": len(self.data),
         })
 
-    def step(self, model, step: int) -> StepOutput:
+    def on_start(self, start: int) -> None:
         train = self.config.train
-        picks = self.ctx.local(epoch_order(len(self.data), step, train.batch_size, train.seed),
-                               train.batch_size)
-        batch = self.data.take(picks)
+        plan = [self.ctx.local(epoch_order(len(self.data), step, train.batch_size, train.seed),
+                               train.batch_size) for step in range(start, train.steps)]
+        self.batches = self.data.feed(plan, self.skips)
+
+    def step(self, model, step: int) -> StepOutput:
+        batch = next(self.batches)
         return StepOutput(model(batch.video, batch.prompts, batch.targets))
+
+    def close(self) -> None:
+        if getattr(self, "batches", None) is not None:
+            self.batches.close()
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"lora": trainable_state(self.llm.model)}
