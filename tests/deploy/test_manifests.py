@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -35,9 +36,16 @@ HEALTH_PORT = 50052
 TLS_TARGETS = ("k8s/overlays/gpu-tls",)
 """Overlays in which the teacher requires TLS, mutual TLS and a bearer token."""
 PIPELINE = ("features", "stage1", "stage3", "eval", "priors", "sft")
+"""The pipeline Jobs, applied one at a time (label vidalign.io/step), in this order."""
 VDA_PIPELINE = PIPELINE[:4]
 """The Jobs that compose also runs, as profiles (MotionEnhancer's run on Kubernetes only)."""
-"""The pipeline Jobs, applied one at a time (label vidalign.io/step), in this order."""
+DATA_JOBS = ("data", "sft-data")
+"""The GPU overlay's Jobs that shard the recipe's data into the store (data-jobs.yaml)."""
+GPU_STEPS = {*PIPELINE, *DATA_JOBS, "stage2"}
+"""The vidalign.io/step labels of the GPU overlays: the data Jobs too, and stage 2 (with the
+teacher), which needs stage 1's adapter."""
+TRAINER_CONFIGS = ("features", "stage1", "stage2", "stage3", "sft")
+"""The ConfigMaps (NAME-config, key NAME.yaml) of the jobs that read a `data` section."""
 POOLS = {"teacher": "teacher", "stage2": "trainer", "stage1": "teacher", "priors": "teacher"} | {
     name: "trainer" for name in ("features", "stage3", "eval", "sft")
 }
@@ -458,6 +466,82 @@ def test_the_tls_overlay_mounts_the_teacher_secret_and_passes_every_file(rendere
         )
 
 
+def render_overlay(path: str) -> tuple[list[dict[str, Any]], str]:
+    """`kubectl kustomize` of an overlay outside manifests.TARGETS, as manifests.render does."""
+    with tempfile.TemporaryDirectory(prefix="vidalign-kustomize-") as tmp:
+        manifests._copy_tree(Path(tmp))
+        proc = subprocess.run(
+            [str(manifests.tool("kubectl")), "kustomize", f"{tmp}/{path}"], capture_output=True, text=True
+        )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d], proc.stdout
+
+
+TLS_SETTINGS = {
+    "teacher.tls_ca": "ca.crt",
+    "teacher.tls_cert": "client.crt",
+    "teacher.tls_key": "client.key",
+    "teacher.token_file": "token",
+}
+"""Stage 2's client settings and the teacher-auth key each one's file holds."""
+
+
+def test_the_tls_component_secures_the_kubeflow_trainjob(rendered, tmp_path):
+    """k8s/overlays/kubeflow-tls (the kubeflow overlay + the teacher-tls component): the teacher
+    as in gpu-tls; the TrainJob, which cannot mount a Secret, gets the CA, its client
+    certificate and key and the token as environment variables from that Secret, writes them to
+    files only its user can read, unsets them before torchrun, and passes the files."""
+    path = "k8s/overlays/kubeflow-tls"
+    objects, text = render_overlay(path)
+    assert validate_deploy.validate_objects(path, text) == []
+    auth = manifests.find(objects, "Secret", "teacher-auth")["metadata"]["name"]
+    teacher = manifests.find(objects, "Deployment", "teacher")
+    assert teacher == manifests.find(rendered["k8s/overlays/gpu-tls"], "Deployment", "teacher")
+    assert not [o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] == "stage2"]
+
+    (trainjob,) = [o for o in objects if o["kind"] == "TrainJob"]
+    (plain,) = [o for o in rendered["k8s/overlays/kubeflow"] if o["kind"] == "TrainJob"]
+    env = {e["name"]: e for e in trainjob["spec"]["trainer"]["env"]}
+    from_auth = {e["valueFrom"]["secretKeyRef"]["key"]: name for name, e in env.items()
+                 if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == auth}
+    assert set(from_auth) == set(TLS_SETTINGS.values())  # never the teacher's tls.key
+    assert trainjob["spec"]["trainer"]["env"][: len(plain["spec"]["trainer"]["env"])] == (
+        plain["spec"]["trainer"]["env"]
+    )
+
+    script = trainjob["spec"]["trainer"]["args"][0]
+    assert "placeholder" not in script  # no certificate or token in the manifest
+    lines = script.splitlines()
+    writes = {}
+    for n, line in enumerate(lines):
+        match = re.fullmatch(r"""printf '%s\\n' "\$(\w+)" > (\S+)""", line)
+        if match and match[1] in from_auth.values():
+            writes[match[1]] = (match[2], n)
+    assert lines.index("umask 077") < min(n for _, n in writes.values())
+    (unset,) = [n for n, line in enumerate(lines) if line.startswith("unset ")]
+    (start,) = [n for n, line in enumerate(lines) if line.startswith("exec torchrun ")]
+    assert set(lines[unset].split()[1:]) == set(from_auth.values()) and unset < start
+
+    def torchrun(job: dict[str, Any], objs: list[dict[str, Any]]) -> list[str]:
+        (c,) = [c for c in manifests.containers(objs) if c.owner is job]
+        (words,) = [w for w in manifests.commands(c, manifests.container_env(c, objs)) if w[0] == "torchrun"]
+        return words
+
+    secured, words = torchrun(trainjob, objects), torchrun(plain, rendered["k8s/overlays/kubeflow"])
+    assert secured[: len(words)] == words, "the TLS script must run trainjob.yaml's command"
+    added = secured[len(words):]
+    assert sorted(w.split("=", 2)[1] for w in added) == sorted(TLS_SETTINGS)
+    for key, secret_key in TLS_SETTINGS.items():
+        assert setting(added, key) == writes[from_auth[secret_key]][0], key
+    # Every other line of trainjob.yaml's script is in the TLS one, unchanged.
+    plain_lines = plain["spec"]["trainer"]["args"][0].splitlines()
+    assert [line for line in plain_lines if not line.startswith("exec ")] == [
+        line for line in lines if line in plain_lines
+    ]
+    (tmp_path / "stage2.yaml").write_text(manifests.config_data(objects, "stage2-config")["stage2.yaml"])
+    check_command(secured, tmp_path)
+
+
 # --- jobs ---------------------------------------------------------------------------
 
 
@@ -500,7 +584,7 @@ def test_stage2_is_an_indexed_job_with_a_rendezvous_service(rendered):
 def test_kubeflow_overlay_replaces_the_indexed_job_with_a_trainjob(rendered):
     objects = rendered["k8s/overlays/kubeflow"]
     assert sorted(o["metadata"]["name"] for o in objects if o["kind"] == "Job") == sorted(
-        ["bucket", "weights", *PIPELINE]
+        ["bucket", "weights", *DATA_JOBS, *PIPELINE]
     )
     assert not [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "stage2"]
     (trainjob,) = [o for o in objects if o["kind"] == "TrainJob"]
@@ -555,8 +639,9 @@ def check_command(words: list[str], configs: Path) -> str:
     elif args.command == "adapter":
         assert args.teacher_model in TEACHER_MODELS and args.student in STUDENT_MODELS, words
     elif args.command == "models" and args.action == "pull":
-        assert args.name in TEACHER_MODELS or args.name in STUDENT_MODELS, words
-        assert args.out.startswith("s3://"), words
+        assert args.name in {*TEACHER_MODELS, *STUDENT_MODELS, *COGVIDEOX_MODELS}, words
+        # Into the store, or (the priors pod) from the store into a local directory.
+        assert args.out.startswith("s3://") or (args.source or "").startswith("s3://"), words
     elif args.command == "train" or (args.command, getattr(args, "action", "")) == (
         "features",
         "extract",
@@ -572,8 +657,19 @@ def check_command(words: list[str], configs: Path) -> str:
         return "eval"
     elif args.command == "data" and args.action == "synth":
         assert args.n > 0, words
+    elif args.command == "data" and args.action == "prepare":
+        assert args.n > 0 and args.out.startswith("s3://"), words
+    elif args.command == "data" and args.action == "shard":
+        from vidalign.data.videoset import SOURCES
+
+        for source in args.source:
+            kind, _, location = source.partition(":")
+            assert kind in SOURCES and kind != "shards" and location, words
+        assert args.out.startswith("s3://"), words
     elif args.command == "priors" and args.action == "extract":
-        assert args.teacher_model in COGVIDEOX_MODELS and args.out.startswith("s3://"), words
+        # A registry name, or the directory that an init container copied it into.
+        assert args.teacher_model in COGVIDEOX_MODELS or args.teacher_model.startswith("/"), words
+        assert args.out.startswith("s3://"), words
     return " ".join(words[1:3])
 
 
@@ -582,7 +678,7 @@ def test_every_command_in_the_manifests_is_a_real_vidalign_command(rendered, tmp
     for target, objects in rendered.items():
         configs = tmp_path / target.replace("/", "-")
         configs.mkdir()
-        for name in ("stage2", "features", "stage1", "stage3", "sft"):
+        for name in TRAINER_CONFIGS:
             (configs / f"{name}.yaml").write_text(
                 manifests.config_data(objects, f"{name}-config")[f"{name}.yaml"]
             )
@@ -606,18 +702,20 @@ def test_every_command_in_the_manifests_is_a_real_vidalign_command(rendered, tmp
         "train stage1",
         "train stage3",
         "data synth",
+        "data prepare",
+        "data shard",
         "eval",
         "priors extract",
         "train sft",
     }
 
 
-def pipeline_commands(objects) -> dict[str, list[list[str]]]:
-    """The vidalign commands of each pipeline Job (init containers first)."""
+def pipeline_commands(objects, jobs=(*PIPELINE, *DATA_JOBS)) -> dict[str, list[list[str]]]:
+    """The vidalign commands of each pipeline (and data) Job (init containers first)."""
     runs: dict[str, list[list[str]]] = {}
     for c in manifests.containers(objects):
         name = c.owner["metadata"]["name"]
-        if c.owner["kind"] == "Job" and name in PIPELINE:
+        if c.owner["kind"] == "Job" and name in jobs:
             runs.setdefault(name, []).extend(
                 manifests.commands(c, manifests.container_env(c, objects))
             )
@@ -630,10 +728,11 @@ def setting(words: list[str], key: str) -> str:
 
 
 def test_pipeline_jobs_read_their_upstream_artifacts(rendered):
-    """features -> stage 1, stage 2's encoder -> stage 3, all in the store; eval on SynthMotion."""
+    """features -> stage 1, stage 2's encoder -> stage 3, all in the store; eval on SynthMotion
+    (overlays/cpu) or MotionBench (the GPU overlays)."""
     for target, objects in rendered.items():
         config = manifests.config_data(objects, "vidalign-config")
-        runs = pipeline_commands(objects)
+        runs = pipeline_commands(objects, PIPELINE)
         assert set(runs) == set(PIPELINE), target
         (features,), (stage1,), (stage3,) = runs["features"], runs["stage1"], runs["stage3"]
         assert setting(features, "output.dir") == config["FEATURES_OUTPUT"]
@@ -648,10 +747,15 @@ def test_pipeline_jobs_read_their_upstream_artifacts(rendered):
             assert config[uri].startswith(config["STORE_URI"] + "/"), uri
         # The training commands that can resume do.
         assert "--resume" in stage1 and "--resume" in stage3
-        synth, evaluate = runs["eval"]
-        assert synth[1:3] == ["data", "synth"] and evaluate[1] == "eval"
-        out = next(w for w in synth if w.startswith("--out=")).split("=", 1)[1]
-        assert f"--data={out}" in evaluate and "--bench=motionbench" in evaluate
+        if target in GPU_TARGETS:
+            (evaluate,) = runs["eval"]
+            assert "--data=/datasets/motionbench" in evaluate
+        else:
+            synth, evaluate = runs["eval"]
+            assert synth[1:3] == ["data", "synth"]
+            out = next(w for w in synth if w.startswith("--out=")).split("=", 1)[1]
+            assert f"--data={out}" in evaluate
+        assert evaluate[1] == "eval" and "--bench=motionbench" in evaluate
         assert f"--out={config['EVAL_OUTPUT']}" in evaluate
         # The same clips for the features and for stage 1 (it checks their digest).
         data = {
@@ -664,38 +768,71 @@ def test_pipeline_jobs_read_their_upstream_artifacts(rendered):
 
 
 def test_pipeline_jobs_are_applied_one_at_a_time(rendered):
-    """`kubectl apply -k ... -l '!vidalign.io/step'` leaves exactly the pipeline Jobs out."""
+    """`kubectl apply -k ... -l '!vidalign.io/step'` leaves exactly the pipeline Jobs out (in the
+    GPU overlays also the data Jobs, and the teacher and stage 2, which need stage 1's adapter)."""
     for target, objects in rendered.items():
-        steps = {
-            o["metadata"]["name"]
+        labelled = {
+            (o["kind"], o["metadata"]["name"]): o["metadata"]["labels"]["vidalign.io/step"]
             for o in objects
             if "vidalign.io/step" in o["metadata"].get("labels", {})
         }
-        assert steps == set(PIPELINE), target
-        for name in PIPELINE:
+        jobs = {name for (kind, name) in labelled if kind == "Job"}
+        if target in GPU_TARGETS:
+            stage2 = ("TrainJob" if target.endswith("kubeflow") else "Job", "stage2")
+            assert labelled.pop(("Deployment", "teacher")) == labelled.pop(stage2) == "stage2"
+            assert set(labelled.values()) == GPU_STEPS - {"stage2"}, target
+            jobs -= {"stage2"}
+        else:
+            assert set(labelled.values()) == set(PIPELINE), target
+        assert all(kind == "Job" and step == name for (kind, name), step in labelled.items()), target
+        for name in jobs:
             job = manifests.find(objects, "Job", name)
-            assert job["metadata"]["labels"]["vidalign.io/step"] == name
             assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
-    text = (ROOT / "k8s" / "base" / "kustomization.yaml").read_text()
-    for name in PIPELINE:
-        assert f"-l vidalign.io/step={name}" in text
-    for name in ("features", "stage1", "stage3"):
-        assert f"wait --for=condition=complete --timeout=24h job/{name}" in text
+    for path, steps, waits in (
+        ("k8s/base/kustomization.yaml", PIPELINE, ("features", "stage1", "stage3")),
+        ("k8s/overlays/gpu/kustomization.yaml", GPU_STEPS,
+         ("data", "features", "stage1", "stage2", "stage3", "sft-data", "priors")),
+    ):
+        text = (ROOT / path).read_text()
+        for name in steps:
+            assert f"-l vidalign.io/step={name}" in text, (path, name)
+        for name in waits:
+            assert f"wait --for=condition=complete --timeout=24h job/{name}" in text, (path, name)
+
+
+def test_gpu_steps_are_applied_after_their_inputs():
+    """The order in overlays/gpu/kustomization.yaml: each step after the Job it reads from has
+    completed (the data Jobs first, stage 2 and the teacher only after stage 1)."""
+    text = (ROOT / "k8s" / "overlays" / "gpu" / "kustomization.yaml").read_text()
+    lines = [line.removeprefix("#").strip() for line in text.splitlines()]
+    applied = {line.rsplit("=", 1)[1].split()[0]: n for n, line in enumerate(lines)
+               if line.startswith("kubectl apply -k deploy/ -l vidalign.io/step=")}
+    waited = {line.rsplit("/", 1)[1]: n for n, line in enumerate(lines)
+              if line.startswith("kubectl -n vidalign wait --for=condition=complete")}
+    assert set(applied) == GPU_STEPS
+    inputs = {"features": "data", "stage1": "features", "stage2": "stage1", "stage3": "stage2",
+              "priors": "sft-data", "sft": "priors"}
+    for step, upstream in inputs.items():
+        assert applied[upstream] < waited[upstream] < applied[step], (step, upstream)
 
 
 def test_gpu_pods_load_the_weights_that_the_weights_job_stages(rendered):
+    """The weights Job stages the teacher, the student and CogVideoX; every pod that runs one of
+    them loads it from there (the priors pod through a verified local copy)."""
     for target in GPU_TARGETS:
         objects = rendered[target]
         config = manifests.config_data(objects, "vidalign-config")
-        pulled, loaded = {}, {}
+        staged, loaded, copied = {}, {}, {}
         for c in manifests.containers(objects):
             if not c.is_vidalign:
                 continue
             for words in manifests.commands(c, manifests.container_env(c, objects)):
+                flags = dict(w.split("=", 1) for w in words if w.startswith("--") and "=" in w)
                 if words[1:3] == ["models", "pull"]:
-                    pulled[words[3]] = next(w for w in words if w.startswith("--out=")).split(
-                        "=", 1
-                    )[1]
+                    if c.owner["metadata"]["name"] == "weights":
+                        staged[words[3]] = flags["--out"]
+                    else:  # a pod's local copy of what the weights Job staged
+                        copied[flags["--out"]] = (c.owner["metadata"]["name"], words[3], flags["--from"])
                 for w in words:
                     if w.startswith("--weights="):
                         loaded[config["TEACHER_MODEL"]] = w.split("=", 1)[1]
@@ -706,8 +843,20 @@ def test_gpu_pods_load_the_weights_that_the_weights_job_stages(rendered):
                         loaded[config["TEACHER_MODEL"]] = w.split("=", 2)[2]
                     if w.startswith("--set=student_weights="):
                         loaded[config["STUDENT_MODEL"]] = w.split("=", 2)[2]
-        assert pulled == loaded, target
-        assert set(pulled) == {config["TEACHER_MODEL"], config["STUDENT_MODEL"]}
+        # The priors Job loads CogVideoX from the directory its init container filled.
+        ((priors,),) = [[w for w in cmd if w.startswith("--teacher-model=")]
+                        for cmd in pipeline_commands(objects)["priors"] if cmd[1:3] == ["priors", "extract"]]
+        directory = priors.split("=", 1)[1]
+        ((out, (owner, model, source)),) = copied.items()
+        assert owner == "priors" and directory == f"{out}/pipeline", target
+        loaded[model] = source
+        assert staged == loaded, target
+        assert set(staged) == {config["TEACHER_MODEL"], config["STUDENT_MODEL"], config["PRIORS_MODEL"]}
+        # Every pod that runs the student loads the staged copy.
+        for name in ("stage2", "features", "stage3", "sft"):
+            words = [w for c in manifests.containers(objects) if c.owner["metadata"]["name"] == name
+                     for cmd in manifests.commands(c, manifests.container_env(c, objects)) for w in cmd]
+            assert f"--set=student_weights={config['STUDENT_WEIGHTS']}" in words, (target, name)
 
 
 def test_a_renamed_flag_would_fail_the_command_check(tmp_path):
@@ -727,8 +876,11 @@ def test_a_renamed_flag_would_fail_the_command_check(tmp_path):
 
 
 def test_both_pods_initialise_the_same_adapter(rendered):
-    """The trainer sends the id of its own adapter file; only identical commands give identical bytes."""
+    """The trainer sends the id of its own adapter file; only identical commands give identical
+    bytes. (The GPU overlays load stage 1's adapter instead: the next test.)"""
     for target, objects in rendered.items():
+        if target in GPU_TARGETS:
+            continue
         inits = []
         for c in manifests.containers(objects):
             env = manifests.container_env(c, objects)
@@ -747,6 +899,161 @@ def test_both_pods_initialise_the_same_adapter(rendered):
         ]
         assert f"--adapter={config['ADAPTER']}" in words, target
         assert f"--set=teacher.adapter={config['ADAPTER']}" in words, target
+
+
+def test_gpu_teacher_loads_the_adapter_that_stage1_commits(rendered):
+    """The GPU overlays' teacher loads stage 1's trained adapter from the store, and stage 2 names
+    the same URI; no pod initialises a fresh one."""
+    from vidalign_trainer.stage1 import ADAPTER, ADAPTER_FILE
+
+    for target in GPU_TARGETS:
+        objects = rendered[target]
+        config = manifests.config_data(objects, "vidalign-config")
+        # Where `vidalign train stage1` commits its adapter (Stage1.adapter_uri).
+        assert config["ADAPTER"] == f"{config['STAGE1_OUTPUT']}/{ADAPTER}/{ADAPTER_FILE}", target
+        (stage1,) = pipeline_commands(objects)["stage1"]
+        assert setting(stage1, "output.dir") == config["STAGE1_OUTPUT"]
+        words = {
+            c.owner["metadata"]["name"]: [
+                w for cmd in manifests.commands(c, manifests.container_env(c, objects)) for w in cmd
+            ]
+            for c in manifests.containers(objects)
+            if c.is_vidalign and c.owner["metadata"]["name"] in ("teacher", "stage2") and not c.init
+        }
+        assert f"--adapter={config['ADAPTER']}" in words["teacher"], target
+        assert f"--set=teacher.adapter={config['ADAPTER']}" in words["stage2"], target
+        for c in manifests.containers(objects):
+            commands = manifests.commands(c, manifests.container_env(c, objects)) if c.is_vidalign else []
+            assert not any(cmd[1:3] == ["adapter", "init"] for cmd in commands), (target, c.where)
+            assert not any(m["mountPath"] == "/adapters" for m in c.spec.get("volumeMounts", [])), c.where
+        for name, kind in (("teacher", "Deployment"), ("stage2", "Job")):
+            if target.endswith("kubeflow") and name == "stage2":
+                continue
+            pod = manifests.pod_spec(manifests.find(objects, kind, name))
+            assert "adapters" not in {v["name"] for v in pod.get("volumes", [])}, (target, name)
+
+
+# --- the recipe's data in the GPU overlays -------------------------------------------------
+
+TOY_DATA = ("toy", "synth")
+"""Data kinds of tests and demos: generated clips, never a deployment's training data."""
+
+
+def _flags(words: list[str]) -> dict[str, str]:
+    """--flag=value words (the last of a repeated flag wins; see _values)."""
+    return dict(w.split("=", 1) for w in words if w.startswith("--") and "=" in w)
+
+
+def _values(words: list[str], flag: str) -> list[str]:
+    return [w.split("=", 1)[1] for w in words if w.startswith(f"{flag}=")]
+
+
+def _data_sections(node: Any):
+    """Every mapping under a `data` key of a parsed config."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "data" and isinstance(value, dict):
+                yield value
+            yield from _data_sections(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _data_sections(item)
+
+
+def test_gpu_overlays_run_no_toy_or_synth_data(rendered):
+    """deploy/ and the GPU overlays train on the recipe's data: no ConfigMap has a `kind: toy`
+    or `synth` data section (or SynthMotion path), no container runs `vidalign data synth` or
+    sets data.kind to toy/synth, and every trainer ConfigMap's `data` names a store URI."""
+    for target in GPU_TARGETS:
+        objects = rendered[target]
+        store = manifests.config_data(objects, "vidalign-config")["STORE_URI"]
+        for o in objects:
+            if o["kind"] != "ConfigMap":
+                continue
+            for key, text in o.get("data", {}).items():
+                where = (target, o["metadata"]["name"], key)
+                assert "synthmotion" not in text.lower(), where
+                if key.endswith(".yaml"):
+                    for section in _data_sections(yaml.safe_load(text)):
+                        assert section.get("kind", "toy") not in TOY_DATA, where
+        for name in TRAINER_CONFIGS:
+            (data,) = _data_sections(
+                yaml.safe_load(manifests.config_data(objects, f"{name}-config")[f"{name}.yaml"])
+            )
+            assert data["path"].startswith(f"{store}/"), (target, name, data)
+        for c in manifests.containers(objects):
+            if not c.is_vidalign:
+                continue
+            for words in manifests.commands(c, manifests.container_env(c, objects)):
+                where = (target, c.where, words)
+                assert words[1:3] != ["data", "synth"], where
+                assert not [w for w in words if w.removeprefix("--set=data.kind=") in TOY_DATA], where
+                assert not [w for w in _values(words, "--source") if w.startswith("synth:")], where
+                assert not [w for w in words if "synthmotion" in w.lower()], where
+
+
+def test_gpu_stages_read_the_data_jobs_shards_at_the_papers_settings(rendered):
+    """The data Jobs shard VDA's 10,000 OpenVid clips and MotionEnhancer's QA sets into the
+    store; each stage reads those shards, all of them, at the papers' frames and settings."""
+    from vidalign import papers
+    from vidalign.students import STUDENT_MODELS
+
+    for target in GPU_TARGETS:
+        objects = rendered[target]
+        config = manifests.config_data(objects, "vidalign-config")
+        store = config["STORE_URI"]
+        runs = pipeline_commands(objects)
+        prepare, shard = runs["data"]
+        (sft_shard,) = runs["sft-data"]
+        assert prepare[1:3] == ["data", "prepare"] and shard[1:3] == sft_shard[1:3] == ["data", "shard"]
+        assert int(_flags(prepare)["--n"]) == 10_000, target  # VDA §4.1
+        subset = f"{_flags(prepare)['--out']}/subset"  # where `data prepare` commits the subset
+        assert _values(shard, "--source") == [f"records:{subset}"], target
+        assert [v.split(":", 1)[0] for v in _values(sft_shard, "--source")] == ["motionbench", "motionvid"]
+        vda_shards, sft_shards = _flags(shard)["--out"], _flags(sft_shard)["--out"]
+        assert vda_shards.startswith(f"{store}/") and sft_shards.startswith(f"{store}/")
+        assert (vda_shards, sft_shards) == (config["VDA_SHARDS"], config["SFT_SHARDS"])
+
+        configs = {
+            name: yaml.safe_load(manifests.config_data(objects, f"{name}-config")[f"{name}.yaml"])
+            for name in TRAINER_CONFIGS
+        }
+        student = STUDENT_MODELS[config["STUDENT_MODEL"]]
+        for name, stage in configs.items():
+            data = stage["data"]
+            assert data["kind"] == "shards" and data["num_clips"] == 0, (target, name)
+            assert data["path"] == (sft_shards if name == "sft" else vda_shards), (target, name)
+            # The student's view: Video-LLaVA-7B samples 8 frames at 224 px (CLIP ViT-L/14).
+            assert (data["frames"], data["size"]) == (student.num_frames, 224), (target, name)
+        for name in ("stage1", "stage2", "stage3"):
+            train = configs[name]["train"]
+            assert train["lr"] == papers.VDA_LR and train["batch_size"] == papers.VDA_BATCH_SIZE, name
+            assert train["steps"] * train["batch_size"] == 10_000, name  # one pass over the clips
+        for name in ("stage1", "stage2"):
+            assert configs[name]["teacher"]["frames"] == papers.VDA_DIFFUSION_FRAMES, name
+            assert configs[name]["train"]["timestep_range"] == list(papers.VDA_TIMESTEP_RANGE), name
+        assert configs["stage1"]["adapter"]["lora_rank"] == papers.VDA_LORA_RANK
+        assert configs["stage1"]["adapter"]["projection"] == papers.VDA_PROJECTION
+        assert configs["stage3"]["lora"]["rank"] == papers.VDA_LORA_RANK
+        assert configs["stage3"]["data"]["tasks"] == ["caption"]  # VDA eq. 5: the same clips' captions
+        sft = configs["sft"]
+        assert "qa" in sft["data"]["tasks"]
+        assert sft["align"]["weight"] == papers.ME_ALIGN_WEIGHT
+        assert {k: sft["train"][k] for k in ("lr_vision", "lr_projector", "lr_llm", "weight_decay",
+                                             "warmup_ratio", "batch_size")} == {
+            "lr_vision": papers.ME_LR_VISION, "lr_projector": papers.ME_LR_MERGER,
+            "lr_llm": papers.ME_LR_LLM, "weight_decay": papers.ME_WEIGHT_DECAY,
+            "warmup_ratio": papers.ME_WARMUP_RATIO, "batch_size": papers.ME_BATCH_SIZE,
+        }
+        # Priors: CogVideoX over the SFT's clips at 49 frames (4k + 1), the priors the SFT reads.
+        (extract,) = [cmd for cmd in runs["priors"] if cmd[1:3] == ["priors", "extract"]]
+        priors = _flags(extract)
+        assert (priors["--bench"], priors["--data"]) == ("shards", sft_shards), target
+        assert (int(priors["--frames"]), int(priors["--height"]), int(priors["--width"])) == (49, 480, 720)
+        assert config["PRIORS_MODEL"] == "cogvideox1.5-5b"
+        (train_sft,) = runs["sft"]
+        assert setting(train_sft, "priors") == priors["--out"] == config["PRIORS_OUTPUT"]
+        assert not [w for w in train_sft if w.startswith("--set=data.")], target
 
 
 # --- images and compose --------------------------------------------------------------------
@@ -809,13 +1116,15 @@ def test_compose_stack_waits_for_health_and_reserves_a_gpu():
 
 
 def test_compose_pipeline_profiles_run_the_kubernetes_jobs_commands(rendered, tmp_path):
-    """One profile per pipeline Job; the same commands, configs and store URIs as the GPU overlay."""
+    """One profile per pipeline Job; the same commands, configs and store URIs as the GPU overlay
+    (eval: as overlays/cpu, on SynthMotion; the GPU overlay's reads MotionBench from a volume)."""
     services = compose_config(VDA_PIPELINE)["services"]
     assert set(VDA_PIPELINE) <= set(services)
     assert set(VDA_PIPELINE).isdisjoint(compose_config()["services"])  # not started without --profile
     for name in ("stage2", *VDA_PIPELINE[:-1]):
         shutil.copyfile(ROOT / "k8s" / "base" / f"{name}.yaml", tmp_path / f"{name}.yaml")
     jobs = pipeline_commands(rendered["k8s/overlays/gpu"])
+    jobs["eval"] = pipeline_commands(rendered["k8s/overlays/cpu"])["eval"]
     for name in VDA_PIPELINE:
         service = services[name]
         assert service["profiles"] == [name]
@@ -844,7 +1153,64 @@ def test_compose_refuses_to_start_without_credentials(tmp_path):
     empty.write_text("")
     proc = manifests.check_compose(empty, env={"PATH": "/usr/bin:/bin"})
     # Which missing variable compose names first varies from run to run.
-    assert proc.returncode != 0 and "is missing a value: set AWS_" in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and re.search(
+        r"is missing a value: set (AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|MINIO_ROOT_USER"
+        r"|MINIO_ROOT_PASSWORD) in deploy/.env", proc.stderr
+    ), proc.stderr
+
+
+def _compose_env_example() -> dict[str, str]:
+    pairs = {}
+    for line in (ROOT / "deploy" / ".env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _policy(script: str) -> tuple[list[str], list[str]]:
+    """The actions and resources of the policy document a bucket script writes."""
+    document = json.loads(script.split("<<EOF", 1)[1].split("EOF", 1)[0].replace("$$", "$"))
+    (statement,) = document["Statement"]
+    assert statement["Effect"] == "Allow"
+    return sorted(statement["Action"]), sorted(statement["Resource"])
+
+
+def test_compose_gives_the_root_credentials_only_to_minio_and_bucket(rendered):
+    """As in k8s/: every other service reaches MinIO as the workloads' user, which the bucket
+    service creates with the bucket-only policy of k8s/base/bucket-job.yaml."""
+    env = _compose_env_example()
+    root = (env["MINIO_ROOT_USER"], env["MINIO_ROOT_PASSWORD"])
+    workloads = (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    assert root[0] != workloads[0] and root[1] != workloads[1]
+    services = compose_config((*VDA_PIPELINE, "tools"))["services"]
+    assert set(VDA_PIPELINE) | {"weights", "teacher", "trainer"} <= set(services)
+    holders = {name for name, service in services.items()
+               if root[1] in {str(v) for v in service.get("environment", {}).values()}}
+    assert holders == {"minio", "bucket"}
+    for name, service in services.items():
+        names = {k for k in service.get("environment", {}) if k.startswith("MINIO_ROOT_")}
+        assert bool(names) == (name in holders), name
+    assert services["minio"]["environment"]["MINIO_ROOT_USER"] == root[0]
+    for name, service in services.items():
+        environment = service.get("environment", {})
+        if name not in holders and "AWS_ACCESS_KEY_ID" in environment:
+            assert (environment["AWS_ACCESS_KEY_ID"], environment["AWS_SECRET_ACCESS_KEY"]) == workloads
+        words = json.dumps(service.get("command", [])) + json.dumps(service.get("entrypoint", []))
+        assert root[1] not in words and workloads[1] not in words, name
+    # Every service that reaches the store starts once the user exists.
+    for name in ("weights", "teacher", "trainer", *(n for n in VDA_PIPELINE)):
+        assert services[name]["depends_on"]["bucket"]["condition"] == "service_completed_successfully"
+    bucket = services["bucket"]
+    assert (bucket["environment"]["WORKLOAD_ACCESS_KEY_ID"],
+            bucket["environment"]["WORKLOAD_SECRET_ACCESS_KEY"]) == workloads
+    script = bucket["command"][0]
+    assert 'mc alias set store "$$AWS_ENDPOINT_URL" "$$MINIO_ROOT_USER" "$$MINIO_ROOT_PASSWORD"' in script
+    assert 'mc admin user add store "$$WORKLOAD_ACCESS_KEY_ID" "$$WORKLOAD_SECRET_ACCESS_KEY"' in script
+    assert "mc admin policy attach store vidalign-workloads" in script
+    (mc,) = manifests.pod_spec(manifests.find(rendered["deploy"], "Job", "bucket"))["containers"]
+    assert _policy(script) == _policy(mc["args"][0])
+    assert '"s3:*"' not in script
 
 
 def test_one_dockerfile_builds_both_images_on_a_shared_base():
