@@ -20,7 +20,7 @@ IMAGE_PREFIX ?= vidalign
 IMAGE_TAG ?= 0.1.0
 COMPOSE = docker compose -f deploy/compose.yaml --env-file deploy/.env
 
-.PHONY: help setup test test-fast lint format protos bench soak demo demo-assets clean \
+.PHONY: help setup test test-fast lint format protos bench soak gpu-smoke gpu-bench demo demo-assets clean \
 	images local-gpu local-gpu-down validate-deploy
 
 help: ## list the targets
@@ -53,13 +53,20 @@ protos: $(STAMP) ## regenerate libs/vidalign/teacher/v1 from protos/
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=libs --pyi_out=libs \
 		--grpc_python_out=libs $(PROTO_SRC)
 
-bench: $(STAMP) ## wire throughput, stage-2 gRPC vs in-process, attention capture memory (BENCHMARKS.md)
+bench: $(STAMP) ## wire throughput, stage-2 gRPC vs in-process, attention capture memory, video decoding vs stage 2 (BENCHMARKS.md)
 	$(BIN)/python bench/wire.py
 	$(BIN)/python bench/stage2.py
 	$(BIN)/python bench/attention_capture.py
+	$(BIN)/python bench/data.py
 
 soak: $(STAMP) ## teacher under load on loopback: 8 clients x 25 requests + 8 idle streams; errors, health latency, RSS (BENCHMARKS.md)
 	$(BIN)/python bench/soak.py --clients 8 --requests 25 --idle 8
+
+gpu-smoke: $(STAMP) ## needs CUDA: the remote gradient over gRPC vs in-process on the GPU, fp16/bf16 teachers
+	$(BIN)/python bench/gpu_smoke.py
+
+gpu-bench: $(STAMP) ## needs CUDA, <= 8 min: real-size teacher loss+grad, CogVideoX priors, 7B train step (BENCHMARKS.md)
+	$(BIN)/python bench/gpu_bench.py --device cuda
 
 demo: $(STAMP) ## baseline vs +VDA vs +MotionEnhancer, with controls, on SynthMotion (tiny models, offline)
 	VIDALIGN_LOG_FORMAT=$${VIDALIGN_LOG_FORMAT:-console} VIDALIGN_LOG_LEVEL=$${VIDALIGN_LOG_LEVEL:-warning} \

@@ -13,8 +13,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -212,34 +214,38 @@ def frame_times(path: Source, *, name: str | None = None) -> Timeline:
 
 
 def decode_at(
-    path: Source, timeline: Timeline, picks: list[int], *, name: str | None = None
-) -> np.ndarray:
+    path: Source, timeline: Timeline, picks: list[int], *, name: str | None = None,
+    convert: Callable[[Any], Any] | None = None,
+) -> np.ndarray | list[Any]:
     """uint8 ``(len(picks), H, W, 3)``: the frames at indices ``picks`` of ``timeline``.
 
     Decodes from the keyframe before the first pick to the last pick and
     converts only the picked frames to RGB, with FFmpeg's error concealment
     turned into errors (:data:`DECODER_OPTIONS`). A damaged packet, a frame
     FFmpeg had to conceal, or a frame the container lists but the decoder
-    never returns is an error naming the video.
+    never returns is an error naming the video. ``convert`` (an ``av.VideoFrame``
+    -> anything) replaces the RGB array per picked frame; the result is then the
+    list of what it returned.
     """
     first = min(picks)
     try:
-        return _decode_picks(path, timeline, picks, name, seek=first > 0)
+        return _decode_picks(path, timeline, picks, name, seek=first > 0, convert=convert)
     except InvalidInput:
         if first == 0:
             raise
         # With err_detect=explode, a seek into an open-GOP stream raises on a valid file:
         # decode from the start before calling the file damaged.
-        return _decode_picks(path, timeline, picks, name, seek=False)
+        return _decode_picks(path, timeline, picks, name, seek=False, convert=convert)
 
 
 def _decode_picks(
-    path: Source, timeline: Timeline, picks: list[int], name: str | None, *, seek: bool
-) -> np.ndarray:
+    path: Source, timeline: Timeline, picks: list[int], name: str | None, *, seek: bool,
+    convert: Callable[[Any], Any] | None,
+) -> np.ndarray | list[Any]:
     pts = timeline.pts
     wanted = {pts[i] for i in picks}
     last = pts[max(picks)]
-    found: dict[int, np.ndarray] = {}
+    found: dict[int, Any] = {}
     with _reading(path, name) as container:
         stream = container.streams.video[0]
         stream.codec_context.options = dict(DECODER_OPTIONS)
@@ -253,7 +259,7 @@ def _decode_picks(
                 raise InvalidInput(f"path: {_describe(path, name)!r} is damaged: frame at pts "
                                    f"{frame.pts} decoded with errors")
             if frame.pts in wanted:
-                found[frame.pts] = frame.to_ndarray(format="rgb24")
+                found[frame.pts] = convert(frame) if convert else frame.to_ndarray(format="rgb24")
             if frame.pts is not None and frame.pts >= last:
                 break
     lost = wanted - found.keys()
@@ -262,6 +268,8 @@ def _decode_picks(
             f"path: {len(lost)} frames of {_describe(path, name)!r} listed by the container "
             "did not decode (a damaged file?)"
         )
+    if convert is not None:
+        return [found[pts[i]] for i in picks]
     return np.stack([found[pts[i]] for i in picks])
 
 
