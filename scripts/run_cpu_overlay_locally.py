@@ -186,9 +186,9 @@ class LocalCluster:
         args = [a.replace("--host=0.0.0.0", "--host=127.0.0.1") for a in args]
         for port in container.spec.get("ports", []):
             local = self.local_port(container.owner, port["containerPort"])
-            args = [
-                f"--port={local}" if a == f"--port={port['containerPort']}" else a for a in args
-            ]
+            mapped = {f"{flag}={port['containerPort']}": f"{flag}={local}"
+                      for flag in ("--port", "--metrics-port")}
+            args = [mapped.get(a, a) for a in args]
         leftover = [a for a in args if "svc.cluster.local" in a or "s3://" in a or "$(" in a]
         if leftover:
             raise ValueError(f"{container.where}: arguments the local run cannot map: {leftover}")

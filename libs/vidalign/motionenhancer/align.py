@@ -277,7 +277,8 @@ def capture_text_to_vision(
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
-        logits = (q.float() @ k.float().transpose(-1, -2)) * module.scaling  # (B, H, R, L)
+        with torch.autocast(q.device.type, enabled=False):  # float32 under a bf16/fp16 run too
+            logits = (q.float() @ k.float().transpose(-1, -2)) * module.scaling  # (B, H, R, L)
         positions = torch.arange(length, device=device)
         allowed = (positions.view(1, 1, -1) <= q_idx.unsqueeze(-1)) & attention_mask.bool()[
             :, None, :length
@@ -549,8 +550,12 @@ def motion_sft_loss(
         llm.model, batch.queries, batch.keys, batch.inputs["attention_mask"]
     ) as captured:
         out = llm.model(**batch.inputs)
-    rows = vlm_rows(captured.attention, batch, grid)
-    l_align = align_loss(aligner(rows), batch.prior, batch.mask)
+    # The rows and L_align in float32 under a bf16/fp16 run too: the rows are probabilities
+    # down to ~1e-4, which fp16's 10-bit mantissa and range would blur.
+    with torch.autocast(captured.attention.device.type, enabled=False):
+        rows = vlm_rows(captured.attention.float(), batch, grid)
+        weight_dtype = next(aligner.parameters()).dtype  # bf16 when a DeepSpeed engine cast it
+        l_align = align_loss(aligner(rows.to(weight_dtype)).float(), batch.prior, batch.mask)
     if not math.isfinite(float(l_align.detach())):
         raise FloatingPointError(f"L_align is {float(l_align.detach())}")
     return AlignOutput(loss=out.loss + weight * l_align, ce=out.loss, align=l_align, rows=rows)

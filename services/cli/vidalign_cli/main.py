@@ -435,8 +435,10 @@ def _add_teacher(sub) -> None:
     serve.add_argument("--latent-store", metavar="URI",
                        help="store URI caching VAE latents across replicas")
     serve.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                       help="weights' dtype")
+    serve.add_argument("--dtype", default="fp32",
+                       choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+                       help="weights' dtype, the trainers' train.precision names (the loss is "
+                            "reduced in float32)")
     serve.add_argument("--grace-s", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM: health NOT_SERVING and new calls refused at once, calls "
                             "in flight may finish for this long, then the process exits")

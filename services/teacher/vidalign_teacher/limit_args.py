@@ -1,4 +1,4 @@
-"""``vidalign teacher serve``'s limit flags and their range checks.
+"""``vidalign teacher serve``'s limit flags (and ``--metrics-port``) and their range checks.
 
 Kept apart from ``vidalign_teacher.limits`` so that building the CLI's parser
 imports neither grpc nor torch. Each flag out of its range is a one-line error
@@ -24,6 +24,8 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="request bytes all calls together may hold, counted as they arrive")
     parser.add_argument("--stream-idle-timeout-s", type=float, default=30.0, metavar="S",
                         help="cancel a model call whose client sends nothing for this long")
+    parser.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                        help="serve Prometheus metrics over HTTP at PORT/metrics; 0: off")
 
 
 def _check(flag: str, value: float, low: float, high: float | None = None, *, open_low: bool = False) -> None:
@@ -39,6 +41,7 @@ def _check(flag: str, value: float, low: float, high: float | None = None, *, op
 def limit_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Check every ranged flag of ``teacher serve``; the ServerConfig fields of the new ones."""
     _check("--port", args.port, 0, 65535)
+    _check("--metrics-port", args.metrics_port, 0, 65535)
     _check("--workers", args.workers, 1, 1024)
     _check("--max-message-mb", args.max_message_mb, 2, 2047)
     _check("--max-request-mb", args.max_request_mb, 0, open_low=True)
@@ -56,4 +59,5 @@ def limit_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_queued": args.max_queued,
         "max_inflight_bytes": int(args.max_inflight_mb * MIB),
         "stream_idle_timeout_s": args.stream_idle_timeout_s,
+        "metrics_port": args.metrics_port,
     }

@@ -63,6 +63,11 @@ def _number(value: float | None) -> str:
 def check_config(config: Any) -> None:
     """ConfigError for any ``ServerConfig`` value out of its range (one line, naming it)."""
     check_range("port", config.port, 0, 65535)
+    check_range("metrics_port", config.metrics_port, 0, 65535)
+    if config.metrics_port and config.metrics_port in (config.port, config.health_port):
+        raise ConfigError(
+            f"metrics_port ({config.metrics_port}) must differ from the gRPC and health ports"
+        )
     check_range("workers", config.workers, 1, 1024)
     check_range("max_message_bytes", config.max_message_bytes, 2 << 20, MAX_GRPC_MESSAGE_BYTES)
     check_range("max_request_bytes", config.max_request_bytes, 1)

@@ -11,6 +11,10 @@ loads, adapters load, and only then does health flip to SERVING. On SIGTERM
 health flips back to NOT_SERVING at once, new calls get UNAVAILABLE (clients
 wait for the restart or go to another replica), the calls in flight run to
 completion for up to ``grace_s`` seconds, and the process exits (status 0).
+
+With ``metrics_port`` (``--metrics-port``) the server also serves Prometheus
+metrics over HTTP on that port from the start, while the model loads
+(``vidalign_teacher.metrics``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from grpc_reflection.v1alpha import reflection
 from vidalign.config import ConfigError
 from vidalign.errors import Unavailable
 from vidalign.log import get_logger
+from vidalign.precision import CHOICES as PRECISION_CHOICES
+from vidalign.precision import precision_dtype
 from vidalign.store import is_store_uri, materialize, open_store, safe_key
 from vidalign.teacher import protocol
 from vidalign.teacher.client import DEFAULT_MAX_MESSAGE_BYTES
@@ -42,6 +48,7 @@ from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
 from vidalign_teacher.drain import Drain
 from vidalign_teacher.errors import ErrorInterceptor
 from vidalign_teacher.limits import Limits, bind, check_config, grpc_call_cap, pool_threads
+from vidalign_teacher.metrics import TeacherMetrics
 from vidalign_teacher.security import HealthPort, add_port, check_server_flags, interceptors
 
 log = get_logger("vidalign.teacher")
@@ -64,8 +71,9 @@ class ServerConfig:
     latent_store: str = ""
     """Store URI for cached VAE latents (behind the memory cache); empty: memory only."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "float32"
-    """Teacher weights' dtype: float32, float16 or bfloat16 (the loss is reduced in float32)."""
+    dtype: str = "fp32"
+    """Teacher weights' dtype: fp32, bf16 or fp16 (or float32, bfloat16, float16; the loss is
+    reduced in float32)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest single gRPC message accepted or sent."""
     max_request_bytes: int = 1 << 30
@@ -95,6 +103,8 @@ class ServerConfig:
     health_port: int = -1
     """Also serve grpc.health.v1 alone, in plaintext, on this port (for probes that cannot
     speak TLS); -1: no extra port, 0: a free one."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics over plain HTTP at ``host:metrics_port/metrics``; 0: off."""
     grace_s: float = 30.0
     """On SIGTERM, how long the calls in flight may run on (new ones are refused at once);
     keep it below the orchestrator's kill timeout (Kubernetes: terminationGracePeriodSeconds)."""
@@ -102,8 +112,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         check_server_flags(tls_cert=self.tls_cert, tls_key=self.tls_key,
                            tls_client_ca=self.tls_client_ca)
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in PRECISION_CHOICES:
+            raise ConfigError(f"dtype must be fp32, bf16 or fp16 (or float32, bfloat16, float16), "
+                              f"got {self.dtype!r}")
         if self.max_message_bytes < (2 << 20):
             raise ConfigError("max_message_bytes must be at least 2 MiB (tensors stream in 1 MiB pieces)")
         if not self.grace_s >= 0:
@@ -180,13 +191,21 @@ class TeacherServer:
             stream_idle_timeout_s=config.stream_idle_timeout_s,
         )
         limit_args = (config.max_concurrent_rpcs, config.max_queued, config.workers)
+        rpcs = pb.DESCRIPTOR.services_by_name["TeacherService"].methods_by_name
+        self.metrics = (
+            TeacherMetrics(SERVICE_NAME, rpcs, self.limits, config.device)
+            if config.metrics_port else None
+        )
+        self._load_start: float | None = None
         self.server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=pool_threads(*limit_args), thread_name_prefix="teacher"
             ),
-            # The token check first: a caller without it reaches no handler.
-            # Then the drain (counts calls in flight, refuses new ones on shutdown).
-            interceptors=[*interceptors(config.token_file), self.drain, ErrorInterceptor(SERVICE_NAME),
+            # The metrics first (they count every refusal too), then the token check: a
+            # caller without it reaches no handler. Then the drain (counts calls in
+            # flight, refuses new ones on shutdown).
+            interceptors=[*([self.metrics.interceptor] if self.metrics else []),
+                          *interceptors(config.token_file), self.drain, ErrorInterceptor(SERVICE_NAME),
                           self.limits],
             options=options,
             maximum_concurrent_rpcs=grpc_call_cap(*limit_args),
@@ -208,17 +227,23 @@ class TeacherServer:
     def _set_health(self, status: int) -> None:
         self.health.set("", status)
         self.health.set(SERVICE_NAME, status)
+        serving = status == health_pb2.HealthCheckResponse.SERVING
+        if serving and self.metrics is not None and self._load_start is not None:
+            self.metrics.model_load.set(time.perf_counter() - self._load_start)
 
     def start(self) -> None:
         """Open the port, load the model and adapters, then report SERVING."""
         self.server.start()
         if self.health_port is not None:
             self.health_port.start()
+        if self.metrics is not None:
+            self.metrics.serve(self.config.host, self.config.metrics_port)
         log.info("teacher_listening", port=self.port, model=self.config.model)
+        self._load_start = time.perf_counter()
         from vidalign.hub import weights_component
         from vidalign.vda import load_teacher
 
-        dtype = getattr(torch, self.config.dtype)
+        dtype = precision_dtype(self.config.dtype)
         model = self.config.model
         if is_cogvideox(model):
             self._start_cogvideox(dtype)
@@ -304,6 +329,8 @@ class TeacherServer:
         self.limits.stop()
         if self.health_port is not None:
             self.health_port.stop(0)
+        if self.metrics is not None:
+            self.metrics.stop()
         if drained:
             log.info("teacher_stopped", drained=True)
         else:

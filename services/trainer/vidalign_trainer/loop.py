@@ -13,11 +13,13 @@ module owns everything else, once:
                            and the job's metrics averaged over ranks; a non-finite loss
                            stops the run naming the step
     metrics and progress   one ``metrics.jsonl`` line and one ``<job>_step`` log event
-                           per step (rank 0), a progress bar on a terminal
+                           per step (rank 0), a progress bar on a terminal; the same
+                           numbers as TensorBoard scalars beside metrics.jsonl
+                           (``vidalign_trainer.board``)
     checkpoints            every ``output.checkpoint_every`` steps and at the last one;
                            ``output.keep_latest_k`` kept
     export                 the job's artifacts from the final checkpoint (rank 0), then
-                           the metrics file to the store
+                           the metrics and event files to the store
 
 The split follows torchtitan's trainer and litgpt's ``setup/main/fit``:
 
@@ -56,7 +58,9 @@ from vidalign.errors import InvalidInput
 from vidalign.hub import weights_component
 from vidalign.log import get_logger
 from vidalign.papers import VDA_LR
+from vidalign.precision import precision_name
 from vidalign.run import METRICS, RunDir
+from vidalign_trainer.board import Board
 from vidalign_trainer.common import Dist, global_mean, init_distributed
 from vidalign_trainer.zero import ZeroEngine, initialize, require_plain_state
 
@@ -80,8 +84,16 @@ class LoopConfig:
     """Max global grad norm; 0 disables clipping."""
     seed: int = 0
     """Batch order (and the job's draws): a run is a function of its seed."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (vidalign.precision): frozen weights stored in the half type,
+    trainable ones kept float32, forward passes under autocast; fp16 scales the loss."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in the backward pass instead of keeping them (the
+    student's vision tower and LLM; stage 1: the teacher's UNet): less memory, about a
+    third more compute, the same numbers."""
 
     def __post_init__(self) -> None:
+        self.precision = precision_name(self.precision, "train.precision")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(
                 f"train.steps and train.batch_size must be >= 1, got {self.steps}, {self.batch_size}"
@@ -189,6 +201,9 @@ class Built:
     """An LR scheduler stepped once per optimizer step (checkpointed), or None."""
     info: dict[str, Any] = field(default_factory=dict)
     """Fields of the ``<job>_start`` log event."""
+    scaler: Any = None
+    """fp16 without DeepSpeed: the ``torch.amp.GradScaler`` the skeleton scales the loss with
+    (set by ``fit``; checkpointed with the optimizer)."""
 
 
 @dataclass
@@ -300,6 +315,7 @@ def _wrap(job: Job, built: Built, ctx: Context, micro_batch_size: int) -> tuple[
             device=ctx.device,
             micro_batch_size=micro_batch_size,
             grad_clip=job.config.train.grad_clip,
+            precision=job.config.train.precision,
         )
         return zero, zero
     if ctx.ranks.world_size > 1:
@@ -322,6 +338,8 @@ def _restore(built: Built, zero: ZeroEngine | None, checkpoint: Checkpoint) -> N
         built.optimizer.load_state_dict(require_plain_state(optimizer_state, checkpoint.name))
     if built.scheduler is not None:
         built.scheduler.load_state_dict(checkpoint.state("scheduler"))
+    if built.scaler is not None:
+        built.scaler.load_state_dict(checkpoint.state("scaler"))
     set_rng_state(checkpoint.state("rng"))
 
 
@@ -351,9 +369,12 @@ def fit(job: Job, *, resume: bool = False) -> FitResult:
         log.warning("resume_config_changed", checkpoint=checkpoint.name,
                     detail="the config differs from the one that wrote the checkpoint")
     zero: ZeroEngine | None = None
+    board: Board | None = None
     try:
         built = job.build(ctx, checkpoint)
         model, zero = _wrap(job, built, ctx, train.batch_size // ranks.world_size)
+        if train.precision == "fp16" and zero is None:
+            built.scaler = torch.amp.GradScaler(ctx.device.type)
         start = 0
         if checkpoint is not None:
             _restore(built, zero, checkpoint)
@@ -361,6 +382,7 @@ def fit(job: Job, *, resume: bool = False) -> FitResult:
             log.info("resumed", step=start, checkpoint=f"{checkpointer.store.uri}/{checkpoint.name}")
         if ranks.main:
             run.start_metrics(checkpoint)
+            board = Board(run, start)
         trainable = [p for g in built.optimizer.param_groups for p in g["params"]]
         log.info(
             f"{job.name}_start",
@@ -373,7 +395,7 @@ def fit(job: Job, *, resume: bool = False) -> FitResult:
             output=run.store.uri,
         )
         job.on_start(start)
-        result = _loop(job, ctx, checkpointer, built, model, zero, trainable, start)
+        result = _loop(job, ctx, checkpointer, built, model, zero, trainable, start, board)
         job.on_end()
         if ranks.world_size > 1:
             dist.barrier()
@@ -382,6 +404,8 @@ def fit(job: Job, *, resume: bool = False) -> FitResult:
             assert final is not None and final.step == train.steps, final
             job.export(final)
             run.publish_metrics()
+            if board is not None:
+                board.publish()
         if ranks.world_size > 1:
             dist.barrier()  # the artifacts exist for every rank that returns
         log.info(
@@ -392,6 +416,8 @@ def fit(job: Job, *, resume: bool = False) -> FitResult:
         )
         return result
     finally:
+        if board is not None:
+            board.close()
         if zero is not None:
             zero.close()
         job.close()
@@ -406,6 +432,7 @@ def _loop(
     zero: ZeroEngine | None,
     trainable: list[torch.nn.Parameter],
     start: int,
+    board: Board | None,
 ) -> FitResult:
     config = job.config
     train, output = config.train, config.output
@@ -431,11 +458,18 @@ def _loop(
                 grad_norm = zero.step()  # DeepSpeed clips, steps the optimizer and schedule
                 param_groups = zero.param_groups
             else:
-                out.loss.backward()  # under DDP: gradients averaged over the ranks here
+                scaler = built.scaler  # fp16: the loss scaled so small gradients do not flush to 0
+                (out.loss if scaler is None else scaler.scale(out.loss)).backward()  # DDP averages here
+                if scaler is not None:
+                    scaler.unscale_(built.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     trainable, train.grad_clip if train.grad_clip > 0 else math.inf
                 )
-                built.optimizer.step()
+                if scaler is None:
+                    built.optimizer.step()
+                else:  # skips the step when a gradient overflowed, then adapts the scale
+                    scaler.step(built.optimizer)
+                    scaler.update()
                 if built.scheduler is not None:
                     built.scheduler.step()
                 built.optimizer.zero_grad(set_to_none=True)
@@ -445,19 +479,25 @@ def _loop(
             }
             values.append({"loss": value, **metrics})
             last = step + 1 == train.steps
+            step_s = time.perf_counter() - tic
             record: dict[str, Any] = {
                 "step": step + 1,
                 "loss": round(value, job.digits),
                 **{k: round(v, job.digits) for k, v in metrics.items()},
                 "grad_norm": round(float(grad_norm), 6),
                 "lr": _lr(param_groups),
-                "step_s": round(time.perf_counter() - tic, 4),
+                "step_s": round(step_s, 4),
+                "samples_per_s": round(train.batch_size / step_s, 3) if step_s > 0 else None,
                 **{k: round(v, 4) for k, v in out.timings.items()},
             }
+            if ctx.device.type == "cuda":  # this rank's peak so far
+                record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 1e9, 3)
             record.update(job.after_step(step + 1, last))
             records.append(record)
             if ranks.main:
                 ctx.run.log_metrics(record)
+                if board is not None:
+                    board.log(record)
                 if (step + 1) % output.log_every == 0 or last:
                     log.info(f"{job.name}_step", **record)
             bar.set_postfix(loss=f"{value:.4f}", **{k: f"{v:.4g}" for k, v in metrics.items()})
@@ -472,6 +512,8 @@ def _loop(
                 }
                 if built.scheduler is not None:
                     state["scheduler"] = built.scheduler.state_dict()
+                if built.scaler is not None:
+                    state["scaler"] = built.scaler.state_dict()
                 checkpointer.save(
                     step + 1,
                     weights=job.weights(),
@@ -482,4 +524,6 @@ def _loop(
                     meta={"config": to_dict(config), **job.checkpoint_meta()},
                     extra_files={METRICS: ctx.run.metrics_path},
                 )
+                if board is not None:
+                    board.publish()
     return FitResult(records=records, values=values, start=start)

@@ -77,6 +77,7 @@ from vidalign.papers import (
     ME_WARMUP_RATIO,
     ME_WEIGHT_DECAY,
 )
+from vidalign.precision import autocast, keep_trainable_fp32, precision_dtype
 from vidalign.store import commit_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
 from vidalign_trainer.common import (
@@ -282,7 +283,8 @@ class SFTStep(torch.nn.Module):
     """
 
     def __init__(
-        self, llm: VideoLLM, aligner: AttentionAligner, grid: VisionGrid, weight: float
+        self, llm: VideoLLM, aligner: AttentionAligner, grid: VisionGrid, weight: float,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         self.model = llm.model
@@ -290,10 +292,12 @@ class SFTStep(torch.nn.Module):
         self.llm = llm  # not a Module: a plain attribute
         self.grid = grid
         self.weight = weight
+        self.precision = precision
 
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = motion_sft_loss(self.llm, self.aligner, batch, self.grid, weight=self.weight)
-        return out.loss, out.ce.detach(), out.align.detach()
+        with autocast(self.precision, self.llm.device):
+            out = motion_sft_loss(self.llm, self.aligner, batch, self.grid, weight=self.weight)
+        return out.loss.float(), out.ce.detach().float(), out.align.detach().float()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -310,6 +314,7 @@ def evaluate(
     batch_size: int,
     weight: float,
     limit: int = 0,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Mean CE and L_align over the training set's first ``limit`` examples (0: all), in
     order (eval mode).
@@ -324,7 +329,8 @@ def evaluate(
     for examples in data.batches(batch_size, limit):
         batch = build_align_batch(llm, examples.video, examples.prompts, examples.targets,
                                   data.with_priors(examples), grid)
-        out = motion_sft_loss(llm, aligner, batch, grid, weight=weight)
+        with autocast(precision, llm.device):
+            out = motion_sft_loss(llm, aligner, batch, grid, weight=weight)
         size = len(examples.ids)
         ce += float(out.ce) * size
         al += float(out.align) * size
@@ -355,7 +361,8 @@ class SFT(Job):
     def build(self, ctx: Context, checkpoint: Checkpoint | None) -> Built:
         config = self.config
         self.ctx = ctx
-        llm = self.llm = load_videollm(config.student, device=str(ctx.device), path=config.student_path())
+        llm = self.llm = load_videollm(config.student, device=str(ctx.device), path=config.student_path(),
+                                       dtype=precision_dtype(config.train.precision))
         self.grid = grid = vision_grid(llm)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.train.seed)
@@ -364,6 +371,15 @@ class SFT(Job):
         for name, p in model.named_parameters():
             if "image_tower" in name:  # Video-LLaVA's image tower never sees a video
                 p.requires_grad_(False)
+        keep_trainable_fp32(model)  # master weights; the frozen image tower keeps the half type
+        if config.train.gradient_checkpointing:
+            # The hooks that capture the text-to-vision attention for L_align run again when
+            # a checkpointed layer is recomputed, and torch refuses the mismatch in what the
+            # two passes save.
+            raise InvalidInput(
+                "train.gradient_checkpointing: not supported by SFT yet (L_align's attention "
+                "capture hooks); use deepspeed with a higher zero_stage or bf16 for memory"
+            )
         if checkpoint is not None:
             saved = checkpoint.weights("model")
             if saved.keys() != trainable_state(model).keys():
@@ -375,7 +391,8 @@ class SFT(Job):
         self.data = MotionSFTData(config.data)
         self.data.priors = load_clip_priors(config, self.data.data)
         self.skips = self.data.data.skip_log(ctx.run.store, ctx.ranks)
-        return Built(SFTStep(llm, aligner, grid, config.align.weight), optimizer, scheduler, info={
+        return Built(SFTStep(llm, aligner, grid, config.align.weight, config.train.precision),
+                     optimizer, scheduler, info={
             "student": config.student,
             "examples": len(self.data),
             "grid": (grid.frames, grid.height, grid.width),
@@ -384,7 +401,8 @@ class SFT(Job):
 
     def _evaluate(self) -> dict[str, float]:
         return evaluate(self.llm, self.aligner, self.data, self.grid, self.config.train.batch_size,
-                        self.config.align.weight, self.config.train.eval_examples)
+                        self.config.align.weight, self.config.train.eval_examples,
+                        self.config.train.precision)
 
     def on_start(self, start: int) -> None:
         self.eval_start = self._evaluate()

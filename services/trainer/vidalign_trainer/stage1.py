@@ -41,6 +41,12 @@ from vidalign.errors import InvalidInput
 from vidalign.hub import weights_component
 from vidalign.log import get_logger
 from vidalign.papers import VDA_LORA_RANK, VDA_PROJECTION, VDA_TIMESTEP_RANGE
+from vidalign.precision import (
+    autocast,
+    enable_gradient_checkpointing,
+    precision_dtype,
+    precision_name,
+)
 from vidalign.store import Store, commit_artifact, read_artifact_file, read_manifest
 from vidalign.vda import Adapter, DiffusionTeacher, denoising_loss, load_teacher
 from vidalign_trainer.common import ClipData, DataConfig, Dist, epoch_order, open_dataset, step_seed
@@ -74,13 +80,14 @@ class Stage1TeacherConfig(TeacherSection):
 
     weights: str = ""
     """Store URI (or dir) where `vidalign models pull` staged the weights; empty: the registry's sources."""
-    dtype: str = "float32"
-    """Teacher weights' dtype. The LoRA trains in it too: keep float32 unless memory forces otherwise."""
+    dtype: str = ""
+    """The frozen UNet's storage: fp32, bf16 or fp16 (float32, ... accepted); empty:
+    ``train.precision``'s. W_proj and the LoRA train in float32 whatever it is."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"teacher.dtype: expected float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype:
+            self.dtype = precision_name(self.dtype, "teacher.dtype")
 
 
 @dataclass(kw_only=True)
@@ -175,10 +182,11 @@ class Stage1Model(torch.nn.Module):
     gradients of W_proj and of the LoRA only.
     """
 
-    def __init__(self, teacher: DiffusionTeacher, adapter: Adapter) -> None:
+    def __init__(self, teacher: DiffusionTeacher, adapter: Adapter, precision: str = "fp32") -> None:
         super().__init__()
         self.teacher = teacher
         self.adapter = adapter
+        self.precision = precision
 
     def forward(
         self,
@@ -190,6 +198,10 @@ class Stage1Model(torch.nn.Module):
         num_draws: int,
         timestep_range: tuple[int, int],
     ) -> Tensor:
+        with autocast(self.precision, latents.device):
+            return self._losses(latents, text_emb, features, sample_ids, seed, num_draws, timestep_range)
+
+    def _losses(self, latents, text_emb, features, sample_ids, seed, num_draws, timestep_range) -> Tensor:
         losses, _ = denoising_loss(
             self.teacher,
             self.adapter,
@@ -333,10 +345,12 @@ class Stage1(Job):
                     "motion_adapter": weights_component(config.teacher.weights, "motion_adapter"),
                 }
             self.teacher = load_teacher(
-                config.teacher.model, device=ctx.device, dtype=getattr(torch, config.teacher.dtype),
-                **sources,
+                config.teacher.model, device=ctx.device,
+                dtype=precision_dtype(config.teacher.dtype or config.train.precision), **sources,
             )
         teacher = self.teacher
+        if config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(teacher.unet)
         features = load_features(config.features)
         if features.source.get("data") != to_dict(config.data):
             # Clip ids alone do not pin the pixels (frames, size): say so, but let it run.
@@ -374,12 +388,13 @@ class Stage1(Job):
         lora_params = teacher.lora_parameters(self.lora) if self.lora else []
         for p in lora_params:
             p.requires_grad_(True)
+            p.data = p.data.float()  # master weights, whatever the UNet's storage
         adapter.requires_grad_(True)
         trainable = list(adapter.parameters()) + lora_params
         optimizer = torch.optim.AdamW(
             trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
         )
-        return Built(Stage1Model(teacher, adapter), optimizer, info={
+        return Built(Stage1Model(teacher, adapter, config.train.precision), optimizer, info={
             "teacher": config.teacher.model,
             "features": features.uri,
             "clips": len(data.items),

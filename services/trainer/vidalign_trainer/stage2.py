@@ -38,6 +38,7 @@ from vidalign.data.videoset import View
 from vidalign.errors import InvalidInput
 from vidalign.log import get_logger
 from vidalign.papers import VDA_TIMESTEP_RANGE
+from vidalign.precision import autocast, enable_gradient_checkpointing
 from vidalign.store import commit_artifact, materialize
 from vidalign.students import load_student
 from vidalign.teacher.client import DEFAULT_WAIT_S, RemoteDenoisingLoss, Teacher, connect
@@ -201,8 +202,12 @@ class Stage2(Job):
                 f"adapter {self.adapter_id} is not loaded on the teacher "
                 f"(loaded: {', '.join(a.id for a in info.adapters) or 'none'})"
             )
+        # Nearly all of the encoder trains: float32 weights (the master copy), bf16/fp16
+        # compute under autocast in ``step``.
         self.encoder = load_student(config.student, device=str(ctx.device), path=config.student_path())
         self.encoder.train()
+        if config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(self.encoder)
         if checkpoint is not None:
             self.encoder.load_state_dict(checkpoint.weights("encoder"))
         # Parameters that cannot reach F_V (layers after the feature layer) are
@@ -259,15 +264,18 @@ class Stage2(Job):
         captions = [self.data.static_captions[r] for r in fed.records[seen]] if config.train.text else None
         size = self.per_rank // config.train.micro_batches
         parts = [slice(lo, lo + size) for lo in range(0, self.per_rank, size)]
+        precision = config.train.precision
         if self.whole_forward:
-            whole = model(encoder.preprocess(video.to(device)))
+            with autocast(precision, device):
+                whole = model(encoder.preprocess(video.to(device)))
             features = [whole[part] for part in parts]
         else:
             features = []
         pending = []
         for i, part in enumerate(parts):
             if not self.whole_forward:  # the encoder computes part i+1 while the teacher has part i
-                features.append(model(encoder.preprocess(video[part].to(device))))
+                with autocast(precision, device):
+                    features.append(model(encoder.preprocess(video[part].to(device))))
             pending.append(self.criterion.submit(
                 features[i],
                 pixels=teacher_video[part],

@@ -44,6 +44,12 @@ import torch
 from vidalign.checkpoint import Checkpoint
 from vidalign.errors import InvalidInput
 from vidalign.papers import VDA_LORA_RANK
+from vidalign.precision import (
+    autocast,
+    enable_gradient_checkpointing,
+    keep_trainable_fp32,
+    precision_dtype,
+)
 from vidalign.store import commit_artifact
 from vidalign.students.answerer import load_encoder_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
@@ -113,7 +119,8 @@ class Stage3Result:
 
 def load_student_for_stage3(config: Stage3Config, device: str | None = None) -> VideoLLM:
     """The student with its stage-2 encoder in place and everything frozen (no LoRA yet)."""
-    llm = load_videollm(config.student, device=device or config.device, path=config.student_path())
+    llm = load_videollm(config.student, device=device or config.device, path=config.student_path(),
+                        dtype=precision_dtype(config.train.precision))
     if config.encoder:
         llm.load_encoder_state(load_encoder_artifact(config.encoder))
     llm.model.requires_grad_(False)
@@ -147,15 +154,18 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class CaptionLoss(torch.nn.Module):
-    """The student's cross-entropy on (video, prompt, target) as a module's forward (for DDP)."""
+    """The student's cross-entropy on (video, prompt, target) as a module's forward (for DDP),
+    under autocast at ``precision``."""
 
-    def __init__(self, llm: VideoLLM) -> None:
+    def __init__(self, llm: VideoLLM, precision: str = "fp32") -> None:
         super().__init__()
         self.model = llm.model
         self.llm = llm  # not a Module: a plain attribute
+        self.precision = precision
 
     def forward(self, video: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
-        return self.llm.loss(video, prompts, targets)
+        with autocast(self.precision, self.llm.device):
+            return self.llm.loss(video, prompts, targets).float()
 
 
 class Stage3(Job):
@@ -168,6 +178,8 @@ class Stage3(Job):
         self.ctx = ctx
         llm = self.llm = load_student_for_stage3(config, device=str(ctx.device))
         apply_lora(llm, config.lora, config.train.seed)
+        if config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(llm.model)
         model = llm.model
         model.train()
         if checkpoint is not None:
@@ -179,13 +191,14 @@ class Stage3(Job):
                     f"({len(saved.keys() - expected)} unexpected, {len(expected - saved.keys())} missing)"
                 )
             model.load_state_dict(saved, strict=False)
+        keep_trainable_fp32(model)  # the LoRA matrices are the master weights
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
         )
         self.data = Instructions(config.data)
         self.skips = self.data.data.skip_log(ctx.run.store, ctx.ranks)
-        return Built(CaptionLoss(llm), optimizer, info={
+        return Built(CaptionLoss(llm, config.train.precision), optimizer, info={
             "student": config.student,
             "encoder": config.encoder or "(student's own)",
             "examples": len(self.data),

@@ -16,8 +16,10 @@ ZeRO stage 1 partitions the optimizer state over the data-parallel ranks,
 stage 2 the gradients too; every rank keeps the whole (trainable) module, so
 its ``state_dict`` is whole and the jobs save their weights as without
 DeepSpeed. Stage 3 (parameters partitioned) is not supported: the weights a
-job checkpoints and commits would be shards. Training is fp32 (no fp16/bf16:
-the jobs' losses are compared with plain torch and run on CPU).
+job checkpoints and commits would be shards. ``train.precision`` bf16 / fp16
+turns on DeepSpeed's own ``bf16`` / ``fp16`` section (fp32 master weights in the
+ZeRO optimizer; fp16 with dynamic loss scaling); the jobs' forwards run under
+autocast as without DeepSpeed.
 
 Gradient clipping is DeepSpeed's (``gradient_clipping`` = ``train.grad_clip``);
 a job must not clip again. :meth:`ZeroEngine.step` returns the global gradient
@@ -52,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from vidalign.errors import FailedPrecondition, InvalidInput
+from vidalign.precision import precision_name
 from vidalign_trainer.common import Dist
 
 STAGES = (1, 2)
@@ -91,9 +94,12 @@ class DeepSpeedConfig:
 
 
 def engine_config(
-    config: DeepSpeedConfig, *, micro_batch_size: int, grad_clip: float
+    config: DeepSpeedConfig, *, micro_batch_size: int, grad_clip: float, precision: str = "fp32"
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict of a job: one optimizer step per batch, fp32."""
+    """The DeepSpeed config dict of a job: one optimizer step per batch, in ``precision``
+    (bf16 / fp16: DeepSpeed's own section, which keeps fp32 master weights in the
+    optimizer; fp16 with dynamic loss scaling)."""
+    name = precision_name(precision, "train.precision")
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -104,8 +110,9 @@ def engine_config(
             "allgather_bucket_size": config.reduce_bucket_size,
             "contiguous_gradients": True,
         },
-        "fp16": {"enabled": False},
-        "bf16": {"enabled": False},
+        "fp16": {"enabled": name == "fp16", **({"loss_scale": 0, "initial_scale_power": 16}
+                                                 if name == "fp16" else {})},
+        "bf16": {"enabled": name == "bf16"},
         "steps_per_print": 1 << 62,
         "wall_clock_breakdown": False,
     }
@@ -226,6 +233,7 @@ def initialize(
     device: torch.device,
     micro_batch_size: int,
     grad_clip: float,
+    precision: str = "fp32",
 ) -> ZeroEngine:
     """Wrap ``module`` and the job's ``optimizer`` (and ``scheduler``) in a ZeRO engine."""
     config.check()
@@ -256,7 +264,8 @@ def initialize(
             model=module,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=engine_config(config, micro_batch_size=micro_batch_size, grad_clip=grad_clip),
+            config=engine_config(config, micro_batch_size=micro_batch_size, grad_clip=grad_clip,
+                                 precision=precision),
         )
     except BaseException:
         if owns_group and dist.is_initialized():
