@@ -117,14 +117,19 @@ def test_a_resumed_run_shows_each_step_once(store_uri, tmp_path, monkeypatch):
     assert events["step_s"][4] == (5, pytest.approx(records[4]["step_s"], rel=1e-6))
 
 
-def test_a_fresh_run_in_a_used_directory_starts_over(tmp_path):
+def test_a_fresh_run_in_a_used_directory_is_refused_and_loses_nothing(tmp_path):
+    from vidalign.errors import FailedPrecondition
+
     out = tmp_path / "run"
     fit(Grouped(_config(out, 4)))
-    fit(Grouped(_config(out, 4)))  # not resumed: a new history from step 1
-    records = RunDir(str(out)).metrics()
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert len(list(out.glob(EVENTS_GLOB))) == 2
-    assert_events_match(read_events(out), records)
+    before = RunDir(str(out)).metrics()
+    with pytest.raises(FailedPrecondition, match="pass --resume"):
+        fit(Grouped(_config(out, 2)))  # not resumed, fewer steps: would interleave the runs
+    assert RunDir(str(out)).metrics() == before
+    assert len(list(out.glob(EVENTS_GLOB))) == 1
+    assert_events_match(read_events(out), before)
+    fit(Grouped(_config(out, 6)), resume=True)  # the earlier run goes on
+    assert [r["step"] for r in RunDir(str(out)).metrics()] == [1, 2, 3, 4, 5, 6]
 
 
 def test_scalars_of_a_record():

@@ -54,12 +54,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vidalign.checkpoint import Checkpoint, Checkpointer, rng_state, set_rng_state
 from vidalign.config import config_digest, to_dict
-from vidalign.errors import InvalidInput
+from vidalign.errors import FailedPrecondition, InvalidInput
 from vidalign.hub import weights_component
 from vidalign.log import get_logger
 from vidalign.papers import VDA_LR
 from vidalign.precision import precision_name
 from vidalign.run import METRICS, RunDir
+from vidalign.store import latest_artifact
 from vidalign_trainer.board import Board
 from vidalign_trainer.common import Dist, global_mean, init_distributed
 from vidalign_trainer.zero import ZeroEngine, initialize, require_plain_state
@@ -365,6 +366,14 @@ def fit(job: Job, *, resume: bool = False) -> FitResult:
         checkpointer.cache_dir = run.work / f".checkpoint-cache-rank{ranks.rank}"
     ctx = Context(ranks, rank_device(config.device, ranks), run, config_digest(config))
     checkpoint = checkpointer.latest() if resume else None
+    if not resume and (earlier := latest_artifact(checkpointer.store, "")) is not None:
+        # A fresh run among an earlier run's checkpoints would interleave the two (pruning
+        # keeps the highest steps, whichever run wrote them) and a later --resume would
+        # continue the wrong one: refuse, and lose nothing.
+        raise FailedPrecondition(
+            f"{checkpointer.store.uri} already holds checkpoints of an earlier run (newest: "
+            f"{earlier}); pass --resume to continue it, or give another output.dir"
+        )
     if checkpoint is not None and checkpoint.config_digest != ctx.config_digest:
         log.warning("resume_config_changed", checkpoint=checkpoint.name,
                     detail="the config differs from the one that wrote the checkpoint")
@@ -387,7 +396,8 @@ def fit(job: Job, *, resume: bool = False) -> FitResult:
         log.info(
             f"{job.name}_start",
             **built.info,
-            trainable_params=sum(p.numel() for p in trainable),
+            trainable_params=sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3: a slice here
+                                 for p in built.module.parameters() if p.requires_grad),
             world_size=ranks.world_size,
             zero_stage=deepspeed.zero_stage if zero is not None else None,
             start_step=start,
@@ -396,6 +406,8 @@ def fit(job: Job, *, resume: bool = False) -> FitResult:
         )
         job.on_start(start)
         result = _loop(job, ctx, checkpointer, built, model, zero, trainable, start, board)
+        if zero is not None:
+            zero.consolidate_module()  # ZeRO-3: whole parameters for on_end, export, the caller
         job.on_end()
         if ranks.world_size > 1:
             dist.barrier()
@@ -503,8 +515,10 @@ def _loop(
             bar.set_postfix(loss=f"{value:.4f}", **{k: f"{v:.4g}" for k, v in metrics.items()})
             bar.update(1)
             save = (step + 1) % output.checkpoint_every == 0 or last
-            # Under ZeRO each rank holds a partition of the optimizer state: gathered here.
+            # Under ZeRO each rank holds a partition of the optimizer state: gathered here; at
+            # stage 3 of the parameters too: every rank gathers, rank 0 keeps a whole copy.
             zero_state = zero.optimizer_state() if zero is not None and save else None
+            weights = zero.consolidated(job.weights) if zero is not None and save else None
             if ranks.main and save:
                 state = {
                     "optimizer": built.optimizer.state_dict() if zero is None else zero_state,
@@ -516,7 +530,7 @@ def _loop(
                     state["scaler"] = built.scaler.state_dict()
                 checkpointer.save(
                     step + 1,
-                    weights=job.weights(),
+                    weights=job.weights() if zero is None else weights,
                     state=state,
                     trainer_state={"samples_seen": (step + 1) * train.batch_size, "data_seed": train.seed},
                     producer=job.producer,
