@@ -31,9 +31,10 @@ and after training in ``<out>/model``'s manifest meta and the result.
 One process trains with plain torch AdamW; under ``torchrun`` each rank takes
 its slice of every batch and DDP averages the gradients. With
 ``deepspeed.enabled: true`` the VLM and the aligner are wrapped, with this AdamW (its parameter groups and their learning rates)
-and the warmup-cosine schedule, in a DeepSpeed ZeRO-1/2 engine
+and the warmup-cosine schedule, in a DeepSpeed ZeRO-1/2/3 engine
 (``vidalign_trainer.zero``; DeepSpeed clips to ``train.grad_clip`` and steps the
-schedule), with plain ``python`` (one rank; the losses equal the plain run's,
+schedule; at stage 3 the VLM and the aligner are partitioned over the ranks, and
+the checkpoints and ``<out>/model`` gathered whole), with plain ``python`` (one rank; the losses equal the plain run's,
 tested to 1e-5 relative), ``torchrun`` or the ``deepspeed`` launcher. Under N
 ranks each rank trains on its 1/N slice of every batch (``train.batch_size``
 must divide by N) and the gradients (and the logged losses) are averaged over

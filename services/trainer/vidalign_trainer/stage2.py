@@ -57,7 +57,7 @@ from vidalign_trainer.loop import (
     fit,
 )
 from vidalign_trainer.loop import TrainConfig as BaseTrainConfig
-from vidalign_trainer.zero import DeepSpeedConfig
+from vidalign_trainer.zero import DeepSpeedStage12Config
 
 log = get_logger(__name__)
 
@@ -148,7 +148,7 @@ class Stage2Config(StudentSection):
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=lambda: OutputConfig(dir="runs/stage2"))
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    deepspeed: DeepSpeedStage12Config = field(default_factory=DeepSpeedStage12Config)
     """``enabled: true``: train through a DeepSpeed ZeRO engine (``vidalign_trainer.zero``)."""
 
 

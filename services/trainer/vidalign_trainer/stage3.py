@@ -28,7 +28,16 @@ loadable with ``peft.PeftModel.from_pretrained(base_model, dir)``); with
 
 Under torchrun each rank trains on its slice of every batch and DDP averages
 the LoRA gradients (the loop, resume, checkpoints and metrics are
-``vidalign_trainer.loop``'s).
+``vidalign_trainer.loop``'s). With ``deepspeed.enabled: true`` the student
+and this AdamW are wrapped in a DeepSpeed ZeRO-1/2/3 engine instead
+(``vidalign_trainer.zero``; DeepSpeed clips to ``train.grad_clip``), under
+plain ``python``, ``torchrun`` or the ``deepspeed`` launcher. At stage 3 the
+frozen LLM and encoder are partitioned over the ranks too; the checkpointed
+LoRA weights and the committed adapter are gathered whole, and after the last
+step the student is whole again on every rank (``output.merge`` and the
+returned model as without DeepSpeed). A ZeRO checkpoint holds every rank's
+optimizer state: a resume needs the same ``deepspeed`` settings and number of
+ranks (refused otherwise).
 
 Run: ``vidalign train stage3 --config configs/stage3-tiny.yaml [--resume]``.
 """
@@ -57,6 +66,7 @@ from vidalign_trainer.common import InstructionDataConfig, Instructions, epoch_o
 from vidalign_trainer.loop import Built, Context, Job, StepOutput, StudentSection, fit
 from vidalign_trainer.loop import OutputConfig as BaseOutputConfig
 from vidalign_trainer.loop import TrainConfig as BaseTrainConfig
+from vidalign_trainer.zero import DeepSpeedConfig
 
 LLM_ATTENTION = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 """LoRA targets: the LLM's attention projections (never the vision tower's)."""
@@ -107,6 +117,8 @@ class Stage3Config(StudentSection):
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """``enabled: true``: train through a DeepSpeed ZeRO engine (``vidalign_trainer.zero``)."""
 
 
 @dataclass

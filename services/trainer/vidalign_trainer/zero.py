@@ -15,21 +15,50 @@ here::
 ZeRO stage 1 partitions the optimizer state over the data-parallel ranks,
 stage 2 the gradients too; every rank keeps the whole (trainable) module, so
 its ``state_dict`` is whole and the jobs save their weights as without
-DeepSpeed. Stage 3 (parameters partitioned) is not supported: the weights a
-job checkpoints and commits would be shards. ``train.precision`` bf16 / fp16
-turns on DeepSpeed's own ``bf16`` / ``fp16`` section (fp32 master weights in the
-ZeRO optimizer; fp16 with dynamic loss scaling); the jobs' forwards run under
-autocast as without DeepSpeed.
+DeepSpeed. Stage 3 partitions the parameters too (SFT and VDA stage 3; stage 2
+stays at 1/2, ``DeepSpeedStage12Config``): between forwards each rank holds
+only its slice of every parameter of at least ``param_persistence_threshold``
+elements (DeepSpeed's ``stage3_param_persistence_threshold``; smaller ones stay
+whole everywhere), and DeepSpeed's hooks gather a module's parameters around
+its forward and backward, whether it is called through the engine or directly
+(the jobs' evaluations). The skeleton keeps what leaves the run whole::
+
+    weights = zero.consolidated(job.weights)   # every rank: gather the trainable
+                                               # parameters; rank 0 copies them to CPU
+    zero.consolidate_module()                  # after the last step, every rank: the
+                                               # module whole again, DeepSpeed's hooks removed
+
+so checkpoints and the committed models (SFT's ``model``, stage 3's ``lora``)
+are ordinary whole safetensors, loadable without DeepSpeed, and the job's
+evaluation, export and returned models after the last step are plain torch
+modules. Gathering is collective: every rank calls both (``consolidated``
+holds every trainable parameter whole on every rank while rank 0 copies them;
+``consolidate_module`` gathers one module's parameters at a time). A job loads a
+checkpoint's whole weights in ``build``, before :func:`initialize` partitions
+the module (DeepSpeed broadcasts rank 0's values as it converts the
+parameters). ``consolidate_module`` holds the whole module on every rank from
+then on, as stages 1 and 2 do throughout.
+
+``train.precision`` bf16 / fp16 turns on DeepSpeed's own ``bf16`` / ``fp16``
+section (fp32 master weights in the ZeRO optimizer; fp16 with dynamic loss
+scaling) at every stage; the jobs' forwards run under autocast as without
+DeepSpeed. The engine stores the module's parameters in that half type, so the
+checkpointed and committed weights are in it too; the fp32 master weights are
+in the optimizer state.
 
 Gradient clipping is DeepSpeed's (``gradient_clipping`` = ``train.grad_clip``);
 a job must not clip again. :meth:`ZeroEngine.step` returns the global gradient
-norm before clipping, as ``clip_grad_norm_`` does.
+norm before clipping, as ``clip_grad_norm_`` does. A trainable parameter that
+no gradient reaches gets a zero gradient from DeepSpeed (at every stage), so
+AdamW's decoupled weight decay still shrinks it, where plain torch skips it.
 
 Checkpoints: :meth:`ZeroEngine.optimizer_state` gathers every rank's ZeRO
 optimizer state (DeepSpeed's own ``state_dict``: the rank's partition of the
 fp32 master weights and of AdamW's moments, its param-group hyperparameters)
 onto rank 0, which saves the list in ``optimizer.pt``;
 :meth:`ZeroEngine.load_optimizer_state` gives each rank its own entry back.
+At stage 3 that state holds the rank's slice of the fp32 master weights of
+every trainable parameter; a resume restores the parameters' slices from it.
 A resume therefore needs the same ZeRO stage and number of ranks as the run
 that wrote the checkpoint, and a checkpoint written without DeepSpeed (a plain
 torch optimizer state) resumes only without it; both are refused with
@@ -47,8 +76,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -57,7 +88,7 @@ from vidalign.errors import FailedPrecondition, InvalidInput
 from vidalign.precision import precision_name
 from vidalign_trainer.common import Dist
 
-STAGES = (1, 2)
+STAGES = (1, 2, 3)
 FORMAT = "deepspeed-zero"
 """``optimizer.pt`` of a checkpoint written under ZeRO: ``{"format": FORMAT, ...}``."""
 
@@ -66,31 +97,52 @@ FORMAT = "deepspeed-zero"
 class DeepSpeedConfig:
     """The ``deepspeed`` section of a trainer job's config."""
 
+    stages: ClassVar[tuple[int, ...]] = STAGES
+    """The ZeRO stages of the job whose section this is."""
+    unsupported: ClassVar[str] = ""
+    """Why the stages not in ``stages`` are refused (appended to the error)."""
+
     enabled: bool = False
     """Train through a DeepSpeed ZeRO engine; false: plain torch (and DDP under torchrun)."""
     zero_stage: int = 2
-    """1: optimizer state partitioned over the ranks; 2: gradients too. 3 is not supported."""
+    """1: optimizer state partitioned over the ranks; 2: gradients too; 3: parameters too
+    (checkpoints and committed models are still whole: gathered on save)."""
     reduce_bucket_size: int = 500_000_000
     """Elements per gradient-reduction (and all-gather) bucket: DeepSpeed's default."""
+    param_persistence_threshold: int = 100_000
+    """Stage 3: parameters with fewer elements are not partitioned (each rank keeps them
+    whole; DeepSpeed's ``stage3_param_persistence_threshold``, its default); 0 partitions
+    every parameter."""
 
     def __post_init__(self) -> None:
         self.check()
 
     def check(self) -> None:
-        if self.zero_stage not in STAGES:
+        if self.zero_stage not in self.stages:
             raise InvalidInput(
-                f"deepspeed.zero_stage: expected one of {list(STAGES)}, got {self.zero_stage}"
-                + (
-                    " (stage 3 partitions the parameters, so the weights a job saves would be "
-                    "shards; use 1 or 2)"
-                    if self.zero_stage == 3
-                    else ""
-                )
+                f"deepspeed.zero_stage: expected one of {list(self.stages)}, got {self.zero_stage}"
+                + (f" ({self.unsupported})" if self.unsupported and self.zero_stage in STAGES else "")
             )
         if self.reduce_bucket_size < 1:
             raise InvalidInput(
                 f"deepspeed.reduce_bucket_size: expected >= 1, got {self.reduce_bucket_size}"
             )
+        if self.param_persistence_threshold < 0:
+            raise InvalidInput(
+                "deepspeed.param_persistence_threshold: expected >= 0, got "
+                f"{self.param_persistence_threshold}"
+            )
+
+
+@dataclass(kw_only=True)
+class DeepSpeedStage12Config(DeepSpeedConfig):
+    """The ``deepspeed`` section of a job that runs ZeRO-1/2 only (VDA stage 2)."""
+
+    stages: ClassVar[tuple[int, ...]] = (1, 2)
+    unsupported: ClassVar[str] = (
+        "stage 3 partitions the parameters, and this job checkpoints the student's whole "
+        "encoder, frozen weights included, which ZeRO-3 would hold as shards; use 1 or 2"
+    )
 
 
 def engine_config(
@@ -109,6 +161,8 @@ def engine_config(
             "reduce_bucket_size": config.reduce_bucket_size,
             "allgather_bucket_size": config.reduce_bucket_size,
             "contiguous_gradients": True,
+            **({"stage3_param_persistence_threshold": config.param_persistence_threshold}
+               if config.zero_stage == 3 else {}),
         },
         "fp16": {"enabled": name == "fp16", **({"loss_scale": 0, "initial_scale_power": 16}
                                                  if name == "fp16" else {})},
@@ -126,6 +180,24 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+W = TypeVar("W")
+
+
+def _copy_to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor copied to the CPU (a copy even where it is there already)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _copy_to_cpu(v)) for k, v in obj.items())
+    return obj
+
+
+def _partitioned(obj: Any) -> list[str]:
+    """Keys of the empty tensors in ``{stem: {name: tensor}}``: ZeRO-3 placeholders."""
+    return [f"{stem}/{name}" for stem, tensors in obj.items()
+            for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.numel() == 0]
 
 
 def is_zero_state(state: Any) -> bool:
@@ -164,6 +236,65 @@ class ZeroEngine:
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.engine.optimizer.param_groups
+
+    @property
+    def stage(self) -> int:
+        return self.config.zero_stage
+
+    @contextmanager
+    def gathered(self, params: list[torch.nn.Parameter] | None = None) -> Iterator[None]:
+        """Stage 3: ``params`` (default: the module's trainable ones) whole on every rank
+        inside; partitioned again on exit, any change discarded. Collective: every rank
+        enters with the same parameters. Stages 1 and 2: nothing to do."""
+        if self.stage < 3:
+            yield
+            return
+        import deepspeed
+
+        if params is None:
+            params = [p for p in self.module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+
+    def consolidated(self, weights: Callable[[], W]) -> W | None:
+        """``weights()`` (a job's ``{file stem: state dict}``) with whole tensors, on rank 0
+        (None elsewhere). Collective at stage 3: every rank gathers the trainable
+        parameters, rank 0 calls ``weights`` inside and copies the result to the CPU before
+        they are partitioned again. Stages 1 and 2: ``weights()`` on rank 0."""
+        if self.stage < 3:
+            return weights() if self.ranks.main else None
+        with self.gathered():
+            out = _copy_to_cpu(weights()) if self.ranks.main else None
+        if out is not None and (empty := _partitioned(out)):
+            raise RuntimeError(
+                f"ZeRO-3: the job's weights hold partitioned (empty) tensors {empty[:3]}: "
+                "weights() must return trainable parameters only"
+            )
+        return out
+
+    def consolidate_module(self) -> None:
+        """Stage 3, after the last step: make every parameter of the module whole again on
+        every rank and remove DeepSpeed's hooks, so that what runs after training
+        (evaluation, export, the job's returned model) sees a plain torch module. Collective;
+        the engine must not step after it. Stages 1 and 2: nothing to do."""
+        if self.stage < 3:
+            return
+        import deepspeed
+
+        module = self.module
+        whole: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+        for m in module.modules():  # one module's parameters gathered at a time
+            own = [p for p in m.parameters(recurse=False) if id(p) not in whole]
+            if own:  # the same modules, in the same order, on every rank
+                with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+                    whole.update((id(p), (p, p.data.clone())) for p in own)
+        self.engine.destroy()  # removes DeepSpeed's module and gradient hooks
+        for m in module.modules():  # DeepSpeed's ZeROOrderedDict back to a plain dict
+            if hasattr(m, "_original_parameters"):
+                m._parameters = dict(m._parameters)
+                del m._original_parameters
+        for p, data in whole.values():
+            p.data = data
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
