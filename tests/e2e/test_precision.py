@@ -215,3 +215,12 @@ def test_fp16_scales_the_loss_and_resumes_with_the_scale(tmp_path):
     assert rest == whole[1:]
     state = torch.load(tmp_path / "cut" / "checkpoints" / "step-00000003" / "scaler.pt", weights_only=False)
     assert state["scale"] > 1  # the loss was scaled (GradScaler starts at 2^16)
+
+
+@pytest.mark.slow
+def test_deepspeed_fp16_sft_keeps_l_align_finite(tmp_path):
+    """fp16 flushes the aligner's eps (1e-8) to 0; its log-space residual stays float32."""
+    config = load_config(SFTConfig, CONFIGS / "sft-tiny.yaml", [
+        f"output.dir={tmp_path / 'z'}", "train.steps=2", "train.precision=fp16", "deepspeed.enabled=true"])
+    losses = run_sft(config).losses
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["align"]) for r in losses)

@@ -401,10 +401,15 @@ class AttentionAligner(nn.Module):
         return 2 * n_locations * hidden + hidden * hidden + 2 * hidden + n_locations
 
     def forward(self, rows: Tensor) -> Tensor:
-        """(..., N) distributions -> (..., N) distributions."""
-        return torch.softmax(
-            rows.clamp_min(self.eps).log() + self.net(rows * self.n_locations), dim=-1
-        )
+        """(..., N) distributions -> (..., N) distributions, in float32.
+
+        The MLP runs in its weights' dtype (half when a DeepSpeed engine cast it); the log
+        of the rows and the softmax stay float32, where ``eps`` (1e-8) exists: in fp16 it
+        flushes to 0 and an all-zero (padded) row would give log 0 and a NaN softmax.
+        """
+        dtype = next(self.net.parameters()).dtype
+        residual = self.net((rows * self.n_locations).to(dtype)).float()
+        return torch.softmax(rows.float().clamp_min(self.eps).log() + residual, dim=-1)
 
 
 def align_loss(aligned: Tensor, prior: Tensor, mask: Tensor) -> Tensor:
@@ -554,8 +559,7 @@ def motion_sft_loss(
     # down to ~1e-4, which fp16's 10-bit mantissa and range would blur.
     with torch.autocast(captured.attention.device.type, enabled=False):
         rows = vlm_rows(captured.attention.float(), batch, grid)
-        weight_dtype = next(aligner.parameters()).dtype  # bf16 when a DeepSpeed engine cast it
-        l_align = align_loss(aligner(rows.to(weight_dtype)).float(), batch.prior, batch.mask)
+        l_align = align_loss(aligner(rows), batch.prior, batch.mask)
     if not math.isfinite(float(l_align.detach())):
         raise FloatingPointError(f"L_align is {float(l_align.detach())}")
     return AlignOutput(loss=out.loss + weight * l_align, ce=out.loss, align=l_align, rows=rows)

@@ -348,9 +348,16 @@ class ZeroEngine:
         )
 
     def close(self) -> None:
-        """Destroy the one-rank process group :func:`initialize` created (if it did)."""
+        """Destroy the one-rank process group :func:`initialize` created (if it did), through
+        DeepSpeed, so that its cached groups go with it: a second engine in this process
+        would otherwise find the first one's dead group."""
         if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            import deepspeed.comm
+
+            if deepspeed.comm.is_initialized():
+                deepspeed.comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
         self._owns_group = False
 
 
