@@ -53,11 +53,12 @@ protos: $(STAMP) ## regenerate libs/vidalign/teacher/v1 from protos/
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=libs --pyi_out=libs \
 		--grpc_python_out=libs $(PROTO_SRC)
 
-bench: $(STAMP) ## wire throughput, stage-2 gRPC vs in-process, attention capture memory, video decoding vs stage 2 (BENCHMARKS.md)
+bench: $(STAMP) ## wire throughput, stage-2 gRPC vs in-process, attention capture memory, video decoding vs stage 2, teacher under 1-8 clients (BENCHMARKS.md)
 	$(BIN)/python bench/wire.py
 	$(BIN)/python bench/stage2.py
 	$(BIN)/python bench/attention_capture.py
 	$(BIN)/python bench/data.py
+	$(BIN)/python bench/teacher_load.py --quick
 
 soak: $(STAMP) ## teacher under load on loopback: 8 clients x 25 requests + 8 idle streams; errors, health latency, RSS (BENCHMARKS.md)
 	$(BIN)/python bench/soak.py --clients 8 --requests 25 --idle 8

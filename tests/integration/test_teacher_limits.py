@@ -344,6 +344,11 @@ FLAGS = [
     (["--max-queued", "-1"], "--max-queued must be within 0..4096, got -1"),
     (["--stream-idle-timeout-s", "0"], "--stream-idle-timeout-s must be greater than 0, got 0"),
     (["--stream-idle-timeout-s", "nan"], "--stream-idle-timeout-s must be greater than 0, got nan"),
+    (["--max-batch", "0"], "--max-batch must be within 1..4096, got 0"),
+    (["--max-batch", "5000"], "--max-batch must be within 1..4096, got 5000"),
+    (["--max-wait-ms", "-1"], "--max-wait-ms must be within 0..10000, got -1"),
+    (["--max-wait-ms", "60000"], "--max-wait-ms must be within 0..10000, got 60000"),
+    (["--max-wait-ms", "nan"], "--max-wait-ms must be within 0..10000, got nan"),
 ]
 
 
@@ -391,6 +396,8 @@ CONFIGS = [
     (dict(max_queued=-1), "max_queued must be within 0..4096, got -1"),
     (dict(stream_idle_timeout_s=-1.0), "stream_idle_timeout_s must be greater than 0, got -1"),
     (dict(port=70000), "port must be within 0..65535, got 70000"),
+    (dict(max_batch=0), "max_batch must be within 1..4096, got 0"),
+    (dict(max_wait_ms=float("nan")), "max_wait_ms must be within 0..10000, got nan"),
 ]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -182,23 +182,46 @@ class TeacherEngine:
 
     def denoising_loss(self, request: DenoisingLossRequest) -> DenoisingLossResult:
         """Validate, encode pixels if needed, and compute losses (and dL/dF_V)."""
+        return self.run_batch([self.prepare(request)])[0]
+
+    def prepare(self, request: DenoisingLossRequest) -> PreparedRequest:
+        """Validate ``request`` (the ``vidalign.errors`` exception naming the problem if it
+        is bad) and say which other requests it can share one model run with."""
         request, adapter = self._validate(request)
+        return PreparedRequest(request=request, adapter=adapter, key=batch_key(request))
+
+    def run_batch(self, batch: list[PreparedRequest]) -> list[DenoisingLossResult]:
+        """The results of prepared requests with one ``key``, computed as ONE batch: one
+        UNet forward (and backward) per draw for all their samples, split back per request.
+
+        Each sample keeps its own request's seed, so it draws the timesteps and noise it
+        would draw alone (``vidalign.vda.loss``): only the order of fp32 sums inside
+        batch-size-dependent kernels differs from running the requests one by one.
+        """
+        if not batch:
+            return []
+        keys = {p.key for p in batch}
+        if len(keys) != 1:
+            raise InvalidInput(f"requests with different batch keys cannot share a run: {sorted(map(str, keys))}")
+        first, adapter = batch[0].request, batch[0].adapter
+        requests = [p.request for p in batch]
+        sizes = [len(r.sample_ids) for r in requests]
+        sample_ids = [s for r in requests for s in r.sample_ids]
+        seeds = [r.seed for r in requests for _ in r.sample_ids]
         device = next(self.teacher.unet.parameters()).device
         # enable_grad: an in-process caller may be inside autograd.Function.forward,
         # where grad mode is off, and dL/dF_V needs it on.
         with self._lock, torch.enable_grad():
-            latents = (
-                request.latents.to(device, torch.float32)
-                if request.latents is not None
-                else self._encode_pixels(request.pixels)
-            )
-            text_emb = (
-                self.teacher.encode_text(request.captions) if request.captions is not None else None
-            )
+            if first.latents is not None:
+                latents = _cat([r.latents for r in requests], torch.float32).to(device)
+            else:
+                latents = self._encode_pixels(_cat([r.pixels for r in requests]))
+            captions = None if first.captions is None else [c for r in requests for c in r.captions]
+            text_emb = self.teacher.encode_text(captions) if captions is not None else None
             features = None
-            if request.features is not None:
-                features = request.features.to(device, torch.float32)
-                if request.want_grad:
+            if first.features is not None:
+                features = _cat([r.features for r in requests], torch.float32).to(device)
+                if first.want_grad:
                     features.requires_grad_(True)
             result = loss_and_grad(
                 self.teacher,
@@ -206,19 +229,28 @@ class TeacherEngine:
                 latents,
                 text_emb=text_emb,
                 features=features,
-                sample_ids=request.sample_ids,
-                seed=request.seed,
-                num_draws=request.num_draws,
-                timestep_range=request.timestep_range,
-                timesteps=request.timesteps,
-                want_grad=request.want_grad,
+                sample_ids=sample_ids,
+                seed=first.seed,
+                seeds=None if len(batch) == 1 else seeds,
+                num_draws=first.num_draws,
+                timestep_range=first.timestep_range,
+                timesteps=first.timesteps,
+                want_grad=first.want_grad,
             )
-            self.requests_served += 1
-        return DenoisingLossResult(
-            losses=result.losses.detach().cpu(),
-            timesteps=result.timesteps.cpu(),
-            grad=None if result.grad is None else result.grad.detach().float().cpu(),
-        )
+            self.requests_served += len(batch)
+        losses = result.losses.detach().cpu()
+        timesteps = result.timesteps.cpu()
+        grad = None if result.grad is None else result.grad.detach().float().cpu()
+        results, lo = [], 0
+        for n in sizes:
+            part = slice(lo, lo + n)
+            results.append(DenoisingLossResult(
+                losses=losses[part].contiguous(),
+                timesteps=timesteps[part].contiguous(),
+                grad=None if grad is None else grad[part].contiguous(),
+            ))
+            lo += n
+        return results
 
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         device = next(self.teacher.unet.parameters()).device
@@ -375,3 +407,42 @@ def _check_batched(name: str, tensor: torch.Tensor, dims: int, layout: str, batc
         raise InvalidInput(f"{name}: expected {dims} dims ({layout}), got shape {list(tensor.shape)}")
     if tensor.shape[0] != batch:
         raise InvalidInput(f"{name}: batch {tensor.shape[0]} does not match {batch} sample_ids")
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request, its adapter, and the key of the requests it can be batched with."""
+
+    request: DenoisingLossRequest
+    adapter: Adapter | None
+    key: tuple
+    """Equal keys: same inputs kind and per-sample shapes, adapter, text or not, draws,
+    timesteps and want_grad; the seed and the samples may differ."""
+
+    @property
+    def size(self) -> int:
+        return len(self.request.sample_ids)
+
+
+def batch_key(request: DenoisingLossRequest) -> tuple:
+    """What must be equal for two validated requests to run as one batch."""
+    video = request.latents if request.latents is not None else request.pixels
+    assert video is not None
+    return (
+        request.adapter_id,
+        "latents" if request.latents is not None else "pixels",
+        tuple(video.shape[1:]),
+        None if request.features is None else tuple(request.features.shape[1:]),
+        request.captions is not None,
+        request.num_draws,
+        request.timestep_range,
+        None if request.timesteps is None else tuple(request.timesteps),
+        request.want_grad,
+    )
+
+
+def _cat(tensors: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Concatenate along the batch; a single tensor is converted, not copied twice."""
+    if dtype is not None:
+        tensors = [t.to(dtype) for t in tensors]
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

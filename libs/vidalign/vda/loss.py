@@ -141,6 +141,7 @@ def denoising_loss(
     timestep_range: tuple[int, int] | None = None,
     timesteps: Sequence[int] | None = None,
     draws: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample, per-draw denoising losses ``(B, K)`` float32 and their timesteps ``(B, K)`` int64.
 
@@ -149,8 +150,14 @@ def denoising_loss(
     result is differentiable w.r.t. ``features`` and the adapter's projection.
     Draw k uses draw index ``draws[k]`` (default ``k``) and timestep
     ``timesteps[k]`` when given; all B samples share one UNet call per draw.
+    ``seeds`` (one per sample) replaces ``seed`` sample by sample: requests with
+    different seeds joined into one batch (the teacher's dynamic batching) draw
+    exactly what each would draw alone.
     """
     _check_inputs(teacher, adapter, latents, text_emb, features, sample_ids)
+    if seeds is not None and len(seeds) != len(sample_ids):
+        raise InvalidInput(f"seeds: expected {len(sample_ids)} (one per sample), got {len(seeds)}")
+    per_sample = [seed] * len(sample_ids) if seeds is None else list(seeds)
     draws, (lo, hi), timesteps = _draw_plan(teacher, num_draws, draws, timestep_range, timesteps)
     device = teacher.device
     z0 = latents.to(device, torch.float32)
@@ -159,8 +166,8 @@ def denoising_loss(
     with teacher.lora(_attached_lora(teacher, adapter)):
         for k, draw in enumerate(draws):
             t_k, eps_k = [], []
-            for sample_id in sample_ids:
-                g = draw_generator(seed, sample_id, draw)
+            for sample_id, sample_seed in zip(sample_ids, per_sample, strict=True):
+                g = draw_generator(sample_seed, sample_id, draw)
                 # t before eps: the order is part of the reproducibility contract.
                 if timesteps is None:
                     t_k.append(torch.randint(lo, hi, (1,), generator=g))
@@ -200,6 +207,7 @@ def loss_and_grad(
     timestep_range: tuple[int, int] | None = None,
     timesteps: Sequence[int] | None = None,
     want_grad: bool,
+    seeds: Sequence[int] | None = None,
 ) -> DenoisingLossResult:
     """The teacher side of stage 2: losses and, if ``want_grad``, dL/dF_V for the remote backward.
 
@@ -212,6 +220,7 @@ def loss_and_grad(
         "text_emb": text_emb,
         "sample_ids": sample_ids,
         "seed": seed,
+        "seeds": seeds,
         "timestep_range": timestep_range,
     }
     if not want_grad:

@@ -1,4 +1,5 @@
-"""``vidalign teacher serve``'s limit flags (and ``--metrics-port``) and their range checks.
+"""``vidalign teacher serve``'s limit flags (and ``--metrics-port``, ``--max-batch``,
+``--max-wait-ms``) and their range checks.
 
 Kept apart from ``vidalign_teacher.limits`` so that building the CLI's parser
 imports neither grpc nor torch. Each flag out of its range is a one-line error
@@ -24,6 +25,13 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="request bytes all calls together may hold, counted as they arrive")
     parser.add_argument("--stream-idle-timeout-s", type=float, default=30.0, metavar="S",
                         help="cancel a model call whose client sends nothing for this long")
+    parser.add_argument("--max-batch", type=int, default=1, metavar="N",
+                        help="dynamic batching: join concurrent DenoisingLoss calls with "
+                             "compatible shapes into one model run of up to N samples; 1: off "
+                             "(helps where one call's batch leaves the device underused)")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
+                        help="with --max-batch > 1: longest wait for other calls to join a "
+                             "batch (less once it is full); 0: only those already queued")
     parser.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                         help="serve Prometheus metrics over HTTP at PORT/metrics; 0: off")
 
@@ -49,6 +57,8 @@ def limit_settings(args: argparse.Namespace) -> dict[str, Any]:
     _check("--max-concurrent-rpcs", args.max_concurrent_rpcs, 1, 1024)
     _check("--max-queued", args.max_queued, 0, 4096)
     _check("--stream-idle-timeout-s", args.stream_idle_timeout_s, 0, open_low=True)
+    _check("--max-batch", args.max_batch, 1, 4096)
+    _check("--max-wait-ms", args.max_wait_ms, 0, 10_000)
     if args.max_inflight_mb < args.max_request_mb:
         raise ConfigError(
             f"--max-inflight-mb ({args.max_inflight_mb:g}) must be at least --max-request-mb "
@@ -60,4 +70,6 @@ def limit_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_inflight_bytes": int(args.max_inflight_mb * MIB),
         "stream_idle_timeout_s": args.stream_idle_timeout_s,
         "metrics_port": args.metrics_port,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
     }

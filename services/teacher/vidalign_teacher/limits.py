@@ -40,6 +40,13 @@ MAX_GRPC_MESSAGE_BYTES = (1 << 31) - 1
 """gRPC's message-size options are 32-bit signed integers."""
 
 
+MAX_BATCH = 4096
+"""Most samples one batched model run may join (``max_batch``)."""
+MAX_WAIT_MS = 10_000.0
+"""Longest wait for a batch to fill (``max_wait_ms``): beyond it a call waits longer than
+most models take to answer it."""
+
+
 class PortUnavailable(ConfigError, OSError):
     """The address cannot be bound: in use (another teacher?) or not local."""
 
@@ -80,6 +87,9 @@ def check_config(config: Any) -> None:
             f"max_inflight_bytes ({config.max_inflight_bytes}) must be at least max_request_bytes "
             f"({config.max_request_bytes}): a request of the largest size could never be read"
         )
+    check_range("max_batch", config.max_batch, 1, MAX_BATCH)
+    if not 0 <= config.max_wait_ms <= MAX_WAIT_MS:  # NaN too
+        raise ConfigError(f"max_wait_ms must be within 0..{MAX_WAIT_MS:g}, got {config.max_wait_ms:g}")
     if not config.stream_idle_timeout_s > 0:
         raise ConfigError(
             f"stream_idle_timeout_s must be greater than 0, got {config.stream_idle_timeout_s:g}"

@@ -13,6 +13,10 @@ in one process, as in the tests, do not share one):
     vidalign_teacher_model_calls_admitted                 model calls holding a slot
     vidalign_teacher_model_calls_queued                   model calls waiting for one
     vidalign_teacher_request_bytes_held                   request bytes held (the budget)
+    vidalign_teacher_batch_samples                        histogram: samples per model run
+                                                          (--max-batch > 1 only)
+    vidalign_teacher_batch_requests                       histogram: calls per model run (idem)
+    vidalign_teacher_batch_wait_seconds                   histogram: the oldest call's wait (idem)
     vidalign_teacher_gpu_memory_allocated_bytes           CUDA only: allocated now
     vidalign_teacher_gpu_memory_max_allocated_bytes       CUDA only: the peak so far
 
@@ -43,6 +47,8 @@ PREFIX = "vidalign_teacher"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 """Seconds: GetInfo answers in milliseconds; a real model's DenoisingLoss takes seconds and
 AttentionPriors minutes."""
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
 class TeacherMetrics:
@@ -70,6 +76,15 @@ class TeacherMetrics:
         Gauge(f"{PREFIX}_request_bytes_held",
               "Request bytes held by the calls in flight (max_inflight_bytes).",
               registry=r).set_function(lambda: limits.budget.used)
+        self.batch_samples = Histogram(f"{PREFIX}_batch_samples",
+                                       "Samples per model run (dynamic batching, --max-batch).",
+                                       buckets=BATCH_BUCKETS, registry=r)
+        self.batch_requests = Histogram(f"{PREFIX}_batch_requests",
+                                        "DenoisingLoss calls per model run (dynamic batching).",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.batch_wait = Histogram(f"{PREFIX}_batch_wait_seconds",
+                                    "How long the oldest call of a model run waited for it.",
+                                    buckets=WAIT_BUCKETS, registry=r)
         dev = torch.device(device)
         if dev.type == "cuda":
             Gauge(f"{PREFIX}_gpu_memory_allocated_bytes", "GPU memory allocated by tensors now.",
@@ -85,6 +100,12 @@ class TeacherMetrics:
         self._httpd: Any = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
+
+    def observe_batch(self, record: Any) -> None:
+        """One model run of the batcher (``vidalign_teacher.batching.BatchRecord``)."""
+        self.batch_samples.observe(record.samples)
+        self.batch_requests.observe(record.requests)
+        self.batch_wait.observe(record.wait_s)
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` (a daemon thread); returns the port."""

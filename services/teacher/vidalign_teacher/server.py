@@ -12,6 +12,9 @@ health flips back to NOT_SERVING at once, new calls get UNAVAILABLE (clients
 wait for the restart or go to another replica), the calls in flight run to
 completion for up to ``grace_s`` seconds, and the process exits (status 0).
 
+With ``max_batch`` > 1 (``--max-batch``) concurrent DenoisingLoss calls with compatible
+shapes share model runs (``vidalign_teacher.batching``).
+
 With ``metrics_port`` (``--metrics-port``) the server also serves Prometheus
 metrics over HTTP on that port from the start, while the model loads
 (``vidalign_teacher.metrics``).
@@ -41,10 +44,12 @@ from vidalign.precision import precision_dtype
 from vidalign.store import is_store_uri, materialize, open_store, safe_key
 from vidalign.teacher import protocol
 from vidalign.teacher.client import DEFAULT_MAX_MESSAGE_BYTES
-from vidalign.teacher.denoising import TeacherEngine
+from vidalign.teacher.denoising import PreparedRequest, TeacherEngine
 from vidalign.teacher.priors import PriorsEngine, is_cogvideox
 from vidalign.teacher.v1 import teacher_pb2 as pb
 from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
+from vidalign.vda.loss import DenoisingLossResult
+from vidalign_teacher.batching import Batcher, describe
 from vidalign_teacher.drain import Drain
 from vidalign_teacher.errors import ErrorInterceptor
 from vidalign_teacher.limits import Limits, bind, check_config, grpc_call_cap, pool_threads
@@ -92,6 +97,12 @@ class ServerConfig:
     stream_idle_timeout_s: float = 30.0
     """A model call whose client sends nothing for this long while its request is read is
     cancelled (DEADLINE_EXCEEDED) and its memory freed."""
+    max_batch: int = 1
+    """Dynamic batching: DenoisingLoss calls with compatible shapes are joined into one
+    model run of up to this many samples (``vidalign_teacher.batching``); 1: off."""
+    max_wait_ms: float = 10.0
+    """With ``max_batch`` > 1: how long the oldest queued call may wait for others to join
+    (less once the batch is full); 0: join only the calls already queued."""
     tls_cert: str = ""
     """PEM certificate (chain) file; with ``tls_key`` the port speaks TLS only."""
     tls_key: str = ""
@@ -126,6 +137,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.engine: TeacherEngine | PriorsEngine | None = None
+        self.batcher: Batcher[PreparedRequest, DenoisingLossResult] | None = None
+        """Set by the server when ``max_batch`` > 1: DenoisingLoss calls go through it."""
 
     def _engine(self) -> TeacherEngine | PriorsEngine:
         if self.engine is None:
@@ -148,8 +161,18 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             adapter_id=request.adapter_id or None,
             text=request.captions is not None,
         )
-        result = engine.denoising_loss(request)
+        if self.batcher is None or not isinstance(engine, TeacherEngine):
+            result = engine.denoising_loss(request)
+        else:
+            # Validated here, alone: a bad request fails before it joins a batch.
+            prepared = engine.prepare(request)
+            result = self.batcher.submit(prepared, key=prepared.key, size=prepared.size, context=context)
         return protocol.result_messages(result)
+
+    def run_batch(self, batch: list[PreparedRequest]) -> list[DenoisingLossResult]:
+        engine = self._engine()
+        assert isinstance(engine, TeacherEngine)
+        return engine.run_batch(batch)
 
     def AttentionPriors(
         self, request_iterator: Iterator[pb.AttentionPriorsRequest], context: grpc.ServicerContext
@@ -222,6 +245,13 @@ class TeacherServer:
         self.health_port = (
             HealthPort(self.health, config.host, config.health_port) if config.health_port >= 0 else None
         )
+        if config.max_batch > 1:
+            self.servicer.batcher = Batcher(
+                self.servicer.run_batch,
+                max_batch=config.max_batch,
+                max_wait_s=config.max_wait_ms / 1e3,
+                on_batch=self.metrics.observe_batch if self.metrics else None,
+            )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _set_health(self, status: int) -> None:
@@ -284,6 +314,7 @@ class TeacherServer:
             device=self.config.device,
             dtype=self.config.dtype,
             adapters=[a.id for a in info.adapters],
+            **describe(self.servicer.batcher),
         )
 
     def _start_cogvideox(self, dtype: torch.dtype) -> None:
@@ -295,6 +326,8 @@ class TeacherServer:
             )
         if self.config.latent_store:
             log.warning("latent_store_unused", model=self.config.model)
+        if self.config.max_batch > 1:  # AttentionPriors calls are not batched (docs/design.md)
+            log.warning("max_batch_unused", model=self.config.model, max_batch=self.config.max_batch)
         repo = str(materialize(self.config.weights)) if self.config.weights else None
         teacher = load_cogvideox(self.config.model, device=self.config.device, dtype=dtype, repo=repo)
         engine = PriorsEngine(
@@ -326,6 +359,8 @@ class TeacherServer:
             log.info("teacher_draining", in_flight=in_flight, grace_s=grace)
         drained = self.drain.wait_idle(grace)
         self.server.stop(max(0.0, deadline - time.monotonic())).wait()
+        if self.servicer.batcher is not None:
+            self.servicer.batcher.stop()
         self.limits.stop()
         if self.health_port is not None:
             self.health_port.stop(0)
