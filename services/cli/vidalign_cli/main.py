@@ -49,6 +49,7 @@ examples:
   vidalign train stage1 --config configs/stage1-tiny.yaml [--resume]
   vidalign train stage2 --config configs/stage2-tiny.yaml --set train.steps=10 --print-config
   vidalign vda run --config configs/vda/tiny-videollava.yaml
+  vidalign plan --config configs/paper/sft-qwen2.5-vl-7b.yaml --ranks 8
   vidalign models pull animatediff-v1-5-2 --out s3://vidalign/models/animatediff-v1-5-2
   vidalign priors extract --data data/synth --out s3://vidalign/priors/synth [--teacher HOST:PORT]
   vidalign priors show --priors s3://vidalign/priors/synth --clip synth-0-00000 --out png/
@@ -204,6 +205,35 @@ def _vda_run(args: argparse.Namespace) -> None:
         print(f"{step}: {status}")
     if config.eval is not None:
         print(summary(config))
+
+
+PLAN_JOBS = {
+    "stage1": "vidalign_trainer.stage1:Stage1Config",
+    "stage2": "vidalign_trainer.stage2:Stage2Config",
+    "stage3": "vidalign_trainer.stage3:Stage3Config",
+    "sft": "vidalign_trainer.sft:SFTConfig",
+    "features": "vidalign_trainer.features:FeaturesConfig",
+    "priors": "vidalign_teacher.priors:ExtractConfig",
+}
+"""``vidalign plan --job``: the config class of each job (``vidalign.plan.JOBS``)."""
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from vidalign.config import load_config, resolve_config_class
+    from vidalign.plan import Inputs, detect_job, format_plan, plan
+
+    job = args.job
+    if job == "auto":
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise InvalidInput(f"--config {args.config}: {err}") from None
+        job = detect_job(data if isinstance(data, dict) else {})
+    config = load_config(resolve_config_class(PLAN_JOBS[job]), args.config, args.set)
+    inputs = Inputs(text_tokens=args.text_tokens)
+    print(format_plan(plan(job, config, ranks=args.ranks, inputs=inputs)))
 
 
 def _priors_extract(args: argparse.Namespace) -> None:
@@ -511,6 +541,25 @@ def _add_jobs(sub) -> None:
     )
 
 
+def _add_plan(sub) -> None:
+    from vidalign.plan import DEFAULT_TEXT_TOKENS
+
+    plan = _command(sub, "plan", "parameters and per-GPU memory (weights, gradients, optimizer "
+                    "state, activations) of a job's config", _plan)
+    plan.add_argument("--config", required=True, metavar="YAML",
+                      help="the job's config (a train, features extract or priors config)")
+    plan.add_argument("--ranks", type=int, default=1,
+                      help="data-parallel ranks (GPUs) the job runs on")
+    plan.add_argument("--job", default="auto", choices=["auto", *PLAN_JOBS],
+                      help="the config's job; auto: told from its keys")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override one config key, dotted, VALUE in YAML; repeatable "
+                           "(default: none)")
+    plan.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
+                      help="text tokens per training example (template, prompt, reply) beside "
+                           "the video tokens")
+
+
 def _add_models(sub) -> None:
     adapter = _group(sub, "adapter", "conditioning adapters (W_proj + LoRA)")
     init = _command(adapter, "init", "write a freshly initialised adapter", _adapter_init)
@@ -659,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_teacher(sub)
     _add_jobs(sub)
+    _add_plan(sub)
     _add_models(sub)
     _add_data(sub)
     _add_priors(sub)
