@@ -290,12 +290,33 @@ def capture_text_to_vision(
         result.total = rows if result.total is None else result.total + rows
         result.layers += 1
 
+    _release_deferred(model)
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in mods]
     try:
         yield result
     finally:
-        for h in handles:
-            h.remove()
+        if getattr(model, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
+            # The backward pass recomputes each checkpointed layer, hooks included, and torch
+            # checks that the recomputation saves what the forward saved: the hooks must
+            # outlive this block. They go when the next capture starts (or release_capture).
+            _DEFERRED[id(model)] = handles
+        else:
+            for h in handles:
+                h.remove()
+
+
+_DEFERRED: dict[int, list[Any]] = {}
+"""Hooks kept past their ``capture_text_to_vision`` block for a checkpointed backward."""
+
+
+def _release_deferred(model: nn.Module) -> None:
+    for h in _DEFERRED.pop(id(model), []):
+        h.remove()
+
+
+def release_capture(model: nn.Module) -> None:
+    """Remove capture hooks kept for a gradient-checkpointed backward (after training)."""
+    _release_deferred(model)
 
 
 # --------------------------------------------------------------------------------------------

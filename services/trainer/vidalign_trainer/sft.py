@@ -78,7 +78,12 @@ from vidalign.papers import (
     ME_WARMUP_RATIO,
     ME_WEIGHT_DECAY,
 )
-from vidalign.precision import autocast, keep_trainable_fp32, precision_dtype
+from vidalign.precision import (
+    autocast,
+    enable_gradient_checkpointing,
+    keep_trainable_fp32,
+    precision_dtype,
+)
 from vidalign.store import commit_artifact
 from vidalign.students.videollm import VideoLLM, load_videollm
 from vidalign_trainer.common import (
@@ -374,13 +379,9 @@ class SFT(Job):
                 p.requires_grad_(False)
         keep_trainable_fp32(model)  # master weights; the frozen image tower keeps the half type
         if config.train.gradient_checkpointing:
-            # The hooks that capture the text-to-vision attention for L_align run again when
-            # a checkpointed layer is recomputed, and torch refuses the mismatch in what the
-            # two passes save.
-            raise InvalidInput(
-                "train.gradient_checkpointing: not supported by SFT yet (L_align's attention "
-                "capture hooks); use deepspeed with a higher zero_stage or bf16 for memory"
-            )
+            # L_align's capture hooks then stay in place through the backward pass, which
+            # recomputes them with each layer (vidalign.motionenhancer.align).
+            enable_gradient_checkpointing(model)
         if checkpoint is not None:
             saved = checkpoint.weights("model")
             if saved.keys() != trainable_state(model).keys():
@@ -427,6 +428,10 @@ class SFT(Job):
     def close(self) -> None:
         if getattr(self, "batches", None) is not None:
             self.batches.close()
+        if getattr(self, "llm", None) is not None:
+            from vidalign.motionenhancer.align import release_capture
+
+            release_capture(self.llm.model)
 
     def on_end(self) -> None:
         self.eval_end = self._evaluate()
