@@ -3,8 +3,8 @@
 ``StreamingAttnProcessor`` replaces ``CogVideoXAttnProcessor2_0`` on every
 attention layer of a ``CogVideoXTransformer3DModel``. It computes the same
 output (text tokens first, q/k norms, RoPE on the video part only), and for one
-batch element, the *captured* one, it computes the softmax in chunks of query
-rows and keeps only what MHS and MTTI need:
+batch element, the *captured* one, it keeps only what MHS and MTTI need, without
+ever holding its whole attention map (see "How" below):
 
 * ``lse``: per head, the row normaliser (logsumexp of the scaled logits) of
   every query row, text and video: (H, L + N_v);
@@ -30,10 +30,29 @@ materialising it (see ``vidalign.motionenhancer.mhs``).
 divided by the number of layer calls; ``lse`` is averaged likewise (an average
 of log normalisers: a diagnostic, not a normaliser of the averaged map).
 
-Memory: a chunk holds (H, chunk, N_keys) float32 probabilities; the kept
-statistics are O(H * (N + S F^2 + L N_v)), linear in N for a fixed frame count
-and text length. The captured element's output is computed from the same chunked
-probabilities (float32), the other batch elements' with SDPA as the stock processor.
+**How (never the whole map).** Every output, the captured element's included,
+is the model's own SDPA output. The captured element's rows are then read
+through their normalisers: with ``lse`` known, any entry is one dot product,
+A[i, j] = exp(q_i . k_j / sqrt(d) - lse_i), so the same-location entries
+(N_v x F dot products per head) and the text rows (L x N_v) are computed
+directly, and a video row's mass on the video keys is exp(lse^V_i - lse_i),
+lse^V being the normaliser over the video keys alone. Two ways to get lse:
+
+* ``fused`` (CPU): PyTorch's flash-attention kernel returns each row's
+  logsumexp with the output (``_scaled_dot_product_flash_attention_for_cpu``,
+  the kernel ``F.scaled_dot_product_attention`` runs on the CPU, bitwise the
+  same output), and one more flash call over the video block gives lse^V. No
+  query-by-key tile outlives the kernel's cache-sized blocks.
+* ``chunked`` (other devices, or asked for): query rows in chunks; one
+  ``baddbmm`` gives a chunk's scaled logits, then max, exp in place and two row
+  sums (all keys, video keys) give lse and the row mass in one pass.
+  ``chunk_size=0`` (the default) picks the rows per chunk from a memory budget
+  (``auto_chunk_size``); an explicit value is the rows per chunk.
+
+Memory: the kept statistics are O(H * (N + S F^2 + L N_v)), linear in N for a
+fixed frame count and text length; transient work is one (H, chunk, N_keys)
+float32 buffer (chunked), or the flash kernel's blocks (fused), plus (H, L, N_v)
+for the text rows (the size of the kept text statistic).
 """
 
 from __future__ import annotations
@@ -50,9 +69,51 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from vidalign.errors import InvalidInput
 
-DEFAULT_CHUNK_SIZE = 256
-"""Query rows per chunk. A chunk's float32 logits take 4 * H * chunk * N_keys bytes:
-CogVideoX-5B at 49 frames with cross-stream memory (48 heads, 35,552 keys): 1.7 GB."""
+DEFAULT_CHUNK_SIZE = 0
+"""0: auto (``auto_chunk_size``). Otherwise query rows per chunk of the ``chunked``
+method; a chunk's float32 logits take 4 * H * chunk * N_keys bytes: CogVideoX-5B
+at 49 frames with cross-stream memory (48 heads, 35,552 keys), 256 rows: 1.7 GB."""
+
+CPU_CHUNK_BYTES = 8 << 20
+"""Auto chunk budget on the CPU: a chunk's logits stay near the caches (on a 2-core
+Xeon with 2 MB L2 per core, 1-16 MB chunks ran alike and 32+ MB ones 1.5-2x slower)."""
+ACCELERATOR_CHUNK_BYTES = 1 << 30
+"""Auto chunk budget on an accelerator, at most 1/8 of its free memory: large
+enough that each kernel fills the device, small beside the model."""
+
+MIN_CHUNK_ROWS = 32
+"""Auto chunks hold at least this many query rows (fewer would spend the time in
+per-chunk overhead), or the whole query when it is shorter."""
+
+CAPTURE_METHODS = ("auto", "fused", "chunked")
+
+
+def auto_chunk_size(heads: int, n_query: int, n_keys: int, device: torch.device) -> int:
+    """Query rows per chunk whose (heads, rows, n_keys) float32 logits fit the device's budget."""
+    budget = CPU_CHUNK_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(ACCELERATOR_CHUNK_BYTES, free // 8)
+    elif device.type != "cpu":
+        budget = ACCELERATOR_CHUNK_BYTES
+    rows = max(MIN_CHUNK_ROWS, budget // (4 * heads * max(n_keys, 1)))
+    return max(1, min(n_query, rows))
+
+
+def fused_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the ``fused`` method runs here: the CPU flash kernel that returns logsumexp."""
+    return (
+        device.type == "cpu"
+        and dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
+
+
+def _flash_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, N, d) SDPA output and (B, H, N) row logsumexp of q.k / sqrt(d), on the CPU."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
 
 
 @dataclass(frozen=True)
@@ -130,25 +191,39 @@ class AttentionStats:
         self._row_mass = zeros(heads, grid.n_vision)
         self._text = zeros(heads, grid.text_len, grid.n_vision)
 
-    def _accumulate(self, probs: torch.Tensor, lse: torch.Tensor, start: int) -> None:
-        """Add one chunk: probs (H, c, N_keys) for query rows [start, start + c)."""
+    def _accumulate(
+        self, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, vision_mass: torch.Tensor
+    ) -> None:
+        """Add one layer call of the captured element.
+
+        q (H, N, d) and k (H, N_keys, d) float32 after norms and RoPE; lse (H, N) every
+        row's normaliser over all its keys; vision_mass (H, N_v) each video row's mass
+        on the video keys. Entries are exp(q.k / sqrt(d) - lse), one dot product each.
+        """
         grid = self.grid
         assert grid is not None and self._lse is not None
+        assert self._same is not None and self._row_mass is not None and self._text is not None
         L, S, Fr, Nv = grid.text_len, grid.spatial, grid.frames, grid.n_vision
-        c = probs.shape[1]
-        self._lse[:, start : start + c] += lse
-        vision_keys = probs[:, :, L : L + Nv]
-        n_text = max(0, min(L - start, c))
-        if n_text:
-            self._text[:, start : start + n_text] += vision_keys[:, :n_text]
-        if n_text < c:
-            rows = torch.arange(start + n_text - L, start + c - L, device=probs.device)
-            block = vision_keys[:, n_text:].reshape(probs.shape[0], c - n_text, Fr, S)
-            loc, frame = rows % S, rows // S
-            index = loc.view(1, -1, 1, 1).expand(block.shape[0], -1, Fr, 1)
-            same = block.gather(3, index).squeeze(3)  # (H, c_v, F): A[(f, s), (f', s)]
-            self._same.index_add_(1, loc * Fr + frame, same)
-            self._row_mass[:, rows] += block.sum(dim=(2, 3))
+        heads, _, dim = q.shape
+        scale = 1.0 / math.sqrt(dim)
+        self._lse += lse
+        self._row_mass += vision_mass
+        k_vision = k[:, L : L + Nv]
+        if L:  # text rows over the video keys: (H, L, N_v), the kept statistic's size
+            text = torch.baddbmm(
+                lse[:, :L, None].neg().expand(heads, L, Nv),
+                q[:, :L],
+                k_vision.transpose(1, 2),
+                alpha=scale,
+            )
+            self._text += text.exp_()
+        # same location: row (f, s) against keys (f', s) for every f', batched over (H, S)
+        q_loc = q[:, L : L + Nv].reshape(heads, Fr, S, dim).transpose(1, 2)
+        k_loc = k_vision.reshape(heads, Fr, S, dim).transpose(1, 2)
+        lse_loc = lse[:, L : L + Nv].reshape(heads, Fr, S).transpose(1, 2)
+        same = torch.matmul(q_loc, k_loc.transpose(-1, -2)).mul_(scale)  # (H, S, F, F)
+        same = same.sub_(lse_loc.unsqueeze(-1)).exp_()
+        self._same += same.reshape(heads, S * Fr, Fr)
 
     # -- results (means over layer calls) ------------------------------------------
 
@@ -198,12 +273,22 @@ def _rope(x: torch.Tensor, text_len: int, rotary: Any) -> torch.Tensor:
 
 
 class StreamingAttnProcessor:
-    """``CogVideoXAttnProcessor2_0``'s output, plus chunked capture into ``stats``."""
+    """``CogVideoXAttnProcessor2_0``'s output, plus capture into ``stats`` (see the module doc).
 
-    def __init__(self, stats: AttentionStats, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise InvalidInput(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
-        self.stats, self.chunk_size = stats, chunk_size
+    ``chunk_size``: 0 = auto (``auto_chunk_size``), else query rows per chunk of the
+    ``chunked`` method. ``method``: ``"auto"`` (``fused`` where ``fused_available``,
+    else ``chunked``), ``"fused"`` or ``"chunked"``.
+    """
+
+    def __init__(
+        self, stats: AttentionStats, chunk_size: int = DEFAULT_CHUNK_SIZE, method: str = "auto"
+    ) -> None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+            raise InvalidInput(f"chunk_size: expected an int >= 0 (0: auto), got {chunk_size!r}")
+        if method not in CAPTURE_METHODS:
+            raise InvalidInput(f"method: expected one of {CAPTURE_METHODS}, got {method!r}")
+        self.stats, self.chunk_size, self.method = stats, chunk_size, method
+        self._buffer: torch.Tensor | None = None
 
     def __call__(
         self,
@@ -260,48 +345,95 @@ class StreamingAttnProcessor:
         for g, (qg, kg, vg) in enumerate(groups):
             if g or capture is None:
                 outputs.append(F.scaled_dot_product_attention(qg, kg, vg, dropout_p=0.0))
-                continue
-            # The captured element's output comes from the chunked softmax; the rest from SDPA.
-            out = torch.empty_like(qg)
-            out[capture] = self._capture(qg[capture], kg[capture], vg[capture], text_len, n_vision)
-            rest = [i for i in range(len(qg)) if i != capture]
-            if rest:
-                out[rest] = F.scaled_dot_product_attention(
-                    qg[rest], kg[rest], vg[rest], dropout_p=0.0
-                )
-            outputs.append(out)
-        out = torch.cat(outputs, dim=0)
+            else:
+                outputs.append(self._capture(qg, kg, vg, capture, text_len, n_vision))
+        out = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1])
         out = attn.to_out[1](attn.to_out[0](out))
         encoder_out, hidden_out = out.split([text_len, n_vision], dim=1)
         return hidden_out, encoder_out
 
+    def _fused(self, q: torch.Tensor) -> bool:
+        if self.method == "chunked":
+            return False
+        available = fused_available(q.device, q.dtype)
+        if self.method == "fused" and not available:
+            raise InvalidInput(
+                f"method: 'fused' needs the CPU flash-attention kernel, not available for "
+                f"{q.device.type} / {q.dtype}"
+            )
+        return available
+
     def _capture(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int, n_vision: int
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        capture: int,
+        text_len: int,
+        n_vision: int,
     ) -> torch.Tensor:
-        """Chunked softmax attention of one element (H, N, d); accumulates the statistics."""
+        """SDPA output of the batch (B, H, N, d); accumulates element ``capture``'s statistics."""
         stats = self.stats
         grid = stats._grid_for(text_len, n_vision)
-        heads, n_query, dim = q.shape
+        heads = q.shape[1]
         if stats._lse is None:
             stats._init(heads, grid, q.device)
-        scale = 1.0 / math.sqrt(dim)
-        kf, vf = k.float(), v.float()
-        out = torch.empty(heads, n_query, dim, dtype=q.dtype, device=q.device)
-        for start in range(0, n_query, self.chunk_size):
-            stop = min(start + self.chunk_size, n_query)
-            logits = torch.matmul(q[:, start:stop].float(), kf.transpose(1, 2)).mul_(scale)
-            lse = torch.logsumexp(logits, dim=-1)
-            probs = logits.sub_(lse.unsqueeze(-1)).exp_()
-            out[:, start:stop] = torch.matmul(probs, vf).to(q.dtype)
-            stats._accumulate(probs, lse, start)
+        L, Nv = text_len, n_vision
+        qc, kc = q[capture].float(), k[capture].float()
+        if self._fused(q):
+            out, lse = _flash_lse(q, k, v)
+            if q.dtype == torch.float32:
+                lse = lse[capture]
+            else:  # the statistics in float32, as the chunked method computes them
+                _, lse = _flash_lse(qc[None], kc[None], v[capture, None].float())
+                lse = lse[0]
+            vc = v[capture].float()
+            _, lse_vision = _flash_lse(
+                qc[None, :, L:], kc[None, :, L : L + Nv], vc[None, :, L : L + Nv]
+            )
+            vision_mass = torch.exp(lse_vision[0] - lse[:, L:])
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+            lse, vision_mass = self._row_stats(qc, kc, L, Nv)
+        stats._accumulate(qc, kc, lse, vision_mass)
         stats.layer_calls += 1
         return out
+
+    def _row_stats(
+        self, q: torch.Tensor, k: torch.Tensor, text_len: int, n_vision: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunked: (H, N) row logsumexp and (H, N_v) video rows' mass on the video keys."""
+        heads, n_query, dim = q.shape
+        n_keys = k.shape[1]
+        rows = self.chunk_size or auto_chunk_size(heads, n_query, n_keys, q.device)
+        rows = min(rows, n_query)
+        size = heads * rows * n_keys
+        buffer = self._buffer  # kept across calls: no fresh pages per layer
+        if buffer is None or buffer.numel() < size or buffer.device != q.device:
+            buffer = self._buffer = torch.empty(size, dtype=torch.float32, device=q.device)
+        scale = 1.0 / math.sqrt(dim)
+        keys = k.transpose(1, 2)
+        vision = slice(text_len, text_len + n_vision)
+        lse = torch.empty(heads, n_query, dtype=torch.float32, device=q.device)
+        mass = torch.empty_like(lse)
+        for start in range(0, n_query, rows):
+            stop = min(start + rows, n_query)
+            logits = buffer[: heads * (stop - start) * n_keys].view(heads, stop - start, n_keys)
+            logits.baddbmm_(q[:, start:stop], keys, beta=0.0, alpha=scale)  # beta 0: buffer unread
+            peak = logits.amax(dim=-1, keepdim=True)
+            total = logits.sub_(peak).exp_().sum(dim=-1)
+            torch.add(peak.squeeze(-1), total.log(), out=lse[:, start:stop])
+            torch.div(logits[:, :, vision].sum(dim=-1), total, out=mass[:, start:stop])
+        return lse, mass[:, text_len:]
 
 
 @contextmanager
 def capture_attention(
-    transformer: Any, stats: AttentionStats, chunk_size: int = DEFAULT_CHUNK_SIZE
+    transformer: Any,
+    stats: AttentionStats,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    method: str = "auto",
 ) -> Iterator[AttentionStats]:
     """Install a ``StreamingAttnProcessor`` on every attention layer for the block.
 
@@ -318,7 +450,7 @@ def capture_attention(
         token_frames = frames if p_t is None else math.ceil(frames / p_t)
         stats._set_pending(token_frames, height // p, width // p)
 
-    processor = StreamingAttnProcessor(stats, chunk_size)
+    processor = StreamingAttnProcessor(stats, chunk_size, method)
     originals = dict(transformer.attn_processors)
     handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:

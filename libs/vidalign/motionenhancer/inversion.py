@@ -34,7 +34,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, DDIMInverseScheduler
 
 from vidalign.errors import InvalidInput
-from vidalign.motionenhancer.attention import DEFAULT_CHUNK_SIZE, AttentionStats, capture_attention
+from vidalign.motionenhancer.attention import AttentionStats, capture_attention
 from vidalign.motionenhancer.cogvideox import CogVideoXTeacher
 from vidalign.motionenhancer.mhs import MHSResult, select_heads
 from vidalign.motionenhancer.mtti import (
@@ -55,6 +55,12 @@ from vidalign.papers import (
     ME_MTTI_MEAN_WEIGHT,
     ME_TOKEN_RATIO,
 )
+
+PRIORS_CHUNK_SIZE = 256
+"""``extract_priors``' chunk size: the CLI's and the teacher protocol's default too, so an
+in-process extraction and a served one record the same parameters. 0 = auto
+(``vidalign.motionenhancer.attention.auto_chunk_size``); on the CPU the capture runs
+the ``fused`` method, which does not chunk, and the value only reaches the metadata."""
 
 
 def _schedulers(teacher: CogVideoXTeacher, steps: int) -> tuple[Any, DDIMInverseScheduler]:
@@ -177,7 +183,7 @@ def extract_priors(
     *,
     steps: int = ME_DDIM_STEPS,
     guidance: float = ME_GUIDANCE,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = PRIORS_CHUNK_SIZE,
     head_ratio: float = ME_HEAD_RATIO,
     token_ratio: float = ME_TOKEN_RATIO,
     negative_prompt: str = "",
