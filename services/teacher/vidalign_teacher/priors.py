@@ -274,14 +274,20 @@ def extract_dataset_priors(config: ExtractConfig, *, teacher: PriorsTeacher | No
 
         ranks_key = "skipped.jsonl" if config.rank == 0 else f"skipped.rank{config.rank}.jsonl"
         skips = SkipLog(store, max_fraction=config.max_skip_fraction, total=len(clips), key=ranks_key)
-        store_uri = config.data if config.bench == "shards" else ""
+        # One reader for every record clip: a shard set's store client is opened once.
+        from vidalign.data.videoset import VideoItems, View
+
+        records = [c.record for c in clips if c.record is not None]
+        reader = VideoItems(records, [0], {"cogvideox": View(frames, height, width)},
+                            store_uri=config.data if config.bench == "shards" else "",
+                            ) if records else None
 
         def run_shard(shard: Shard, advance: Callable[[int], None]) -> ShardOutput:
             files: dict[str, bytes] = {}
             bad: list[str] = []
             for clip in clips[shard.start : shard.stop]:
                 try:
-                    video = _clip_frames(clip, store_uri, frames=frames, height=height, width=width)
+                    video = _clip_frames(clip, reader, frames=frames, height=height, width=width)
                 except BadVideo as err:
                     origin = getattr(clip.record, "origin", "") or str(clip.video_path)
                     skips.record([Skip(clip.clip_id, str(clip.video_path), origin, str(err))])
@@ -329,14 +335,13 @@ def extract_dataset_priors(config: ExtractConfig, *, teacher: PriorsTeacher | No
 
 
 def _clip_frames(
-    clip: PriorsClip, store_uri: str, *, frames: int, height: int, width: int
+    clip: PriorsClip, reader: Any, *, frames: int, height: int, width: int
 ) -> np.ndarray:
-    """uint8 (frames, height, width, 3) of one unit; ``BadVideo`` when it cannot be read."""
-    from vidalign.data.videoset import BadVideo, VideoItems, View
+    """uint8 (frames, height, width, 3) of one unit; ``BadVideo`` when it cannot be read.
+    ``reader`` (a ``VideoItems`` at the CogVideoX view) reads records and shard members."""
+    from vidalign.data.videoset import BadVideo
 
     if clip.record is not None:  # records and shards: resized to cover, centre-cropped
-        view = {"cogvideox": View(frames, height, width)}
-        reader = VideoItems([clip.record], [0], view, store_uri=store_uri)
         return reader.read(clip.record)["cogvideox"].numpy()
     try:
         return load_frames(clip.video_path, frames=frames, height=height, width=width,
