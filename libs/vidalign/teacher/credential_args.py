@@ -17,29 +17,6 @@ if TYPE_CHECKING:
     from vidalign.teacher.credentials import TeacherCredentials
 
 
-HEALTH_PORT_RANGE = (-1, 65535)
-"""``--health-port``: -1 serves no health port, 0 a free one, 1..65535 that port."""
-
-
-def health_port(value: str) -> int:
-    """``--health-port``'s type: an int within HEALTH_PORT_RANGE, else a usage error (status 2).
-
-    gRPC would not refuse an out-of-range port: it binds the port modulo 65536
-    (99999 listens on 34463), and a negative one other than -1 would turn the
-    health port off without a word.
-    """
-    low, high = HEALTH_PORT_RANGE
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer port, got {value!r}") from None
-    if not low <= port <= high:
-        raise argparse.ArgumentTypeError(
-            f"must be within {low}..{high} (-1: none, 0: a free port), got {port}"
-        )
-    return port
-
-
 def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("security (docs/design.md, teacher service)")
     group.add_argument(
@@ -61,7 +38,7 @@ def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--health-port",
-        type=health_port,
+        type=int,
         default=-1,
         metavar="PORT",
         help="also serve grpc.health.v1 alone, in plaintext, on PORT (for probes "

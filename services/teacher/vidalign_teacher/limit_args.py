@@ -50,6 +50,8 @@ def limit_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Check every ranged flag of ``teacher serve``; the ServerConfig fields of the new ones."""
     _check("--port", args.port, 0, 65535)
     _check("--metrics-port", args.metrics_port, 0, 65535)
+    # -1: no health port; 0: a free one (gRPC would bind 99999 modulo 65536, and take -2 as none).
+    _check("--health-port", args.health_port, -1, 65535)
     _check("--workers", args.workers, 1, 1024)
     _check("--max-message-mb", args.max_message_mb, 2, 2047)
     _check("--max-request-mb", args.max_request_mb, 0, open_low=True)
