@@ -66,7 +66,7 @@ soak: $(STAMP) ## teacher under load on loopback: 8 clients x 25 requests + 8 id
 gpu-smoke: $(STAMP) ## needs CUDA: the remote gradient over gRPC vs in-process on the GPU, fp16/bf16 teachers
 	$(BIN)/python bench/gpu_smoke.py
 
-gpu-bench: $(STAMP) ## needs CUDA, <= 8 min: real-size teacher loss+grad, CogVideoX priors, 7B train step (BENCHMARKS.md)
+gpu-bench: $(STAMP) ## needs CUDA, <= 8 min: real-size teacher loss+grad and load (batching), CogVideoX priors, 7B train step (BENCHMARKS.md)
 	$(BIN)/python bench/gpu_bench.py --device cuda
 
 demo: $(STAMP) ## baseline vs +VDA vs +MotionEnhancer, with controls, on SynthMotion (tiny models, offline)

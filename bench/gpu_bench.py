@@ -16,6 +16,10 @@ a section that fails records its error and the next one runs):
              ``teacher.address: local`` runs) vs through a TeacherServer on loopback gRPC
              (the same engine, the same GPU), with the clip's latents cached by the
              teacher and with a new clip per call (VAE encode included).
+``load``     The same teacher (at its preset's 256 x 256, so that a batch of 8 fits) behind two
+             loopback TeacherServers, dynamic batching off and on (``--max-batch 8``): samples/s
+             and latency percentiles for 1, 2, 4 and 8 concurrent gRPC clients of one-sample
+             requests (``bench/teacher_load.py``'s cells), and the batching speed-up.
 ``priors``   MotionEnhancer prior extraction (PriorsEngine -> extract_priors: DDIM inversion,
              guided denoising with cross-stream memory, streaming attention capture, MHS,
              MTTI) on a CogVideoX1.5-5B-size teacher (transformer 42 layers x 48 heads x 64,
@@ -33,7 +37,7 @@ A global time budget (``--budget-s``, counted from start-up) bounds the run: a s
 that cannot start within it is skipped with a message, and the repeated measurements
 inside a section stop early when the time left is needed by the sections after it.
 
-    python bench/gpu_bench.py --device cuda [--sections teacher priors student] [--budget-s 480]
+    python bench/gpu_bench.py --device cuda [--sections teacher load priors student] [--budget-s 480]
     python bench/gpu_bench.py --device cpu --tiny    # the same code on the tiny presets (seconds)
 
 Writes JSON (``--json``, default runs/gpu_bench.json) and prints a markdown table.
@@ -64,7 +68,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SECTIONS = ("teacher", "priors", "student")
+SECTIONS = ("teacher", "load", "priors", "student")
 DEFAULT_JSON = Path("runs/gpu_bench.json")
 DEFAULT_BUDGET_S = 480.0
 
@@ -75,8 +79,8 @@ DEFAULT_BUDGET_S = 480.0
 # ~3.5 PFLOP bf16 + ~0.5 PFLOP fp32 + ~100 TB of fp32 attention-capture traffic per
 # extraction (about a minute); student ~125 TFLOP per step.
 MIN_SECTION_S = {
-    False: {"teacher": 45.0, "priors": 90.0, "student": 45.0},
-    True: {"teacher": 2.0, "priors": 2.0, "student": 2.0},
+    False: {"teacher": 45.0, "load": 60.0, "priors": 90.0, "student": 45.0},
+    True: {"teacher": 2.0, "load": 2.0, "priors": 2.0, "student": 2.0},
 }
 
 TEACHER_RESOLUTION = 512
@@ -84,6 +88,11 @@ TEACHER_RESOLUTION = 512
 ``random-animatediff`` preset's own default is 256."""
 TEACHER_ITERS = {False: 10, True: 3}
 """Timed teacher calls per (path, mode), after one warm-up call."""
+LOAD_REQUESTS = {False: 16, True: 4}
+"""One-sample requests per load cell, split over its clients (at least LOAD_MIN_PER_CLIENT each)."""
+LOAD_MIN_PER_CLIENT = {False: 2, True: 1}
+LOAD_MAX_WAIT_MS = 10.0
+"""The batching server's ``--max-wait-ms`` (the ``teacher serve`` default)."""
 PRIORS_RUNS = {False: 2, True: 2}
 """Prior extractions: the first (cold) and repeats while the budget allows."""
 PRIORS_VIDEO = {False: (49, 480, 720), True: None}
@@ -434,6 +443,111 @@ def bench_teacher(ctx: Ctx) -> dict[str, Any]:
         server.servicer.engine = None
 
 
+# --- 1b. the teacher under many clients: dynamic batching off and on ------------------------
+
+
+def bench_load(ctx: Ctx) -> dict[str, Any]:
+    """``bench/teacher_load.py`` on the device: two loopback TeacherServers (batching off,
+    ``max_batch`` = the largest client count) with the section's teacher, 1/2/4/8
+    closed-loop gRPC clients of one-sample requests each, cells alternating between the
+    servers. Client counts whose turn comes after the section's share is spent are skipped."""
+    import grpc
+    import teacher_load  # bench/ is the script's directory, on sys.path
+
+    from vidalign.teacher.client import channel_options
+    from vidalign.teacher.v1 import teacher_pb2 as pb
+    from vidalign.teacher.v1 import teacher_pb2_grpc as pb_grpc
+    from vidalign.vda import TEACHER_MODELS, Adapter
+    from vidalign_teacher.server import ServerConfig, TeacherServer
+
+    name = "tiny-animatediff" if ctx.tiny else "random-animatediff"
+    # The preset's own side (256 at real size), not the teacher section's 512: a batch of 8
+    # clips x 24 frames at 512 would hold ~250 GiB of activations (`vidalign plan`'s teacher
+    # model), at 256 ~62 GiB.
+    side = TEACHER_MODELS[name].resolution
+    d_v = _student_config(ctx.tiny).vision_config.hidden_size
+    dtype_name = str(ctx.dtype).removeprefix("torch.")
+    clients = teacher_load.CLIENTS
+    log(f"load: building two {name} ({dtype_name}) servers on {ctx.device}, batching off / "
+        f"up to {max(clients)}")
+    tic = time.perf_counter()
+    servers: dict[int, TeacherServer] = {}
+    try:
+        for max_batch in (1, max(clients)):
+            server = TeacherServer(ServerConfig(
+                model=name, host="127.0.0.1", port=0, device=str(ctx.device), dtype=dtype_name,
+                max_batch=max_batch, max_wait_ms=LOAD_MAX_WAIT_MS,
+                max_concurrent_rpcs=2 * max(clients), stream_idle_timeout_s=600.0,
+                metrics_port=teacher_load.free_port()))
+            with build_on(ctx.device):
+                server.start()
+            servers[max_batch] = server
+        engine = servers[1].servicer.engine
+        path = ctx.tmp / f"{name}-load-adapter.safetensors"
+        adapter_id = Adapter.create(d_v=d_v, cond_dim=engine.teacher.cond_dim,
+                                    teacher_family=engine.teacher.family).save(path)
+        for server in servers.values():
+            server.servicer.engine.load_adapter(path)
+        address = {b: f"127.0.0.1:{server.port}" for b, server in servers.items()}
+        with grpc.insecure_channel(address[1], options=channel_options()) as channel:
+            info = pb_grpc.TeacherServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=60)
+        construct_s = time.perf_counter() - tic
+
+        def run_cell(max_batch: int, n: int, per_client: int) -> dict[str, Any]:
+            registry = servers[max_batch].metrics.registry
+            before = [registry.get_sample_value(f"vidalign_teacher_batch_samples_{k}") or 0.0
+                      for k in ("count", "sum")]
+            try:
+                row = teacher_load.cell(address[max_batch], info, adapter_id, n, per_client, side)
+            except SystemExit as exc:  # the script's way to stop; here one section fails
+                raise RuntimeError(str(exc)) from None
+            runs, samples = (
+                (registry.get_sample_value(f"vidalign_teacher_batch_samples_{k}") or 0.0) - b
+                for k, b in zip(("count", "sum"), before, strict=True))
+            row.update(batching="on" if max_batch > 1 else "off", max_batch=max_batch,
+                       samples_per_run=samples / runs if runs else 1.0)
+            return row
+
+        for max_batch in servers:  # warm-up: first calls, allocator, threads, kernels
+            run_cell(max_batch, 2, 1)
+        rows: list[dict[str, Any]] = []
+        skipped: list[int] = []
+        for i, n in enumerate(clients):
+            # The last cell's time scaled by the requests of the next two (off and on).
+            per_client = max(LOAD_MIN_PER_CLIENT[ctx.tiny], math.ceil(LOAD_REQUESTS[ctx.tiny] / n))
+            if rows and ctx.left() < 2 * rows[-1]["wall_s"] * per_client * n / rows[-1]["requests"]:
+                skipped = list(clients[i:])
+                log(f"load: the section's share of the budget is spent; skipping {skipped} clients")
+                break
+            order = list(servers) if i % 2 == 0 else list(servers)[::-1]
+            for max_batch in order:
+                row = run_cell(max_batch, n, per_client)
+                log(f"load: {n} clients, batching {row['batching']}: {row['samples_per_s']:.3f} "
+                    f"samples/s, p99 {row['p99_s']:.3f} s, {row['samples_per_run']:.1f} samples/run")
+                rows.append(row)
+        rows.sort(key=lambda r: (r["batching"] == "on", r["clients"]))
+        speedup = {
+            str(r["clients"]): r["samples_per_s"] / off["samples_per_s"]
+            for r in rows if r["batching"] == "on"
+            for off in rows if off["batching"] == "off" and off["clients"] == r["clients"]
+        }
+        return {
+            "model": name,
+            "dtype": dtype_name,
+            "video": [info.frames, side, side],
+            "max_wait_ms": LOAD_MAX_WAIT_MS,
+            "construct_s": construct_s,
+            "rows": rows,
+            "speedup": speedup,
+            "skipped_clients": skipped,
+            "peak_gpu_gib": peak_gib(ctx),
+        }
+    finally:
+        for server in servers.values():
+            server.stop(grace=0)
+            server.servicer.engine = None
+
+
 # --- 2. MotionEnhancer priors on a CogVideoX1.5-5B-size teacher ---------------------------
 
 
@@ -654,6 +768,7 @@ def bench_student(ctx: Ctx) -> dict[str, Any]:
 
 BENCHES: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "teacher": bench_teacher,
+    "load": bench_load,
     "priors": bench_priors,
     "student": bench_student,
 }
@@ -747,6 +862,24 @@ def markdown(report: dict[str, Any]) -> str:
                         f"built in {r['construct_s']:.1f} s; max |grad diff| {diff['grad']:.1e}",
                     )
                 )
+        elif name == "load":
+            video = "x".join(map(str, r["video"]))
+            for row in r["rows"]:
+                up = r["speedup"].get(str(row["clients"])) if row["batching"] == "on" else None
+                rows.append(
+                    (
+                        name,
+                        f"{row['clients']} clients, batching {row['batching']}",
+                        f"{row['samples_per_s']:.3f} samples/s",
+                        _fmt(r["peak_gpu_gib"], 2),
+                        f"{r['model']} {r['dtype']}, {video}; p50 {row['p50_s']:.3f} s, p99 "
+                        f"{row['p99_s']:.3f} s; {row['samples_per_run']:.1f} samples/run"
+                        + (f"; speed-up {up:.2f}x" if up is not None else ""),
+                    )
+                )
+            if r["skipped_clients"]:
+                rows.append((name, "skipped", "-", "-",
+                             f"clients {r['skipped_clients']}: the budget's share is spent"))
         elif name == "priors":
             video = "x".join(map(str, r["video"]))
             notes = (

@@ -109,9 +109,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def make_request(info: pb.GetInfoResponse, adapter_id: str, client: int, index: int) -> DenoisingLossRequest:
+def make_request(info: pb.GetInfoResponse, adapter_id: str, client: int, index: int,
+                 side: int = 0) -> DenoisingLossRequest:
+    """One sample's request; ``side``: the pixel side of the clip (0: the teacher's native one)."""
     g = torch.Generator().manual_seed(client * 100_003 + index)
-    size = info.height // info.vae_scale_factor
+    size = (side or info.height) // info.vae_scale_factor
     d_v = info.adapters[0].feature_dim
     return DenoisingLossRequest(
         sample_ids=[f"rank{client}-{index}"],
@@ -125,11 +127,12 @@ def make_request(info: pb.GetInfoResponse, adapter_id: str, client: int, index: 
 
 
 def cell(address: str, info: pb.GetInfoResponse, adapter_id: str, clients: int,
-         per_client: int) -> dict[str, Any]:
-    """``clients`` closed-loop clients x ``per_client`` one-sample requests."""
+         per_client: int, side: int = 0) -> dict[str, Any]:
+    """``clients`` closed-loop clients x ``per_client`` one-sample requests (``side``: as in
+    :func:`make_request`)."""
     channels = [grpc.insecure_channel(address, options=channel_options()) for _ in range(clients)]
     stubs = [pb_grpc.TeacherServiceStub(c) for c in channels]
-    requests = [[make_request(info, adapter_id, c, i) for i in range(per_client)] for c in range(clients)]
+    requests = [[make_request(info, adapter_id, c, i, side) for i in range(per_client)] for c in range(clients)]
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()

@@ -20,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_bench.py"
-SECTIONS = ["teacher", "priors", "student"]
+SECTIONS = ["teacher", "load", "priors", "student"]
 
 
 def run(*args: str, code: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -65,6 +65,21 @@ def test_cpu_tiny_run_measures_every_section(tmp_path):
     assert teacher["grpc_vs_in_process_max_abs_diff"] == {"loss": 0.0, "grad": 0.0}
     assert teacher["dtype"] == "bfloat16" and teacher["video"] == [8, 32, 32]
 
+    load = report["sections"]["load"]["results"]
+    # Every client count, batching off and on, unless the budget's share ran out first.
+    measured = {(row["clients"], row["batching"]) for row in load["rows"]}
+    counts = [1, 2, 4, 8]
+    assert measured == {(n, b) for n in counts if n not in load["skipped_clients"] for b in ("off", "on")}
+    assert (1, "off") in measured
+    for row in load["rows"]:
+        assert positive(row["samples_per_s"]) and row["p50_s"] <= row["p99_s"]
+        # Off: one sample per model run; on: never more than max_batch, never fewer than one.
+        if row["batching"] == "off":
+            assert row["samples_per_run"] == 1.0
+        else:
+            assert 1.0 <= row["samples_per_run"] <= row["max_batch"] == 8
+    assert set(load["speedup"]) == {str(n) for n, _ in measured}
+
     priors = report["sections"]["priors"]["results"]
     assert positive(priors["s_per_sample_first"]) and positive(priors["video_tokens"])
     assert priors["inversion_steps"] == priors["denoising_steps"] == 5 and priors["guidance"] == 6.0
@@ -79,6 +94,7 @@ def test_cpu_tiny_run_measures_every_section(tmp_path):
     # The markdown table on stdout: a row per measurement.
     assert "| section | measure | value | peak GPU GiB | notes |" in proc.stdout
     assert proc.stdout.count("| teacher |") == 5 and "| student | train step" in proc.stdout
+    assert proc.stdout.count("| load |") == len(load["rows"]) + bool(load["skipped_clients"])
 
 
 def test_spent_budget_skips_sections_with_a_message(tmp_path):
@@ -93,7 +109,7 @@ def test_spent_budget_skips_sections_with_a_message(tmp_path):
             "time budget is spent" in section["message"]
             and f"--sections {name}" in section["message"]
         )
-    assert proc.stdout.count("| skipped |") == 3
+    assert proc.stdout.count("| skipped |") == len(SECTIONS)
 
 
 def test_failing_section_is_recorded_and_the_next_runs(tmp_path):
