@@ -1111,14 +1111,19 @@ def plan_priors(config: Any, ranks: int, inputs: Inputs) -> MemoryPlan:
     acts.add("captured statistics",
              a * heads * (n_text + n_v + spatial * token_frames**2 + n_text * n_v))
     # one CogVideoX block's working set (~17h per token and stream) and a chunk of logits
+    # (chunk_size 0: the rows the capture picks on an accelerator with room to spare)
+    from vidalign.motionenhancer.attention import ACCELERATOR_CHUNK_BYTES, chunk_rows
+
+    rows = config.chunk_size or chunk_rows(ACCELERATOR_CHUNK_BYTES, heads, n_text + n_v, keys)
     acts.add("transformer layer working set", 0,
-             streams * (n_text + n_v) * 17 * hidden * a + a * heads * config.chunk_size * keys)
+             streams * (n_text + n_v) * 17 * hidden * a + a * heads * rows * keys)
     memory = _Memory(outside=[(params, 4)])
     return _finish("priors", f"{name} (transformer, VAE, T5) in this process, inference with CFG"
                    + (" and cross-stream memory" if config.memory else ""), config, 1, "fp32",
                    memory, acts, params,
                    [f"{frames} frames at {height} x {width} -> {n_v} video tokens + {n_text} text",
-                    f"{streams} streams, chunks of {config.chunk_size} query rows, float32",
+                    f"{streams} streams, chunks of {rows} query rows"
+                    + ("" if config.chunk_size else " (auto)") + ", float32",
                     *_per_process(ranks)],
                    ["the working sets of the transformer and the VAE"])
 

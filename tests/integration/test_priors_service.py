@@ -147,6 +147,8 @@ BAD = [
      grpc.StatusCode.INVALID_ARGUMENT, r"head_ratio: expected a fraction in \(0, 1\], got 0.0"),
     ("token-ratio-2", lambda c: request(c, token_ratio=2.0),
      grpc.StatusCode.INVALID_ARGUMENT, r"token_ratio: expected a fraction in \(0, 1\]"),
+    ("chunk-size-negative", lambda c: request(c, chunk_size=-1),
+     grpc.StatusCode.INVALID_ARGUMENT, r"chunk_size: expected an int >= 0 \(0: auto\), got -1"),
     ("guidance-nan", lambda c: request(c, guidance=float("nan")),
      grpc.StatusCode.INVALID_ARGUMENT, r"guidance: expected a finite number >= 0"),
     ("unknown-model", lambda c: request(c, model="cogvideox-5b"),

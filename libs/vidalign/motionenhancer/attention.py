@@ -96,7 +96,13 @@ def auto_chunk_size(heads: int, n_query: int, n_keys: int, device: torch.device)
         budget = min(ACCELERATOR_CHUNK_BYTES, free // 8)
     elif device.type != "cpu":
         budget = ACCELERATOR_CHUNK_BYTES
-    rows = max(MIN_CHUNK_ROWS, budget // (4 * heads * max(n_keys, 1)))
+    return chunk_rows(budget, heads, n_query, n_keys)
+
+
+def chunk_rows(budget_bytes: int, heads: int, n_query: int, n_keys: int) -> int:
+    """Query rows per chunk whose (heads, rows, n_keys) float32 logits fit ``budget_bytes``
+    (at least ``MIN_CHUNK_ROWS``, at most the whole query)."""
+    rows = max(MIN_CHUNK_ROWS, budget_bytes // (4 * heads * max(n_keys, 1)))
     return max(1, min(n_query, rows))
 
 

@@ -56,7 +56,7 @@ from vidalign.papers import (
     ME_TOKEN_RATIO,
 )
 
-PRIORS_CHUNK_SIZE = 256
+PRIORS_CHUNK_SIZE = 0
 """``extract_priors``' chunk size: the CLI's and the teacher protocol's default too, so an
 in-process extraction and a served one record the same parameters. 0 = auto
 (``vidalign.motionenhancer.attention.auto_chunk_size``); on the CPU the capture runs

@@ -132,8 +132,9 @@ class PriorsEngine:
             value = getattr(request, name)
             if not 0 < value <= 1:
                 raise InvalidInput(f"{name}: expected a fraction in (0, 1], got {value!r}")
-        if not isinstance(request.chunk_size, int) or request.chunk_size < 1:
-            raise InvalidInput(f"chunk_size: expected an int >= 1, got {request.chunk_size!r}")
+        if isinstance(request.chunk_size, bool) or not isinstance(request.chunk_size, int) \
+                or request.chunk_size < 0:
+            raise InvalidInput(f"chunk_size: expected an int >= 0 (0: auto), got {request.chunk_size!r}")
 
         video = request.video
         if video is None:

@@ -72,7 +72,8 @@ class AttentionPriorsRequest:
     guidance: float = 6.0
     head_ratio: float = 0.5
     token_ratio: float = 0.5
-    chunk_size: int = 256
+    chunk_size: int = 0
+    """Query rows per attention-capture chunk; 0: chosen from the token count and device."""
     memory: bool = True
     model: str = ""
     """The model the caller expects the teacher to host; empty accepts any."""

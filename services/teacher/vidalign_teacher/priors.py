@@ -211,7 +211,8 @@ class ExtractConfig(ShardingConfig):
     guidance: float = ME_GUIDANCE
     head_ratio: float = ME_HEAD_RATIO
     token_ratio: float = ME_TOKEN_RATIO
-    chunk_size: int = 256
+    chunk_size: int = 0
+    """Query rows per attention-capture chunk; 0: auto (from the token count and device)."""
     memory: bool = ME_CROSS_STREAM_MEMORY
     skip_missing: bool = False
     max_skip_fraction: float = 0.01

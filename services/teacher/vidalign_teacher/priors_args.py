@@ -46,7 +46,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of attention heads MHS keeps")
     parser.add_argument("--token-ratio", type=float, default=ME_TOKEN_RATIO,
                         help="share of text tokens MTTI keeps")
-    parser.add_argument("--chunk-size", type=int, default=256, help="attention capture chunk (memory)")
+    parser.add_argument("--chunk-size", type=int, default=0,
+                        help="query rows per attention-capture chunk (memory); 0: auto, from the "
+                             "token count and device (default)")
     parser.add_argument("--no-memory", action="store_true",
                         help="denoise without cross-stream memory")
     parser.add_argument("--skip-missing", action="store_true",
