@@ -284,6 +284,59 @@ def test_an_idle_stream_is_cancelled_and_its_memory_freed(small):
     assert_serves(stub, adapter_id)
 
 
+def test_a_slow_sender_is_cancelled_at_the_read_timeout_and_freed(small):
+    server, stub, adapter_id = small
+    watchdog = server.limits.watchdog
+    # This server's read bound, lowered for this test only (the idle bound is 1.5 s):
+    # the stream below is never idle (a message every 0.3 s) but never finishes either.
+    watchdog.read_timeout = 2.0
+    held = HeldStream(stub, [pb.DenoisingLossRequest(
+        params=params(), tensors=[declared_piece((1, 2, MIB // 4), 2 * MIB)])], keepalive=0.3)
+    try:
+        wait_until(lambda: server.limits.budget.used == 2 * MIB)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            list(held.call)
+        waited = time.monotonic() - start
+    finally:
+        held.close()
+        watchdog.read_timeout = 0.0
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "still arriving after 2 s (request_read_timeout_s)" in err.value.details()
+    assert waited < 30  # 2 s plus the watchdog's tick; only a hang would take longer
+    wait_until(lambda: server.limits.budget.used == 0 and server.limits.admission.active == 0)
+    assert_serves(stub, adapter_id)
+
+
+def test_health_watch_streams_hold_no_thread(small):
+    """More Watch streams than the server has threads (2 workers + 3 model slots), on the
+    main port and on a separate health port (2 threads): Check still answers on both."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from vidalign_teacher.security import HealthPort
+
+    server = small[0]
+    port = HealthPort(health.HealthServicer(), "127.0.0.1", 0)
+    port.start()
+    try:
+        for address in (f"127.0.0.1:{server.port}", f"127.0.0.1:{port.port}"):
+            with grpc.insecure_channel(address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(12)]
+                try:
+                    for watch in watches:  # each has its first answer: all 12 are open
+                        next(watch)
+                    # A starved Check would wait for a thread until its deadline.
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                    assert reply.status in (health_pb2.HealthCheckResponse.SERVING,
+                                            health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                finally:
+                    for watch in watches:
+                        watch.cancel()
+    finally:
+        port.stop(0)
+
+
 def test_beyond_the_queue_a_call_is_refused_at_once(small):
     server, stub, adapter_id = small
     # Three live streams (they send an empty message every 0.2 s): two admitted, one queued.
@@ -344,6 +397,8 @@ FLAGS = [
     (["--max-queued", "-1"], "--max-queued must be within 0..4096, got -1"),
     (["--stream-idle-timeout-s", "0"], "--stream-idle-timeout-s must be greater than 0, got 0"),
     (["--stream-idle-timeout-s", "nan"], "--stream-idle-timeout-s must be greater than 0, got nan"),
+    (["--request-read-timeout-s", "10"], "--request-read-timeout-s must be at least 30, got 10"),
+    (["--request-read-timeout-s", "nan"], "--request-read-timeout-s must be at least 30, got nan"),
     (["--max-batch", "0"], "--max-batch must be within 1..4096, got 0"),
     (["--max-batch", "5000"], "--max-batch must be within 1..4096, got 5000"),
     (["--max-wait-ms", "-1"], "--max-wait-ms must be within 0..10000, got -1"),
@@ -384,6 +439,7 @@ CONFIGS = [
     (dict(max_message_bytes=1 << 31), "max_message_bytes must be within 2097152..2147483647"),
     (dict(max_queued=-1), "max_queued must be within 0..4096, got -1"),
     (dict(stream_idle_timeout_s=-1.0), "stream_idle_timeout_s must be greater than 0, got -1"),
+    (dict(request_read_timeout_s=5.0), "request_read_timeout_s (5) must be at least stream_idle_timeout_s (30)"),
     (dict(port=70000), "port must be within 0..65535, got 70000"),
     (dict(max_batch=0), "max_batch must be within 1..4096, got 0"),
     (dict(max_wait_ms=float("nan")), "max_wait_ms must be within 0..10000, got nan"),

@@ -25,6 +25,10 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="request bytes all calls together may hold, counted as they arrive")
     parser.add_argument("--stream-idle-timeout-s", type=float, default=30.0, metavar="S",
                         help="cancel a model call whose client sends nothing for this long")
+    parser.add_argument("--request-read-timeout-s", type=float, default=300.0, metavar="S",
+                        help="cancel a model call whose request is still arriving this long "
+                             "after it was admitted (a slow sender); at least "
+                             "--stream-idle-timeout-s")
     parser.add_argument("--max-batch", type=int, default=1, metavar="N",
                         help="dynamic batching: join concurrent DenoisingLoss calls with "
                              "compatible shapes into one model run of up to N samples; 1: off "
@@ -59,6 +63,7 @@ def limit_settings(args: argparse.Namespace) -> dict[str, Any]:
     _check("--max-concurrent-rpcs", args.max_concurrent_rpcs, 1, 1024)
     _check("--max-queued", args.max_queued, 0, 4096)
     _check("--stream-idle-timeout-s", args.stream_idle_timeout_s, 0, open_low=True)
+    _check("--request-read-timeout-s", args.request_read_timeout_s, args.stream_idle_timeout_s)
     _check("--max-batch", args.max_batch, 1, 4096)
     _check("--max-wait-ms", args.max_wait_ms, 0, 10_000)
     if args.max_inflight_mb < args.max_request_mb:
@@ -71,6 +76,7 @@ def limit_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_queued": args.max_queued,
         "max_inflight_bytes": int(args.max_inflight_mb * MIB),
         "stream_idle_timeout_s": args.stream_idle_timeout_s,
+        "request_read_timeout_s": args.request_read_timeout_s,
         "metrics_port": args.metrics_port,
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,

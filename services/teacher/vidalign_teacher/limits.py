@@ -14,11 +14,16 @@ others, its health checks included. Four bounds, all in ``ServerConfig``:
   would pass the budget gets RESOURCE_EXHAUSTED.
 - A model call whose client stops sending for ``stream_idle_timeout_s`` while
   its request is being read is cancelled with DEADLINE_EXCEEDED and a message
-  naming the timeout; its slot and bytes are freed.
+  naming the timeout; its slot and bytes are freed. So is one whose request
+  takes longer than ``request_read_timeout_s`` to arrive in all (a slow sender
+  that trickles a message just inside the idle timeout would otherwise hold
+  its slot and bytes for as long as it likes).
 - The gRPC thread pool has ``workers`` threads beyond the ones admitted and
   queued model calls can hold, so health, GetInfo and reflection always find a
   free thread; gRPC's own ``maximum_concurrent_rpcs`` (``grpc_call_cap``) stops
-  a flood of new calls before it queues work behind them.
+  a flood of new calls before it queues work behind them. Health ``Watch``
+  streams hold no thread (grpcio's health servicer answers them from callbacks),
+  so any number of watchers leaves ``Check`` its threads.
 """
 
 from __future__ import annotations
@@ -93,6 +98,11 @@ def check_config(config: Any) -> None:
     if not config.stream_idle_timeout_s > 0:
         raise ConfigError(
             f"stream_idle_timeout_s must be greater than 0, got {config.stream_idle_timeout_s:g}"
+        )
+    if not config.request_read_timeout_s >= config.stream_idle_timeout_s:  # NaN too
+        raise ConfigError(
+            f"request_read_timeout_s ({config.request_read_timeout_s:g}) must be at least "
+            f"stream_idle_timeout_s ({config.stream_idle_timeout_s:g})"
         )
 
 
@@ -189,19 +199,22 @@ class Admission:
 
 
 class _Watch:
-    __slots__ = ("context", "fired", "last")
+    __slots__ = ("context", "fired", "last", "started")
 
     def __init__(self, context: grpc.ServicerContext) -> None:
         self.context = context
-        self.last = time.monotonic()
-        self.fired = False
+        self.started = self.last = time.monotonic()
+        self.fired: str | None = None
+        """The message the call was cancelled with, once the watchdog cancelled it."""
 
 
 class IdleWatchdog:
-    """One thread that cancels request streams silent for longer than ``timeout`` s."""
+    """One thread that cancels request streams silent for longer than ``timeout`` s, or
+    still being read ``read_timeout`` s after they were admitted (0: no such bound)."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, read_timeout: float = 0.0) -> None:
         self.timeout = timeout
+        self.read_timeout = read_timeout
         self._watches: set[_Watch] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -231,18 +244,34 @@ class IdleWatchdog:
             "closed the stream; send all of a request's messages without pausing"
         )
 
+    def read_message(self) -> str:
+        return (
+            f"the request was still arriving after {self.read_timeout:g} s "
+            "(request_read_timeout_s): the teacher closed the stream; send a request's "
+            "messages as fast as the network allows, or raise the server's limit"
+        )
+
+    def _expired(self, watch: _Watch, now: float) -> tuple[str, str] | None:
+        """(log event, message) when ``watch`` is past a bound, else None."""
+        if now - watch.last > self.timeout:
+            return "stream_idle_timeout", self.message()
+        if self.read_timeout and now - watch.started > self.read_timeout:
+            return "stream_read_timeout", self.read_message()
+        return None
+
     def _run(self) -> None:
-        tick = min(1.0, self.timeout / 4)
+        bounds = [self.timeout, *([self.read_timeout] if self.read_timeout else [])]
+        tick = min(1.0, min(bounds) / 4)
         while not self._stop.wait(tick):
             now = time.monotonic()
             with self._lock:
-                stale = [w for w in self._watches if now - w.last > self.timeout]
-                for w in stale:
+                stale = [(w, why) for w in self._watches if (why := self._expired(w, now))]
+                for w, _ in stale:
                     self._watches.discard(w)
-            for w in stale:
-                w.fired = True
-                log.warning("stream_idle_timeout", timeout_s=self.timeout)
-                _cancel(w.context, grpc.StatusCode.DEADLINE_EXCEEDED, self.message())
+            for w, (event, why) in stale:
+                w.fired = why
+                log.warning(event, idle_timeout_s=self.timeout, read_timeout_s=self.read_timeout)
+                _cancel(w.context, grpc.StatusCode.DEADLINE_EXCEEDED, why)
 
 
 def _cancel(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
@@ -316,11 +345,15 @@ class Limits(grpc.ServerInterceptor):
         max_queued: int,
         max_inflight_bytes: int,
         stream_idle_timeout_s: float,
+        request_read_timeout_s: float = 0.0,
     ) -> None:
         self.methods = methods
         self.admission = Admission(max_concurrent_rpcs, max_queued)
         self.budget = ByteBudget(max_inflight_bytes)
-        self.watchdog = IdleWatchdog(stream_idle_timeout_s) if stream_idle_timeout_s > 0 else None
+        self.watchdog = (
+            IdleWatchdog(stream_idle_timeout_s, request_read_timeout_s)
+            if stream_idle_timeout_s > 0 else None
+        )
 
     def stop(self) -> None:
         if self.watchdog is not None:
@@ -345,7 +378,7 @@ class Limits(grpc.ServerInterceptor):
                 # the watchdog cancelled it. The status is already sent; say so.
                 if metered.watch is not None and metered.watch.fired:
                     context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
-                    context.set_details(self.watchdog.message() if self.watchdog else "")
+                    context.set_details(metered.watch.fired)
                 else:
                     context.set_code(grpc.StatusCode.CANCELLED)
                 raise

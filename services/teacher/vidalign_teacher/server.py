@@ -97,6 +97,10 @@ class ServerConfig:
     stream_idle_timeout_s: float = 30.0
     """A model call whose client sends nothing for this long while its request is read is
     cancelled (DEADLINE_EXCEEDED) and its memory freed."""
+    request_read_timeout_s: float = 300.0
+    """A model call whose request is still arriving this long after it was admitted is
+    cancelled the same way (a slow sender; at the default a 50 MB CogVideoX clip must
+    arrive faster than ~170 kB/s); at least ``stream_idle_timeout_s``."""
     max_batch: int = 1
     """Dynamic batching: DenoisingLoss calls with compatible shapes are joined into one
     model run of up to this many samples (``vidalign_teacher.batching``); 1: off."""
@@ -212,6 +216,7 @@ class TeacherServer:
             max_queued=config.max_queued,
             max_inflight_bytes=config.max_inflight_bytes,
             stream_idle_timeout_s=config.stream_idle_timeout_s,
+            request_read_timeout_s=config.request_read_timeout_s,
         )
         limit_args = (config.max_concurrent_rpcs, config.max_queued, config.workers)
         rpcs = pb.DESCRIPTOR.services_by_name["TeacherService"].methods_by_name
