@@ -12,13 +12,17 @@ Reimplemented from the rules as published, so scores are comparable:
   contains it (case-sensitive containment, as the script tests) also appears.
 - SEED-Bench's video dimensions are officially ranked by likelihood; for a
   generating model we apply the MotionBench rule.
+
+:func:`chosen_option` says which option an output picks, by the same rules, as
+a letter: the unit of the answer distribution and of the video-substitution
+check's same-choice rate (``vidalign.eval.runner``).
 """
 
 from __future__ import annotations
 
 import re
 
-from vidalign.data.benchmarks import OPEN_ENDED, QAItem
+from vidalign.data.benchmarks import LETTERS, OPEN_ENDED, QAItem
 from vidalign.errors import InvalidInput
 
 
@@ -83,3 +87,44 @@ def is_correct(item: QAItem, output: str) -> bool:
     if item.benchmark in OPEN_ENDED:
         raise InvalidInput(f"{item.uid}: {item.benchmark} is open-ended; score it with a judge")
     raise InvalidInput(f"{item.uid}: no answer rule for benchmark {item.benchmark!r}")
+
+
+def answer_letter(item: QAItem) -> str:
+    """The right option's letter of a multiple-choice ``item``; "" when the answer is withheld.
+
+    The answer is a letter (MotionBench, Video-MME, SEED-Bench) or the option's text
+    (FAVOR-Bench).
+    """
+    if item.options is None:
+        raise InvalidInput(f"{item.uid}: {item.benchmark} is open-ended; it has no option letters")
+    if item.answer is None:
+        return ""
+    if item.answer in LETTERS[: len(item.options)]:
+        return item.answer
+    if item.answer in item.options:
+        return LETTERS[item.options.index(item.answer)]
+    raise InvalidInput(f"{item.uid}: answer {item.answer!r} is neither an option letter nor an option")
+
+
+def chosen_option(item: QAItem, output: str) -> str:
+    """The option letter ``output`` picks by ``item``'s benchmark rule; "" when it picks none.
+
+    The letter rules (MotionBench, SEED-Bench, Video-MME) read one letter; one
+    that is not an option of the item (MotionBench reads "T" from "The answer
+    is C") picks none. FAVOR-Bench's substring judge picks the option it would
+    mark right; none when no option, or more than one, would be. Open-ended
+    items have no options: always "".
+    """
+    if item.options is None:
+        return ""
+    valid = LETTERS[: len(item.options)]
+    if item.benchmark in ("motionbench", "seedbench-video"):
+        letter = parse_motionbench_answer(output)
+    elif item.benchmark == "videomme":
+        letter = parse_videomme_answer(output)
+    elif item.benchmark == "favor":
+        named = [k for k, o in enumerate(item.options) if favor_judge(output, o, item.options)]
+        letter = valid[named[0]] if len(named) == 1 else ""
+    else:
+        raise InvalidInput(f"{item.uid}: no answer rule for benchmark {item.benchmark!r}")
+    return letter if letter and letter in valid else ""

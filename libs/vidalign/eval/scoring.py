@@ -10,14 +10,21 @@
 - **Control** categories (SynthMotion's "Static Attributes") are reported but
   left out of Overall and Average, so the motion numbers stay comparable with
   MotionBench's six categories.
+
+:func:`score` also gives rates that are not accuracies: a pair's ``correct``
+is any yes/no outcome (the video-substitution check's "same choice").
+:func:`answer_distribution` counts which letter each answer picked, so a
+model that always answers "D" shows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vidalign.data.synth import MOTION_CATEGORIES, STATIC_CATEGORY
+from vidalign.errors import InvalidInput
 
 CONTROL_CATEGORIES = (STATIC_CATEGORY,)
 
@@ -86,3 +93,43 @@ def score(
         controls=tuple(c for c in controls if c in categories),
         unscorable=unscorable,
     )
+
+
+NO_CHOICE = "none"
+"""Answer-distribution key of answers that pick no option."""
+
+
+def answer_distribution(
+    choices: Iterable[tuple[str, str]],
+    letters: Sequence[str],
+    *,
+    controls: Iterable[str] = CONTROL_CATEGORIES,
+) -> dict[str, Any]:
+    """How often each option letter was picked, per category and over all questions.
+
+    ``choices`` are ``(category, letter)`` pairs, ``letter`` "" for no choice
+    (counted under :data:`NO_CHOICE`). Every letter of ``letters`` gets a key,
+    picked or not. Returns ``{"letters": [..., "none"], "all": {...},
+    "categories": {category: {...}}}``, each ``{"n", "counts", "fractions"}``;
+    "all" counts every question, controls included (unlike Overall).
+    """
+    keys = [*letters, NO_CHOICE]
+    tallies: dict[str, dict[str, int]] = {}
+    total = dict.fromkeys(keys, 0)
+    for category, letter in choices:
+        key = letter or NO_CHOICE
+        if key not in total:
+            raise InvalidInput(f"answer_distribution: {letter!r} is not one of {list(letters)}")
+        tallies.setdefault(category, dict.fromkeys(keys, 0))[key] += 1
+        total[key] += 1
+
+    def summary(counts: dict[str, int]) -> dict[str, Any]:
+        n = sum(counts.values())
+        return {"n": n, "counts": counts,
+                "fractions": {k: (v / n if n else 0.0) for k, v in counts.items()}}
+
+    return {
+        "letters": keys,
+        "all": summary(total),
+        "categories": {c: summary(tallies[c]) for c in order_categories(tallies, controls)},
+    }
