@@ -44,7 +44,7 @@ def test_the_tree_has_every_command():
         "teacher serve", "teacher info", "teacher gap", "train stage1", "train stage2",
         "train stage3", "train sft", "vda run", "features extract", "adapter init", "models list",
         "models pull", "data synth", "data prepare", "data shard", "priors extract", "priors show", "eval", "demo",
-        "plan",
+        "plan", "probe",
     }
     assert {" ".join(p) for p in CONFIG_COMMANDS} == {
         "train stage1", "train stage2", "train stage3", "train sft", "vda run", "features extract",

@@ -54,6 +54,7 @@ examples:
   vidalign priors extract --data data/synth --out s3://vidalign/priors/synth [--teacher HOST:PORT]
   vidalign priors show --priors s3://vidalign/priors/synth --clip synth-0-00000 --out png/
   vidalign eval --bench motionbench --data DIR --student tiny-videollava --out runs/eval
+  vidalign probe --weights assets/demo/videollm/model [--encoder runs/vda/stage2] --out probe.json
   vidalign demo
 
 `vidalign COMMAND [ACTION] --help` lists each option with its default; the
@@ -62,6 +63,9 @@ config-driven jobs also list every config key that --set takes."""
 BENCHMARKS = ("favor", "motionbench", "msrvtt-qa", "msvd-qa", "seedbench-video", "videomme")
 """``vidalign eval --bench`` choices: ``vidalign.data.benchmarks.QA_BENCHMARKS``, named here so
 that building the parser imports no data code (numpy)."""
+PROBE_FEATURES = ("fv", "llm", "both")
+"""``vidalign probe --features`` choices: ``vidalign.probe.FEATURES``, named here so that building
+the parser imports no torch."""
 ANSWERERS = ("first-option", "oracle")
 """Model-free answerers of ``vidalign eval``: ``vidalign.eval.BASELINES``, named here so that
 building the parser imports no evaluation code (torch)."""
@@ -412,6 +416,28 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps(result_dict(result, model=run)))
 
 
+def _probe(args: argparse.Namespace) -> None:
+    import json
+
+    from vidalign.probe import probe_student
+    from vidalign.store import open_store, split_uri
+
+    train, held_out = args.clips
+    report = probe_student(
+        args.student, weights=args.weights, encoder=args.encoder, features=args.features,
+        train_clips=train, held_out_clips=held_out, seed=args.seed, grid=args.grid,
+        pool=args.pool, frames=args.frames, size=args.size, batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(report.table(), end="")
+    if args.out:
+        # A .json path (local or store URI) is the file; anything else a directory for probe.json.
+        store, key = (split_uri(args.out) if args.out.endswith(".json")
+                      else (open_store(args.out), "probe.json"))
+        store.put_bytes(key, json.dumps(report.to_dict(), indent=2).encode())
+        print(f"wrote {args.out}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from vidalign.config import load_config
     from vidalign_cli.demo import DemoConfig, main_summary, run_demo
@@ -681,6 +707,49 @@ def _add_eval(sub) -> None:
     ev.add_argument("--name", help="result file name (default: the benchmark)")
 
 
+def _add_probe(sub) -> None:
+    probe = _command(sub, "probe", "linear probes: how much object position and motion a "
+                     "student's features carry (SynthMotion ground truth)", _probe)
+    probe.description = (
+        "Ridge probes from a student's video features to SynthMotion ground truth, scored on\n"
+        "held-out clips, beside chance and a Gaussian-noise control: each object's grid cell per\n"
+        "frame (position) and its direction between consecutive frames (still/left/right/up/\n"
+        "down). Sources: F_V as the VDA teacher sees it (frame-mean and grid-pooled) and the\n"
+        "projected video tokens the LLM reads."
+    )
+    probe.add_argument("--student", default="tiny-videollava", metavar="NAME",
+                       help="VideoLLM (vidalign models list); a tiny preset without --weights "
+                            "is its random init")
+    probe.add_argument("--weights", metavar="URI",
+                       help="the student's checkpoint: a VideoLLM directory or store URI (e.g. "
+                            "assets/demo/videollm/model), or a root holding it as model/ "
+                            "(default: none: the registry's weights)")
+    probe.add_argument("--encoder", metavar="URI",
+                       help="stage-2 encoder to put into the student: its artifact (store URI, "
+                            "directory or encoder.safetensors) or the stage-2 output.dir "
+                            "(default: none: the student's own)")
+    probe.add_argument("--features", default="both", choices=PROBE_FEATURES,
+                       help="fv: F_V only (reads only the video tower); llm: the LLM's video "
+                            "tokens; both")
+    probe.add_argument("--clips", type=int, nargs=2, default=[256, 128],
+                       metavar=("TRAIN", "HELD_OUT"),
+                       help="SynthMotion clips that fit the probes, then clips that score them")
+    probe.add_argument("--seed", type=int, default=0,
+                       help="SynthMotion seed, validation split and noise control")
+    probe.add_argument("--grid", type=int, default=4,
+                       help="position cells: a GRID x GRID partition of the frame")
+    probe.add_argument("--pool", type=int, default=4,
+                       help="patch tokens average-pooled to POOL x POOL per frame (F_V grid:POOL "
+                            "and the LLM tokens); at most the student's patch grid")
+    probe.add_argument("--frames", type=int, default=16, help="frames per clip (the demo's)")
+    probe.add_argument("--size", type=int, default=64, help="frame side in pixels (the demo's)")
+    probe.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
+    probe.add_argument("--device", default="cpu", help="device of the student")
+    probe.add_argument("--out", metavar="URI",
+                       help="where the JSON goes: a .json path or store URI, else a directory "
+                            "or store URI for probe.json (default: none: print only)")
+
+
 def _add_demo(sub) -> None:
     demo = _command(
         sub, "demo", "baseline vs +VDA vs +MotionEnhancer (and controls) on SynthMotion, "
@@ -713,6 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_priors(sub)
     _add_eval(sub)
+    _add_probe(sub)
     _add_demo(sub)
     return parser
 
