@@ -9,17 +9,20 @@ writes the same folder layout, so a tiny teacher round-trips through the real
 loading code.
 
 The tiny tokenizer is a real ``transformers.T5Tokenizer`` built offline from an
-in-memory Unigram vocabulary of single characters (and ``"▁" + character`` for
-word starts), so text is tokenised one character per token, offsets map 1:1 to
-characters, and ``</s>`` / ``<pad>`` behave as in T5.
+in-memory Unigram vocabulary: single characters (and ``"▁" + character`` for word
+starts) as a fallback, plus one ``"▁" + word`` piece per word of SynthMotion's
+caption vocabulary (:mod:`vidalign.data.synth_vocab`). A caption word is one
+token whose offset span is exactly the word, any other text still tokenises
+character by character, and ``</s>`` / ``<pad>`` behave as in T5.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import string
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from vidalign.data.synth_vocab import CAPTION_WORDS
 from vidalign.errors import InvalidInput, NotFound
 from vidalign.pipelines import from_pretrained, vae_scale_factor
 
@@ -87,7 +91,11 @@ COGVIDEOX_MODELS: dict[str, CogVideoXSpec] = {
             frames=9,
             height=32,
             width=32,
-            max_text_len=64,
+            # The longest SynthMotion caption is 70 words and punctuation marks (bounded by its
+            # templates: 4 objects, a 3-action actor; measured 70 over 2100 captions, ~350
+            # characters), 71 tokens with </s>. 96 holds it with a quarter to spare and keeps the
+            # text a small part of the joint attention (3 x 16 video tokens).
+            max_text_len=96,
             tiny=True,
             description="Random-init CogVideoX classes with RoPE, 2 layers x 2 heads x 16, "
             "9x32x32 video -> 3 x 16 video tokens (tests, CPU demo).",
@@ -107,16 +115,36 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def tiny_t5_tokenizer(model_max_length: int = 64) -> T5Tokenizer:
-    """A real ``T5Tokenizer`` over a character-level Unigram vocabulary, built offline.
+_CHAR_SCORE, _CHAR_START_SCORE, _SPACE_SCORE, _WORD_SCORE = -3.0, -2.5, -2.0, -1.0
+"""Unigram log-scores. A word piece outscores every segmentation of two or more pieces
+(each scores <= -1), so a listed word is always one token; among characters,
+``"▁" + c`` beats ``"▁"`` + ``c``, so a word start keeps its marker on its first character."""
 
-    Pieces: ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), ``"▁"``, each printable
-    ASCII character, and ``"▁" + character``; the word-start pieces score highest,
-    so every character is exactly one token and its offset span is that character.
+
+def tiny_t5_tokenizer(
+    model_max_length: int = COGVIDEOX_MODELS["tiny-cogvideox"].max_text_len,
+    words: Sequence[str] = CAPTION_WORDS,
+) -> T5Tokenizer:
+    """A real ``T5Tokenizer`` over a word-level Unigram vocabulary, built offline.
+
+    Pieces, in id order: ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), ``"▁"``, each
+    printable ASCII character, ``"▁" + character`` (the character fallback, ids as
+    in the first, character-only tiny tokenizer), then ``"▁" + word`` for each of
+    ``words`` and its capitalised form (sentences start with "The", "An"). A
+    listed word is one token whose offset span is the word itself (the ``"▁"``
+    stands for the preceding space and has no span); other text is one token per
+    character; ``","`` and ``"."`` are tokens of their own.
     """
     chars = [c for c in string.printable if not c.isspace()]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(c, -3.0) for c in chars] + [("▁" + c, -2.5) for c in chars]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", _SPACE_SCORE)]
+    vocab += [(c, _CHAR_SCORE) for c in chars] + [("▁" + c, _CHAR_START_SCORE) for c in chars]
+    known = {piece for piece, _ in vocab}
+    for word in words:
+        for form in dict.fromkeys((word, word[:1].upper() + word[1:])):
+            piece = "▁" + form
+            if piece not in known:  # one-character words already are one token
+                vocab.append((piece, _WORD_SCORE))
+                known.add(piece)
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
@@ -370,6 +398,21 @@ class CogVideoXTeacher:
             )
         return cos.to(latents.dtype), sin.to(latents.dtype)
 
+    # -- denoiser -------------------------------------------------------------------
+
+    def predict_velocity(
+        self, latents: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """The transformer's v-prediction (CogVideoX's training target) for noisy latents
+        (B, F, C, h, w), T5 embeds (B, L, D) and timesteps t (one, or one per sample)."""
+        return self.transformer(
+            hidden_states=latents,
+            encoder_hidden_states=embeds,
+            timestep=t.to(latents.device).expand(latents.shape[0]),
+            image_rotary_emb=self.rotary_emb(latents),
+            return_dict=False,
+        )[0]
+
     # -- persistence ----------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -409,12 +452,14 @@ def load_cogvideox(
 ) -> CogVideoXTeacher:
     """A frozen CogVideoX teacher by registry name, or from a local pipeline directory.
 
-    ``repo`` replaces a registry entry's location (a mirror, or a saved tiny teacher).
+    ``repo`` replaces a registry entry's location (a mirror, or a saved tiny teacher);
+    the returned spec's ``max_text_len`` is then the loaded transformer's
+    ``max_text_seq_length``, the window its weights were trained with.
     """
     if name in COGVIDEOX_MODELS:
         spec = COGVIDEOX_MODELS[name]
         if repo is not None:
-            spec = CogVideoXSpec(**{**spec.__dict__, "repo": repo})
+            spec = dataclasses.replace(spec, repo=repo)
     elif Path(name).is_dir():
         spec = _directory_spec(name)
     else:
@@ -437,5 +482,11 @@ def load_cogvideox(
             "tokenizer": from_pretrained(T5Tokenizer, spec.repo, "tokenizer"),
             "scheduler": from_pretrained(CogVideoXDDIMScheduler, spec.repo, "scheduler"),
         }
+    window = parts["transformer"].config.max_text_seq_length
+    if window != spec.max_text_len:
+        # Saved weights keep the text window they were trained with: the demo's tiny
+        # CogVideoX (assets/demo/cogvideox) predates the word-level tiny tokenizer and reads
+        # 64 tokens, while the registry's tiny preset now reads 96.
+        spec = dataclasses.replace(spec, max_text_len=window)
     teacher = CogVideoXTeacher(spec=spec, **parts)
     return teacher.to(device=device, dtype=dtype)
