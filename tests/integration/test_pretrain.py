@@ -82,11 +82,17 @@ def test_text_to_video_cogvideox_trains_transformer_and_t5(clips):
 
     teacher = load_cogvideox("tiny-cogvideox")
     vae, transformer = _snapshot(teacher.vae), _snapshot(teacher.transformer)
+    t5 = _snapshot(teacher.text_encoder)
     losses = text_to_video_cogvideox(teacher, _videos(clips), [c.caption for c in clips],
                                      Schedule(steps=12, batch_size=4, lr=3e-3, log_every=100))
     assert sum(losses[-4:]) < sum(losses[:4]), losses
     assert not _changed(vae, teacher.vae) and _changed(transformer, teacher.transformer)
+    # The text encoder trains too (its gradients reach it through encode_prompt(grad=True)).
+    assert _changed(t5, teacher.text_encoder)
     assert not any(p.requires_grad for p in teacher.transformer.parameters())
+    assert not any(p.requires_grad for p in teacher.text_encoder.parameters())
+    # Outside training the prompt encoding stays without a graph.
+    assert not teacher.encode_prompt("a red bar").embeds.requires_grad
 
 
 def test_static_labels_by_hand(clips):

@@ -290,9 +290,11 @@ class CogVideoXTeacher:
 
     # -- text ---------------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: str | list[str]) -> EncodedPrompt:
-        """T5-encode prompts padded to ``max_text_len`` tokens, as CogVideoX's pipeline does."""
+    def encode_prompt(self, prompts: str | list[str], *, grad: bool = False) -> EncodedPrompt:
+        """T5-encode prompts padded to ``max_text_len`` tokens, as CogVideoX's pipeline does.
+
+        Without gradients by default (the teacher is frozen); ``grad=True`` keeps the graph
+        through the text encoder, for training it (``pretrain.text_to_video_cogvideox``)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidInput(
@@ -308,7 +310,8 @@ class CogVideoXTeacher:
             return_tensors="pt",
         )
         ids = enc["input_ids"].to(self.device)
-        embeds = self.text_encoder(ids)[0].to(self.dtype)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            embeds = self.text_encoder(ids)[0].to(self.dtype)
         special_ids = torch.tensor(self.tokenizer.all_special_ids, device=ids.device)
         return EncodedPrompt(
             embeds=embeds,

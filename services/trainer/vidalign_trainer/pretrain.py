@@ -270,7 +270,7 @@ def text_to_video_cogvideox(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(picks),), generator=generator)
         eps = torch.randn(z0.shape, generator=generator).to(z0)
         z_t = scheduler.add_noise(z0, eps, t)
-        embeds = teacher.encode_prompt([captions[i] for i in picks]).embeds
+        embeds = teacher.encode_prompt([captions[i] for i in picks], grad=True).embeds
         pred = teacher.transformer(
             hidden_states=z_t, encoder_hidden_states=embeds, timestep=t,
             image_rotary_emb=teacher.rotary_emb(z_t), return_dict=False,
