@@ -554,7 +554,7 @@ def bench_load(ctx: Ctx) -> dict[str, Any]:
 def build_cogvideox15_5b(ctx: Ctx) -> Any:
     """CogVideoX1.5-5B's classes and configs, random init, built on the device in ``ctx.dtype``.
 
-    The tokenizer is the tiny preset's character-level T5 tokenizer (the real one's
+    The tokenizer is the tiny preset's word-level T5 tokenizer (the real one's
     SentencePiece model cannot be downloaded here); prompts are padded to the real 226
     tokens either way, so the compute is the same.
     """
