@@ -14,11 +14,11 @@ from vidalign.data.toy import moving_squares
 from vidalign.students import load_student
 from vidalign.teacher.client import GrpcTeacher, LocalTeacher, RemoteDenoisingLoss
 from vidalign.vda import Adapter, load_teacher
-from vidalign.vda.adapter import file_digest
+from vidalign.vda.adapter import CONDITIONINGS, file_digest
 from vidalign.vda.loss import denoising_loss
 from vidalign.video import sample_frames
 
-from ..conftest import STUDENT
+from ..conftest import STUDENT, _start
 from ..support.numerics import (
     TINY_TEACHER_GRAD_TERMS,
     TINY_TEACHER_LOSS_TERMS,
@@ -118,6 +118,55 @@ def test_grpc_gradient_equals_in_process_autograd(
     client = GrpcTeacher(teacher_servers[teacher_name])
     try:
         remote = _through(client, file_digest(path), load_student(STUDENT), video, teacher_video, captions, ids, draws, t_range)
+    finally:
+        client.close()
+    _assert_same(remote, reference)
+
+
+@pytest.fixture(scope="module")
+def conditioning_server(tmp_path_factory):
+    """A tiny-animatediff teacher serving one adapter per conditioning mode.
+
+    The session's adapters (conftest) have the default mode; these cover each one.
+    frame_pos gets a non-zero position table (a fresh one is zero and would
+    condition exactly as "context"), so the positions take part in the gradient.
+    """
+    name = "tiny-animatediff"
+    teacher = load_teacher(name)
+    d_v = load_student(STUDENT).d_v
+    root = tmp_path_factory.mktemp("conditioning-adapters")
+    paths = {}
+    for mode in CONDITIONINGS:
+        adapter = Adapter.create(
+            d_v=d_v, cond_dim=teacher.cond_dim, teacher_family=teacher.family, seed=4, conditioning=mode
+        )
+        if mode == "frame_pos":
+            with torch.no_grad():
+                adapter.proj.frame_pos.normal_(generator=torch.Generator().manual_seed(6))
+        paths[mode] = root / f"{mode}.safetensors"
+        adapter.save(paths[mode])
+    server = _start(name, list(paths.values()))
+    yield name, paths, f"127.0.0.1:{server.port}"
+    server.stop(grace=0)
+
+
+@pytest.mark.parametrize("mode", CONDITIONINGS)
+def test_grpc_gradient_equals_in_process_autograd_in_every_conditioning_mode(conditioning_server, clips, mode):
+    """Per-frame ("frame") or position-tagged ("frame_pos") contexts are the chain rule too.
+
+    12 teacher frames over the student's 8, so "frame" maps frames unevenly (some student
+    frames condition one teacher frame, some two) on both sides of the wire.
+    """
+    name, paths, address = conditioning_server
+    teacher, video, _, captions, ids = _inputs(clips, name)
+    teacher_video = sample_frames(video, 12, teacher.resolution)
+    adapter = Adapter.load(paths[mode])
+    assert adapter.conditioning == mode
+    reference = _in_process(teacher, adapter, load_student(STUDENT), video, teacher_video, captions, ids, 2, (100, 900))
+    client = GrpcTeacher(address)
+    try:
+        remote = _through(client, file_digest(paths[mode]), load_student(STUDENT), video, teacher_video, captions,
+                          ids, 2, (100, 900))
     finally:
         client.close()
     _assert_same(remote, reference)

@@ -30,22 +30,7 @@ B, C, F, H = 2, 4, 4, 8
 D_V, T_FEAT = 12, 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tokenizer_cache(tmp_path_factory):
-    """Generate the tiny tokenizer's files in a temporary cache, not in ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VIDALIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
-@pytest.fixture(scope="module")
-def animatediff() -> DiffusionTeacher:
-    return load_teacher("tiny-animatediff")
-
-
-@pytest.fixture(scope="module")
-def sd15() -> DiffusionTeacher:
-    return load_teacher("tiny-sd15")
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ WORD = re.compile(r"\w+|[^\w\s]")
 """A caption's words and punctuation marks: what each tokenizer should make one token each."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tokenizer_cache(tmp_path_factory):
-    """Generate the CLIP tokenizer's files in a temporary cache, not in ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VIDALIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")

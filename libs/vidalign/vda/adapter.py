@@ -10,7 +10,8 @@ File format (version 2): safetensors with keys ``proj.<param>`` (W_proj) and
 state-dict keys under the ``unet.`` prefix, the layout diffusers' LoRA training
 scripts write). The metadata key ``vidalign.adapter`` holds JSON of
 ``format_version`` and the adapter's fields (d_v, cond_dim, projection,
-lora_rank, lora_alpha, lora_targets, teacher_family); with a LoRA,
+lora_rank, lora_alpha, lora_targets, teacher_family, conditioning, frame_tokens,
+max_frames); with a LoRA,
 ``lora_adapter_metadata`` holds its ``LoraConfig`` (``unet.r``,
 ``unet.lora_alpha``, ``unet.target_modules``) as diffusers writes and reads it.
 So diffusers loads the LoRA from the adapter file itself:
@@ -19,6 +20,18 @@ So diffusers loads the LoRA from the adapter file itself:
 keys are not under ``unet.`` and are skipped. ``Adapter.save_lora_weights`` writes
 the LoRA alone as ``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights``.
 Version-1 files (the LoRA under ``lora.<peft key>``, no LoRA metadata) still load.
+Files written before the conditioning fields existed load as ``conditioning
+"context"`` (what they were trained with); under ``"frame_pos"`` the projection
+holds one more tensor, ``proj.frame_pos`` (the frame-position table).
+
+Conditioning modes (docs/design.md, "VDA conditioning"): how W_proj(F_V) reaches
+the teacher's F frames, given F_V's ``T * frame_tokens`` frame-major tokens:
+
+- ``"frame"`` (new adapters' default): teacher frame f cross-attends to
+  ``[text; W_proj(tokens of student frame frame_sources(F, T)[f])]``;
+- ``"frame_pos"``: every frame sees all tokens, each plus a learned embedding of
+  its student frame index (``proj.frame_pos``, zero at creation);
+- ``"context"``: every frame sees all tokens, unordered (the original route).
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from torch import Tensor
 
 from vidalign.errors import InvalidInput, NotFound
 from vidalign.vda.diffusion import FAMILIES, DiffusionTeacher
+from vidalign.video import uniform_indices
 
 METADATA_KEY = "vidalign.adapter"
 FORMAT_VERSION = 2
@@ -53,6 +67,31 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PROJECTIONS = ("linear", "mlp")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """VDA's LoRA sites: every attention projection (on AnimateDiff this includes the motion modules)."""
+CONDITIONINGS = ("frame", "frame_pos", "context")
+"""How W_proj(F_V) reaches the teacher's frames (module docstring)."""
+DEFAULT_CONDITIONING = "frame"
+"""New adapters' mode: the features of a student frame condition the teacher frames at its time."""
+LEGACY_CONDITIONING = "context"
+"""The mode of an adapter file without a ``conditioning`` field (written before it existed)."""
+DEFAULT_MAX_FRAMES = 64
+"""Rows of the ``frame_pos`` table: student frames (temporal steps) it can tell apart."""
+
+
+def frame_sources(teacher_frames: int, student_frames: int) -> list[int]:
+    """The student frame that conditions each teacher frame under ``"frame"`` conditioning.
+
+    Both sides sample their frames uniformly over the same clip with both ends
+    included (``vidalign.video.uniform_indices``), so student frame s sits at
+    relative time s / (T - 1) and teacher frame f at f / (F - 1); teacher frame f
+    gets the student frame nearest in time, ``round(f (T - 1) / (F - 1))``, which
+    is ``uniform_indices(T, F)``. With F > T (VDA: 24 vs 8) each student frame
+    conditions about F / T neighbouring teacher frames; with F < T some student
+    frames condition none.
+    """
+    for name, value in (("teacher_frames", teacher_frames), ("student_frames", student_frames)):
+        if not isinstance(value, int) or value < 1:
+            raise InvalidInput(f"{name}: expected an int >= 1, got {value!r}")
+    return uniform_indices(student_frames, teacher_frames)
 
 
 def file_digest(path: str | Path) -> str:
@@ -65,13 +104,29 @@ def _bytes_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _build_projection(projection: str, d_v: int, cond_dim: int) -> torch.nn.Module:
+def _build_projection(
+    projection: str, d_v: int, cond_dim: int, position_frames: int = 0
+) -> torch.nn.Module:
+    """W_proj, plus a zero ``frame_pos`` table ``(position_frames, cond_dim)`` if that is > 0.
+
+    The table is a parameter of the projection module itself, so whatever trains,
+    checkpoints or loads W_proj (``adapter.proj``: stage 1, the adapter file's
+    ``proj.`` keys) carries it too, and W_proj's own keys stay those of files
+    written before it existed. Zero at creation: a fresh adapter projects as
+    under ``"context"``, and training moves it.
+    """
     if projection == "linear":
-        return torch.nn.Linear(d_v, cond_dim)
-    # The paper's appendix-B alternative (the linear W_proj did better).
-    return torch.nn.Sequential(
-        torch.nn.Linear(d_v, cond_dim), torch.nn.GELU(), torch.nn.Linear(cond_dim, cond_dim)
-    )
+        module: torch.nn.Module = torch.nn.Linear(d_v, cond_dim)
+    else:
+        # The paper's appendix-B alternative (the linear W_proj did better).
+        module = torch.nn.Sequential(
+            torch.nn.Linear(d_v, cond_dim), torch.nn.GELU(), torch.nn.Linear(cond_dim, cond_dim)
+        )
+    if position_frames:
+        module.register_parameter(
+            "frame_pos", torch.nn.Parameter(torch.zeros(position_frames, cond_dim))
+        )
+    return module
 
 
 def _lora_init(
@@ -163,6 +218,12 @@ class Adapter(torch.nn.Module):
     under ``lora_name``. Stage 1 trains the attached copy
     (``teacher.lora_parameters``) and copies it back with
     ``adapter.lora_state = teacher.lora_state_dict(adapter.lora_name)`` before saving.
+
+    ``conditioning`` says how the projected tokens reach the teacher's frames
+    (module docstring); ``frame_tokens`` is the number of F_V tokens per student
+    frame (the encoder's ``tokens_per_frame``: 1 for ``"frame"`` pooling, G*G for
+    ``"grid:G"``), needed to find a token's frame; ``max_frames`` is the size of
+    the ``"frame_pos"`` table (stored in every mode, used by that one only).
     """
 
     def __init__(
@@ -176,11 +237,23 @@ class Adapter(torch.nn.Module):
         lora_targets: list[str] | None = None,
         teacher_family: str,
         lora_state: dict[str, Tensor] | None = None,
+        conditioning: str = DEFAULT_CONDITIONING,
+        frame_tokens: int = 1,
+        max_frames: int = DEFAULT_MAX_FRAMES,
     ) -> None:
         super().__init__()
-        for field, value in (("d_v", d_v), ("cond_dim", cond_dim)):
-            if not isinstance(value, int) or value <= 0:
+        for field, value in (
+            ("d_v", d_v),
+            ("cond_dim", cond_dim),
+            ("frame_tokens", frame_tokens),
+            ("max_frames", max_frames),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InvalidInput(f"{field}: expected a positive int, got {value!r}")
+        if conditioning not in CONDITIONINGS:
+            raise InvalidInput(
+                f"conditioning: expected one of {CONDITIONINGS}, got {conditioning!r}"
+            )
         if projection not in PROJECTIONS:
             raise InvalidInput(f"projection: expected one of {PROJECTIONS}, got {projection!r}")
         if teacher_family not in FAMILIES:
@@ -197,7 +270,12 @@ class Adapter(torch.nn.Module):
         self.lora_alpha = lora_rank if lora_alpha is None else lora_alpha
         self.lora_targets = list(DEFAULT_LORA_TARGETS if lora_targets is None else lora_targets)
         self.teacher_family = teacher_family
-        self.proj = _build_projection(projection, d_v, cond_dim)
+        self.conditioning = conditioning
+        self.frame_tokens = frame_tokens
+        self.max_frames = max_frames
+        self.proj = _build_projection(
+            projection, d_v, cond_dim, max_frames if conditioning == "frame_pos" else 0
+        )
         self.lora_state = dict(lora_state or {})
         self._check_lora_state()
         self.digest: str | None = None
@@ -238,10 +316,14 @@ class Adapter(torch.nn.Module):
         teacher_family: str,
         seed: int = 0,
         teacher: DiffusionTeacher | None = None,
+        conditioning: str = DEFAULT_CONDITIONING,
+        frame_tokens: int = 1,
+        max_frames: int = DEFAULT_MAX_FRAMES,
     ) -> Adapter:
         """A freshly initialised adapter, the same for the same arguments.
 
         A LoRA (``lora_rank > 0``) needs ``teacher`` to read its UNet's layer shapes.
+        ``frame_tokens`` must be the student encoder's ``tokens_per_frame``.
         """
         if teacher is not None and (teacher.family, teacher.cond_dim) != (teacher_family, cond_dim):
             raise InvalidInput(
@@ -266,16 +348,51 @@ class Adapter(torch.nn.Module):
                 lora_targets=targets,
                 teacher_family=teacher_family,
                 lora_state=lora_state,
+                conditioning=conditioning,
+                frame_tokens=frame_tokens,
+                max_frames=max_frames,
             )
 
-    def project(self, features: Tensor) -> Tensor:
-        """W_proj(F_V): ``(B, T, d_v)`` -> ``(B, T, cond_dim)`` conditioning tokens."""
+    def student_frames(self, features: Tensor) -> int:
+        """The number of student frames T in F_V ``(B, T * frame_tokens, d_v)``; checks the shape.
+
+        InvalidInput when F_V is not 3-d with ``d_v`` channels, when its token count
+        is not a multiple of ``frame_tokens`` (features pooled otherwise than this
+        adapter was made for), or, under ``"frame_pos"``, when T exceeds ``max_frames``.
+        """
         if features.ndim != 3 or features.shape[-1] != self.d_v:
             raise InvalidInput(
-                f"features: expected (B, T, {self.d_v}), got {tuple(features.shape)}"
+                f"features: expected (B, T * frame_tokens, {self.d_v}), got {tuple(features.shape)}"
             )
+        tokens = features.shape[1]
+        if tokens == 0 or tokens % self.frame_tokens:
+            raise InvalidInput(
+                f"features: shape {tuple(features.shape)} has {tokens} tokens per sample, not a "
+                f"positive multiple of the adapter's frame_tokens {self.frame_tokens} (tokens per "
+                "student frame); extract F_V with the pooling the adapter was made for"
+            )
+        frames = tokens // self.frame_tokens
+        if self.conditioning == "frame_pos" and frames > self.max_frames:
+            raise InvalidInput(
+                f"features: shape {tuple(features.shape)} holds {frames} frames of "
+                f"{self.frame_tokens} tokens; the adapter's frame_pos table covers "
+                f"max_frames {self.max_frames}"
+            )
+        return frames
+
+    def project(self, features: Tensor) -> Tensor:
+        """W_proj(F_V): ``(B, T * frame_tokens, d_v)`` -> ``(B, T * frame_tokens, cond_dim)`` tokens.
+
+        Under ``"frame_pos"`` each token also gets ``proj.frame_pos[s]``, s its
+        student frame (token index // frame_tokens), so the teacher can see order.
+        """
+        frames = self.student_frames(features)
         weight = next(self.proj.parameters())
-        return self.proj(features.to(weight.device, weight.dtype))
+        tokens = self.proj(features.to(weight.device, weight.dtype))
+        if self.conditioning == "frame_pos":
+            positions = self.proj.frame_pos[:frames].repeat_interleave(self.frame_tokens, dim=0)
+            tokens = tokens + positions
+        return tokens
 
     def lora_config(self) -> LoraConfig | None:
         """The peft config of the UNet LoRA, or None without one."""
@@ -297,6 +414,9 @@ class Adapter(torch.nn.Module):
             "lora_alpha": self.lora_alpha,
             "lora_targets": self.lora_targets,
             "teacher_family": self.teacher_family,
+            "conditioning": self.conditioning,
+            "frame_tokens": self.frame_tokens,
+            "max_frames": self.max_frames,
         }
 
     def _diffusers_lora(self) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -356,6 +476,8 @@ class Adapter(torch.nn.Module):
         except SafetensorError as e:
             raise InvalidInput(f"{path}: not a safetensors file: {e}") from e
         version, fields = _read_metadata(data, path)
+        # A file from before conditioning modes existed was trained with the one route then.
+        fields.setdefault("conditioning", LEGACY_CONDITIONING)
         prefix = LORA_PREFIXES[version]
         proj_state = {
             k.removeprefix("proj."): v for k, v in tensors.items() if k.startswith("proj.")

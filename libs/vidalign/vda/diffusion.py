@@ -1,6 +1,7 @@
 """The frozen diffusion teacher: AnimateDiff (SD1.5 + motion module) or SD1.5 alone.
 
-VDA conditions this model on ``[text_emb; W_proj(F_V)]`` and back-propagates its
+VDA conditions this model on ``[text_emb; W_proj(F_V)]`` (one context for all
+frames, or one per frame: ``predict_noise``) and back-propagates its
 epsilon-prediction loss into the VideoLLM's encoder features F_V. The teacher's
 own weights never train here (stage 1 trains W_proj and a UNet LoRA, which live
 in an ``Adapter``), so every parameter is frozen and the modules stay in eval mode.
@@ -187,16 +188,25 @@ class DiffusionTeacher(torch.nn.Module):
     # --- the denoiser ---------------------------------------------------------------
 
     def predict_noise(self, z_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """eps_theta(z_t, t, cond) as float32 ``(B, C, F, h, w)``; differentiable w.r.t. cond."""
+        """eps_theta(z_t, t, cond) as float32 ``(B, C, F, h, w)``; differentiable w.r.t. cond.
+
+        ``cond`` is one cross-attention context per sample, ``(B, L, D)``, that
+        every frame sees, or one per frame, ``(B, F, L, D)`` (frame-aligned
+        conditioning: frame f attends to ``cond[:, f]``).
+        """
         self._check_predict_inputs(z_t, t, cond)
         batch, channels, frames, height, width = z_t.shape
         sample = z_t.to(self.device, self.dtype)
         cond = cond.to(self.device, self.dtype)
         t = t.to(self.device)
         # Both UNets attend per frame image: the cross-attention context is
-        # (B*F, L, D). UNetMotionModel repeats the timestep embedding per frame
-        # itself, but not the context -- the AnimateDiff pipeline does that.
-        context = cond.repeat_interleave(frames, dim=0)
+        # (B*F, L, D), sample-major as the UNets lay out frames. UNetMotionModel
+        # repeats the timestep embedding per frame itself, but not the context --
+        # the AnimateDiff pipeline does that.
+        if cond.ndim == 4:
+            context = cond.reshape(batch * frames, *cond.shape[2:])
+        else:
+            context = cond.repeat_interleave(frames, dim=0)
         if self.family == "animatediff":
             return self.unet(sample, t, encoder_hidden_states=context).sample.float()
         images = sample.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
@@ -211,8 +221,13 @@ class DiffusionTeacher(torch.nn.Module):
         batch, frames = z_t.shape[0], z_t.shape[2]
         if t.shape != (batch,) or t.dtype != torch.int64:
             raise InvalidInput(f"t: expected int64 ({batch},), got {t.dtype} {_shape(t)}")
-        if cond.ndim != 3 or cond.shape[0] != batch or cond.shape[2] != self.cond_dim:
-            raise InvalidInput(f"cond: expected ({batch}, L, {self.cond_dim}), got {_shape(cond)}")
+        shared = cond.ndim == 3 and cond.shape[0] == batch
+        per_frame = cond.ndim == 4 and cond.shape[:2] == (batch, frames)
+        if not (shared or per_frame) or cond.shape[-1] != self.cond_dim:
+            raise InvalidInput(
+                f"cond: expected ({batch}, L, {self.cond_dim}) or, one context per frame, "
+                f"({batch}, {frames}, L, {self.cond_dim}), got {_shape(cond)}"
+            )
         if self.max_frames is not None and frames > self.max_frames:
             raise InvalidInput(
                 f"z_t: the motion module covers at most {self.max_frames} frames, got {frames}"

@@ -2,6 +2,11 @@
 
 L = || eps - eps_theta(z_t, t, [text_emb; W_proj(F_V)]) ||^2   (VDA eq. 3/4)
 
+How the W_proj(F_V) tokens reach the F frames is the adapter's ``conditioning``
+(``vidalign.vda.adapter``): one context for all frames (``"context"``,
+``"frame_pos"``) or, under ``"frame"``, per teacher frame the text and the
+tokens of the student frame at its time.
+
 Randomness is an input (docs/design.md, decision 2): the timestep and noise of sample b,
 draw k come only from ``draw_generator(seed, sample_id, k)``, so any replica,
 retry or in-process check computes the same loss and the same dL/dF_V.
@@ -17,7 +22,7 @@ import torch
 from torch import Tensor
 
 from vidalign.errors import InvalidInput, require_finite
-from vidalign.vda.adapter import Adapter
+from vidalign.vda.adapter import Adapter, frame_sources
 from vidalign.vda.diffusion import DiffusionTeacher
 
 _SEED_MASK = (1 << 63) - 1  # torch.Generator.manual_seed takes a non-negative int64
@@ -66,6 +71,7 @@ def _check_inputs(
             raise InvalidInput(
                 f"features: expected ({batch}, T, {adapter.d_v}), got {tuple(features.shape)}"
             )
+        adapter.student_frames(features)
         require_finite("features", features)
     if adapter is not None:
         if adapter.cond_dim != teacher.cond_dim:
@@ -108,15 +114,33 @@ def _draw_plan(
 
 
 def _conditioning(
-    adapter: Adapter | None, text_emb: Tensor | None, features: Tensor | None, device: torch.device
+    adapter: Adapter | None,
+    text_emb: Tensor | None,
+    features: Tensor | None,
+    device: torch.device,
+    frames: int,
 ) -> Tensor:
-    """The cross-attention context: [text_emb; W_proj(F_V)] along the token axis."""
-    tokens = []
-    if text_emb is not None:
-        tokens.append(text_emb.to(device, torch.float32))
-    if features is not None:
-        tokens.append(adapter.project(features).to(device, torch.float32))
-    return torch.cat(tokens, dim=1)
+    """The cross-attention context [text_emb; W_proj(F_V)] for ``frames`` teacher frames.
+
+    ``(B, L, D)``, shared by every frame, unless the adapter's conditioning is
+    ``"frame"``: then ``(B, frames, L, D)``, frame f holding the text tokens and the
+    projected tokens of student frame ``frame_sources(frames, T)[f]``. Either way
+    it is differentiable w.r.t. ``features`` and the adapter's projection.
+    """
+    text = None if text_emb is None else text_emb.to(device, torch.float32)
+    if features is None:
+        assert text is not None, "_check_inputs lets no call without conditioning through"
+        return text
+    projected = adapter.project(features).to(device, torch.float32)
+    if adapter.conditioning != "frame":
+        return projected if text is None else torch.cat([text, projected], dim=1)
+    batch, count, dim = projected.shape
+    student = count // adapter.frame_tokens  # a whole number: project() checked it
+    index = torch.tensor(frame_sources(frames, student), device=device)
+    per_frame = projected.reshape(batch, student, adapter.frame_tokens, dim).index_select(1, index)
+    if text is None:
+        return per_frame
+    return torch.cat([text.unsqueeze(1).expand(-1, frames, -1, -1), per_frame], dim=2)
 
 
 def _attached_lora(teacher: DiffusionTeacher, adapter: Adapter | None) -> str | None:
@@ -161,7 +185,7 @@ def denoising_loss(
     draws, (lo, hi), timesteps = _draw_plan(teacher, num_draws, draws, timestep_range, timesteps)
     device = teacher.device
     z0 = latents.to(device, torch.float32)
-    cond = _conditioning(adapter, text_emb, features, device)
+    cond = _conditioning(adapter, text_emb, features, device, z0.shape[2])
     losses, used = [], []
     with teacher.lora(_attached_lora(teacher, adapter)):
         for k, draw in enumerate(draws):

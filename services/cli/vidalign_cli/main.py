@@ -263,15 +263,22 @@ def _adapter_init(args: argparse.Namespace) -> None:
             "s3://bucket/key (what `teacher serve --adapter` loads)"
         )
     teacher = load_teacher(args.teacher_model)
-    d_v = args.feature_dim or load_student(args.student).d_v
+    # The student gives d_v and F_V's tokens per frame under --pooling; with --feature-dim
+    # and per-frame pooling (one token per frame by definition) it is not needed.
+    encoder = None
+    if not args.feature_dim or args.pooling != "frame":
+        encoder = load_student(args.student, pooling=args.pooling)
     adapter = Adapter.create(
-        d_v=d_v,
+        d_v=args.feature_dim or encoder.d_v,
         cond_dim=teacher.cond_dim,
         projection=args.projection,
         lora_rank=args.lora_rank,
         teacher_family=teacher.family,
         seed=args.seed,
         teacher=teacher,
+        conditioning=args.conditioning,
+        frame_tokens=1 if encoder is None else encoder.tokens_per_frame,
+        max_frames=args.max_frames,
     )
     if is_store_uri(args.out):
         # One object in the store, which `teacher serve --adapter URI` materializes.
@@ -598,6 +605,15 @@ def _add_models(sub) -> None:
     init.add_argument("--projection", default="linear", choices=["linear", "mlp"],
                       help="W_proj: linear (paper) or mlp (appendix B)")
     init.add_argument("--lora-rank", type=int, default=0, help="UNet LoRA rank; 0: none")
+    init.add_argument("--conditioning", default="frame", choices=["frame", "frame_pos", "context"],
+                      help="how W_proj(F_V) reaches the teacher's frames: frame (each frame the "
+                           "tokens of the student frame at its time), frame_pos (all tokens plus "
+                           "a learned frame-position embedding), context (all tokens, unordered)")
+    init.add_argument("--pooling", default="frame", metavar="POOLING",
+                      help="F_V's pooling, as `features extract` used: frame or grid:G; sets the "
+                           "adapter's tokens per frame")
+    init.add_argument("--max-frames", type=int, default=64,
+                      help="student frames the frame_pos embedding covers")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
     init.add_argument("--out", required=True, metavar="URI",
                       help="the adapter file to write: a path, file:///abs/path or s3://bucket/key")

@@ -48,7 +48,9 @@ from vidalign.precision import (
     precision_name,
 )
 from vidalign.store import Store, commit_artifact, read_artifact_file, read_manifest
+from vidalign.students.encoder import _parse_pooling
 from vidalign.vda import Adapter, DiffusionTeacher, denoising_loss, load_teacher
+from vidalign.vda.adapter import CONDITIONINGS, DEFAULT_CONDITIONING, DEFAULT_MAX_FRAMES
 from vidalign_trainer.common import ClipData, DataConfig, Dist, epoch_order, open_dataset, step_seed
 from vidalign_trainer.features import FeatureSet, load_features
 from vidalign_trainer.loop import (
@@ -100,12 +102,26 @@ class AdapterConfig:
     """LoRA alpha; null: equal to the rank (scale 1)."""
     seed: int = 0
     """Initialisation of W_proj and LoRA A (LoRA B starts at zero: a no-op LoRA)."""
+    conditioning: str = DEFAULT_CONDITIONING
+    """How W_proj(F_V) reaches the teacher's frames: ``frame`` (each teacher frame sees the
+    tokens of the student frame at its time), ``frame_pos`` (all tokens, plus a learned
+    frame-position embedding) or ``context`` (all tokens, unordered: the original route).
+    The tokens per student frame come from the feature set's pooling, not from here."""
+    max_frames: int = DEFAULT_MAX_FRAMES
+    """Student frames the ``frame_pos`` embedding covers (unused by the other modes)."""
 
     def __post_init__(self) -> None:
         if self.projection not in ("linear", "mlp"):
             raise ValueError(f"adapter.projection: expected linear or mlp, got {self.projection!r}")
         if self.lora_rank < 0:
             raise ValueError(f"adapter.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(
+                f"adapter.conditioning: expected one of {', '.join(CONDITIONINGS)}, "
+                f"got {self.conditioning!r}"
+            )
+        if self.max_frames < 1:
+            raise ValueError(f"adapter.max_frames must be >= 1, got {self.max_frames}")
 
 
 @dataclass(kw_only=True)
@@ -310,9 +326,23 @@ def evaluate(
 # --- the job -------------------------------------------------------------------
 
 
-def _build_adapter(config: Stage1Config, teacher: DiffusionTeacher, d_v: int) -> Adapter:
-    return Adapter.create(
-        d_v=d_v,
+def feature_frame_tokens(features: FeatureSet) -> int:
+    """F_V tokens per student frame of a feature set: its encoder's ``tokens_per_frame``.
+
+    Read from the pooling the set was extracted with (``"frame"``: 1, ``"grid:G"``:
+    G * G), so the adapter's ``frame_tokens`` always matches its training features.
+    """
+    pooling = features.source.get("pooling", "frame")
+    try:
+        grid = _parse_pooling(pooling)
+    except InvalidInput as e:
+        raise InvalidInput(f"features {features.uri}: {e}") from e
+    return 1 if grid is None else grid * grid
+
+
+def _build_adapter(config: Stage1Config, teacher: DiffusionTeacher, features: FeatureSet) -> Adapter:
+    adapter = Adapter.create(
+        d_v=features.d_v,
         cond_dim=teacher.cond_dim,
         projection=config.adapter.projection,
         lora_rank=config.adapter.lora_rank,
@@ -320,7 +350,13 @@ def _build_adapter(config: Stage1Config, teacher: DiffusionTeacher, d_v: int) ->
         teacher_family=teacher.family,
         seed=config.adapter.seed,
         teacher=teacher if config.adapter.lora_rank else None,
+        conditioning=config.adapter.conditioning,
+        frame_tokens=feature_frame_tokens(features),
+        max_frames=config.adapter.max_frames,
     )
+    # Fail now, not at the first step, if F_V does not fit the adapter's frame layout.
+    adapter.student_frames(torch.empty(1, features.tokens, features.d_v, device="meta"))
+    return adapter
 
 
 class Stage1(Job):
@@ -376,7 +412,7 @@ class Stage1(Job):
         else:
             data.eval_latents = encode_latents(teacher, dataset, data.items[: len(eval_ids)], self.view)
 
-        adapter = self.adapter = _build_adapter(config, teacher, features.d_v)
+        adapter = self.adapter = _build_adapter(config, teacher, features)
         if checkpoint is not None:
             adapter.proj.load_state_dict(checkpoint.weights("proj"))
             if adapter.lora_rank:
@@ -401,6 +437,8 @@ class Stage1(Job):
             "d_v": adapter.d_v,
             "projection": adapter.projection,
             "lora_rank": adapter.lora_rank,
+            "conditioning": adapter.conditioning,
+            "frame_tokens": adapter.frame_tokens,
         })
 
     def _evaluate(self, step: int, force: bool) -> float | None:
@@ -476,6 +514,7 @@ class Stage1(Job):
                     "features": config.features,
                     "projection": adapter.projection,
                     "lora_rank": adapter.lora_rank,
+                    "conditioning": adapter.conditioning,
                     "text": config.train.text,
                 },
             )
