@@ -100,7 +100,8 @@ class ServerConfig:
     request_read_timeout_s: float = 300.0
     """A model call whose request is still arriving this long after it was admitted is
     cancelled the same way (a slow sender; at the default a 50 MB CogVideoX clip must
-    arrive faster than ~170 kB/s); at least ``stream_idle_timeout_s``."""
+    arrive faster than ~170 kB/s). Independent of ``stream_idle_timeout_s``: whichever
+    bound a stream passes first ends it."""
     max_batch: int = 1
     """Dynamic batching: DenoisingLoss calls with compatible shapes are joined into one
     model run of up to this many samples (``vidalign_teacher.batching``); 1: off."""
