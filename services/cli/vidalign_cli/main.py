@@ -365,9 +365,13 @@ def _what_to_score(args: argparse.Namespace) -> None:
         raise InvalidInput(f"eval: nothing to score; give one of {choices}")
     if len(given) > 1:
         raise InvalidInput(f"eval: {' and '.join(given)} both given; give only one of {choices}")
-    for flag, value in (("--encoder", args.encoder), ("--lora", args.lora)):
+    for flag, value in (("--encoder", args.encoder), ("--lora", args.lora),
+                        ("--likelihood", args.likelihood)):
         if value and not args.student:
             raise InvalidInput(f"eval: {flag} goes into a --student VideoLLM; give --student NAME")
+    if args.substitute and args.predictions:
+        raise InvalidInput("eval: --substitute asks the questions again with other videos; saved "
+                           "--predictions cannot be asked again: give --student or --answerer")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -381,6 +385,7 @@ def _eval(args: argparse.Namespace) -> None:
         BASELINES,
         ExactMatchJudge,
         LLMJudge,
+        comparison_table,
         evaluate,
         markdown_table,
         read_outputs,
@@ -390,6 +395,7 @@ def _eval(args: argparse.Namespace) -> None:
     )
     from vidalign.store import commit_artifact, is_store_uri, open_store
 
+    scorer = None
     bench = load_benchmark(args.bench, args.data, video_dir=args.video_dir)
     judge = LLMJudge.from_env() if args.judge == "llm" else ExactMatchJudge()
     name = args.name or args.bench
@@ -407,12 +413,17 @@ def _eval(args: argparse.Namespace) -> None:
             llm = load_trained_videollm(args.student, encoder=args.encoder or "",
                                         lora=args.lora or "", device=args.device)
             answerer = videollm_answerer(llm, max_new_tokens=args.max_new_tokens)
+            if args.likelihood:
+                from vidalign.eval.likelihood import videollm_option_scorer
+
+                scorer = videollm_option_scorer(llm, normalize=args.likelihood_norm)
             run = args.student
         else:
             answerer, run = BASELINES[args.answerer], args.answerer
         result = evaluate(bench.items, answerer, batch_size=args.batch_size,
                           frames=args.frames, fps=args.fps, skip_missing=args.skip_missing,
-                          judge=judge, judge_dir=judge_dir)
+                          judge=judge, judge_dir=judge_dir, option_scorer=scorer,
+                          substitute=args.substitute, substitute_seed=args.substitute_seed)
     if local_out:
         write_result(result, local_out, name=name, model=run)
     if remote:
@@ -420,6 +431,8 @@ def _eval(args: argparse.Namespace) -> None:
         commit_artifact(open_store(args.out), name, files, producer="vidalign eval",
                         meta={"bench": args.bench, "model": run})
     print(markdown_table({run: result.score}), end="")
+    if result.likelihood is not None or result.substitution is not None:
+        print(comparison_table(result), end="")
     print(json.dumps(result_dict(result, model=run)))
 
 
@@ -717,6 +730,17 @@ def _add_eval(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=8, help="videos per answerer call")
     ev.add_argument("--skip-missing", action="store_true",
                     help="score missing videos as unanswered instead of failing")
+    ev.add_argument("--likelihood", action="store_true",
+                    help="also score --student by option likelihood (argmax of each option's "
+                         "log-probability as the answer), beside the letter rule")
+    ev.add_argument("--likelihood-norm", default="mean", choices=["mean", "sum"],
+                    help="with --likelihood: the per-token mean of the option's log-probabilities "
+                         "(options differ in length) or their sum")
+    ev.add_argument("--substitute", action="store_true",
+                    help="ask every question again with another clip's video (a seeded "
+                         "derangement): accuracy and same-choice rate show whether answers "
+                         "depend on the video (doubles the cost)")
+    ev.add_argument("--substitute-seed", type=int, default=0, help="the derangement's seed")
     ev.add_argument("--out", metavar="URI",
                     help="directory or store URI for NAME.json, NAME.md, predictions "
                          "(default: none: print only)")
