@@ -117,7 +117,13 @@ def write_mp4(clip: ToyClip | np.ndarray, path: str | Path, fps: int = 8) -> Non
     """Encode a clip (or uint8 ``(F, H, W, 3)`` frames) as H.264 (MPEG-4 Part 2 if absent).
 
     yuv420p, the pixel format players accept, halves chroma resolution, so
-    height and width must be even. Lossy: decoded pixels differ slightly.
+    height and width must be even: decoded pixels differ slightly from the
+    input, by that conversion only. H.264 is written lossless (``qp 0``), so the
+    decoded frames are the same in every process: x264's lossy rate control
+    (its macroblock-tree lookahead) gave different bytes and decoded pixels from
+    one run to the next for the same frames, which made data written by two
+    processes differ (a resumed build, a retried job). On SynthMotion's flat
+    colours lossless files are no larger. The MPEG-4 fallback stays lossy.
     """
     video = clip.video if isinstance(clip, ToyClip) else clip
     if not isinstance(video, np.ndarray) or video.dtype != np.uint8 or video.ndim != 4:
@@ -138,7 +144,7 @@ def write_mp4(clip: ToyClip | np.ndarray, path: str | Path, fps: int = 8) -> Non
         stream = container.add_stream(codec, rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": "12"}
+            stream.options = {"qp": "0"}
         else:
             stream.bit_rate = 4_000_000
         for frame in video:
