@@ -16,11 +16,19 @@ post-training nor its evaluation uses:
   instruction-tuned (tower frozen) on SynthMotion questions;
 - ``MANIFEST.json``: how each was made (seeds, steps, losses) and file digests.
 
-    python scripts/demo_assets.py [--out assets/demo] [--quick]
+    python scripts/demo_assets.py [--out assets/demo] [--quick] [--only PART]
+        [--work DIR] [--size KEY=VALUE ...]
 
 ``--quick`` makes a few-step version for tests (minutes -> seconds); its
 models have learned nothing. Everything is seeded: the same command gives the
 same numbers on the same machine type.
+
+Long builds (hours of CPU) checkpoint into ``--work`` (default
+``runs/demo-assets-work``) every ``--checkpoint-every`` steps, and the same
+command run again goes on from the newest checkpoint of each training phase,
+so a build can span several sessions; a finished part is written to ``--out``
+only at its end. ``--size`` overrides a ``Sizes`` field (e.g.
+``--size cogvideox_steps=30000``); change sizes only with a fresh ``--work``.
 """
 
 from __future__ import annotations
@@ -84,12 +92,44 @@ def student_config(sizes: Sizes):
     return config
 
 
+@dataclass
+class Work:
+    """Where each training phase checkpoints (``dir/<phase>``), and how often."""
+
+    dir: Path | None = None
+    checkpoint_every: int = 250
+
+    def schedule(self, phase: str, **fields):
+        """The phase's ``Schedule``, checkpointing under ``dir`` (resumed from there)."""
+        from vidalign_trainer.pretrain import Schedule
+
+        if self.dir is None:
+            return Schedule(**fields)
+        return Schedule(**fields, out=str(self.dir / phase), checkpoint_every=self.checkpoint_every)
+
+    def losses(self, phase: str, returned: list[float]) -> list[float]:
+        """Every step's loss of the phase: from its metrics log when it checkpoints (a resumed
+        run returns only the steps it ran itself), the last record of a step winning."""
+        path = None if self.dir is None else self.dir / phase / "metrics.jsonl"
+        if path is None or not path.is_file():
+            return returned
+        by_step = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if "loss" in record:
+                    by_step[record["step"]] = record["loss"]
+        return [by_step[k] for k in sorted(by_step)]
+
+
+WORK = Work()
+
+
 def make_teacher(out: Path, videos: torch.Tensor, captions: list[str], sizes: Sizes, seed: int) -> dict:
     from vidalign.vda import load_teacher
     from vidalign.video import sample_frames
     from vidalign_trainer.pretrain import (
         DEMO_TEXT_WINDOW,
-        Schedule,
         calibrate_latent_scale,
         text_to_video,
         word_text_encoder,
@@ -99,9 +139,9 @@ def make_teacher(out: Path, videos: torch.Tensor, captions: list[str], sizes: Si
     word_text_encoder(teacher, synth_texts(), DEMO_TEXT_WINDOW, seed=seed)
     pixels = sample_frames(videos[:64], teacher.frames, teacher.resolution)
     factor = calibrate_latent_scale(teacher.vae, lambda: teacher.encode_video(pixels))
-    losses = text_to_video(teacher, videos, captions, Schedule(
-        steps=sizes.teacher_steps, batch_size=sizes.teacher_batch, lr=sizes.teacher_lr, seed=seed),
-        x0_weight_cap=sizes.x0_weight_cap)
+    losses = WORK.losses("animatediff", text_to_video(teacher, videos, captions, WORK.schedule(
+        "animatediff", steps=sizes.teacher_steps, batch_size=sizes.teacher_batch, lr=sizes.teacher_lr,
+        seed=seed), x0_weight_cap=sizes.x0_weight_cap))
     teacher.save_pretrained(out / "animatediff" / "base")
     return {"steps": sizes.teacher_steps, "batch": sizes.teacher_batch,
             "x0_weight_cap": sizes.x0_weight_cap, "vae_scaling_factor": round(factor, 6),
@@ -111,15 +151,15 @@ def make_teacher(out: Path, videos: torch.Tensor, captions: list[str], sizes: Si
 def make_cogvideox(out: Path, videos: torch.Tensor, captions: list[str], sizes: Sizes, seed: int) -> dict:
     from vidalign.motionenhancer import load_cogvideox
     from vidalign.video import sample_frames
-    from vidalign_trainer.pretrain import Schedule, calibrate_latent_scale, text_to_video_cogvideox
+    from vidalign_trainer.pretrain import calibrate_latent_scale, text_to_video_cogvideox
 
     teacher = load_cogvideox("tiny-cogvideox")
     clips = sample_frames(videos[:64], teacher.spec.frames, teacher.spec.height)
     factor = calibrate_latent_scale(
         teacher.vae, lambda: torch.cat([teacher.encode_video(c.numpy()) for c in clips])
     )
-    losses = text_to_video_cogvideox(teacher, videos, captions, Schedule(
-        steps=sizes.cogvideox_steps, batch_size=sizes.teacher_batch, lr=1e-3, seed=seed))
+    losses = WORK.losses("cogvideox", text_to_video_cogvideox(teacher, videos, captions, WORK.schedule(
+        "cogvideox", steps=sizes.cogvideox_steps, batch_size=sizes.teacher_batch, lr=1e-3, seed=seed)))
     teacher.save_pretrained(out / "cogvideox")
     return {"steps": sizes.cogvideox_steps, "vae_scaling_factor": round(factor, 6),
             "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:])}
@@ -151,7 +191,7 @@ def make_student(out: Path, data, sizes: Sizes, seed: int) -> dict:
     from transformers import VideoLlavaForConditionalGeneration
 
     from vidalign.students import VideoLLM, get_family, get_student_spec
-    from vidalign_trainer.pretrain import Schedule, instruction_tune, static_pretrain
+    from vidalign_trainer.pretrain import instruction_tune, static_pretrain
 
     spec = get_student_spec("tiny-videollava")
     family = get_family(spec)
@@ -162,11 +202,11 @@ def make_student(out: Path, data, sizes: Sizes, seed: int) -> dict:
         torch.manual_seed(seed)
         model = VideoLlavaForConditionalGeneration(config).eval()
     llm = VideoLLM(spec=spec, model=model, tokenizer=tokenizer, encoder=family.encoder(spec, model))
-    static = static_pretrain(llm.encoder, data.videos, data.truths, Schedule(
-        steps=sizes.static_steps, batch_size=sizes.student_batch, lr=1e-3, seed=seed))
+    static = WORK.losses("static", static_pretrain(llm.encoder, data.videos, data.truths, WORK.schedule(
+        "static", steps=sizes.static_steps, batch_size=sizes.student_batch, lr=1e-3, seed=seed)))
     examples = [(q.clip, q.prompt, q.target) for q in data.qa]
-    instruct = instruction_tune(llm, data.videos, examples, Schedule(
-        steps=sizes.instruct_steps, batch_size=sizes.student_batch, lr=1e-3, seed=seed))
+    instruct = WORK.losses("instruct", instruction_tune(llm, data.videos, examples, WORK.schedule(
+        "instruct", steps=sizes.instruct_steps, batch_size=sizes.student_batch, lr=1e-3, seed=seed)))
     target = out / "videollm" / "model"
     llm.model.save_pretrained(target)
     llm.tokenizer.save_pretrained(target)
@@ -177,6 +217,20 @@ def make_student(out: Path, data, sizes: Sizes, seed: int) -> dict:
         "instruct_steps": sizes.instruct_steps, "instruct_examples": len(examples),
         "instruct_loss_first_50": _mean(instruct[:50]), "instruct_loss_last_50": _mean(instruct[-50:]),
     }
+
+
+def override(sizes: Sizes, pairs: list[str]) -> Sizes:
+    """``sizes`` with ``KEY=VALUE`` fields replaced (ValueError naming a bad one)."""
+    fields = asdict(sizes)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--size {pair!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        try:
+            fields[key] = type(fields[key])(value)
+        except ValueError:
+            raise ValueError(f"--size {pair!r}: {value!r} is not a {type(fields[key]).__name__}") from None
+    return Sizes(**fields)
 
 
 def _mean(values: list[float]) -> float:
@@ -241,9 +295,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few steps each (tests)")
     parser.add_argument("--only", action="append", choices=["animatediff", "cogvideox", "videollm"],
                         help="remake only this part (repeatable); the others are kept")
+    parser.add_argument("--work", type=Path, default=Path("runs/demo-assets-work"),
+                        help="where training phases checkpoint; a rerun resumes from there")
+    parser.add_argument("--checkpoint-every", type=int, default=250, metavar="N",
+                        help="checkpoint every N steps of each phase")
+    parser.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a Sizes field, e.g. cogvideox_steps=30000 (repeatable)")
     args = parser.parse_args(argv)
     configure_logging()
-    manifest = build(Path(args.out), QUICK if args.quick else Sizes(), seed=args.seed, only=args.only)
+    sizes = QUICK if args.quick else Sizes()
+    try:
+        sizes = override(sizes, args.size)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    WORK.dir = None if args.quick else args.work.resolve()
+    WORK.checkpoint_every = args.checkpoint_every
+    manifest = build(Path(args.out), sizes, seed=args.seed, only=args.only)
     print(json.dumps(manifest["summary"], indent=2))
     return 0
 
