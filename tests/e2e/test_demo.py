@@ -66,11 +66,40 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
     config = DemoConfig(
         assets=str(quick_assets), train_clips=4, eval_clips=2, gap_timesteps=[700],
         stage1_steps=1, stage2_steps=1, stage3_steps=1, sft_steps=1, batch_size=2, prior_steps=1,
+        feature_gap_clips=2, feature_gap_timesteps=[700], cogvideox_gap_clips=2,
+        probe_train_clips=6, probe_held_out_clips=3,
     )
     results = run_demo(tmp_path, config)
     printed = capsys.readouterr().out
     # The gap is printed before anything trains.
     assert printed.index("conditioning gap of the trained teacher") < printed.index("baseline:")
+    # Each diagnostic prints its verdict before what it gates runs.
+    for diagnostic, before in (("AnimateDiff caption gap", "baseline:"),
+                               ("student: static same-choice rate", "== VDA stage 1"),
+                               ("probe: F_V frame position accuracy over chance", "== VDA stage 1"),
+                               ("VDA teacher feature gap, another clip's F_V", "vda stage 2:"),
+                               ("probe: F_V frame position, +VDA minus mismatch", "== VDA stage 3"),
+                               ("CogVideoX caption gap, motion words swapped", "== MotionEnhancer: priors")):
+        line = next(x for x in printed.splitlines() if diagnostic in x)
+        assert line.split("] ", 1)[1].startswith(("PASS ", "WARN ")), line
+        assert printed.index(diagnostic) < printed.index(before), diagnostic
+    diagnostics = results["diagnostics"]
+    expected = ["AnimateDiff caption gap", "student: static control accuracy",
+                "student: static same-choice rate", "probe: F_V frame position accuracy",
+                "probe: LLM tokens", "VDA teacher feature gap, another clip's F_V",
+                "VDA teacher feature gap, F_V's frames reversed",
+                "probe: F_V frame position, +VDA minus mismatch",
+                "CogVideoX caption gap, another clip's caption",
+                "CogVideoX caption gap, motion words swapped"]
+    assert len(diagnostics) == len(expected)
+    for d, name in zip(diagnostics, expected, strict=True):
+        assert d["name"].startswith(name), d
+        assert isinstance(d["value"], float), d
+        assert d["threshold"]["op"] in (">=", ">", "<=") and d["threshold"]["text"], d
+        assert d["verdict"] in ("PASS", "WARN") and d["warning"], d
+    assert set(results["feature_gap"]) == {"other_clip", "first_frame", "reversed", "shuffled"}
+    assert set(results["probe"]) == {"baseline", "vda", "ctrl-mismatch", "ctrl-random-teacher"}
+    assert results["cogvideox_gap"]["clips"] == 2
     assert set(results["gap"]) == {"trained", "random"}
     evals = results["evals"]
     assert set(evals) == {"baseline", "vda", "ctrl-mismatch", "ctrl-random-teacher",
@@ -79,7 +108,23 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
         assert set(summary["categories"]) == {*MOTION_CATEGORIES, STATIC_CATEGORY}
         assert summary["n"] == 2 * len(MOTION_CATEGORIES)
     assert results["headline"]["vda"]["best_control"].startswith("ctrl-")
+    # Every arm is scored by likelihood too; only the baseline answers with other videos.
+    for summary in evals.values():
+        assert set(summary["likelihood"]["categories"]) == {*MOTION_CATEGORIES, STATIC_CATEGORY}
+    same_choice = evals["baseline"]["substitution"]["likelihood"]["same_choice"]
+    assert same_choice["categories"][STATIC_CATEGORY]["n"] == 6  # 3 static questions a clip
+    assert all(s["substitution"] is None for name, s in evals.items() if name != "baseline")
+    assert results["headline_likelihood"]["vda"]["best_control"].startswith("ctrl-")
     table = (tmp_path / "results.md").read_text()
+    # The diagnostics open the report: one row each with its value, threshold and verdict.
+    assert table.index("| diagnostic | value | threshold | verdict |") < table.index("by letter")
+    for d in diagnostics:
+        assert f"| {d['name']} | " in table and f" | {d['threshold']['text']} | {d['verdict']} |" in table
+    failed = sum(d["verdict"] == "WARN" for d in diagnostics)
+    assert f"{len(diagnostics) - failed} of {len(diagnostics)} diagnostic gates passed" in table
+    assert "diagnostic gates passed" in printed.rsplit("held-out SynthMotion accuracy", 1)[1]
+    assert table.index("by the option text named") < table.index("by option likelihood")
+    assert "F_V frame probe" in table
     for category in MOTION_CATEGORIES:
         assert f"| {category} | 2 |" in table
     assert "+VDA minus its best control" in table

@@ -129,3 +129,184 @@ def test_report_headline_is_against_the_best_control():
     summary = main_summary([{"evals": evals}, {"evals": {**evals, "vda": _summary(dict.fromkeys(cats, 0.7), 0.8)}}])
     vda_row = next(line for line in summary.splitlines() if line.startswith("| +VDA |"))
     assert "60.0 ± 14.1" in vda_row and vda_row.endswith("| 2 |")
+
+
+# --- the diagnostics ------------------------------------------------------------------------
+
+
+def test_gate_verdicts_and_formatting():
+    import math
+
+    from vidalign_cli.diagnostics import Gate
+
+    gate = Gate(">=", 0.85)
+    assert gate.passes(0.85) and gate.passes(0.9) and not gate.passes(0.84)
+    assert not gate.passes(math.nan)  # a value that could not be measured never passes
+    assert gate.text == ">= 85.0%" and gate.format(0.5) == "50.0%" and gate.format(math.nan) == "n/a"
+    strict = Gate(">", 0.0, digits=3)
+    assert not strict.passes(0.0) and strict.passes(1e-4) and strict.text == "> 0.000%"
+    points = Gate(">", 0.031, unit="points", basis="2 se")
+    assert points.format(-0.012) == "-1.2 points" and points.text == "> +3.1 points (2 se)"
+    with pytest.raises(InvalidInput, match="op must be"):
+        Gate("=>", 0.1)
+    with pytest.raises(InvalidInput, match="unit must be"):
+        Gate(">", 0.1, unit="pct")
+
+
+def test_diagnostic_lines_table_and_summary():
+    import math
+
+    from vidalign_cli.diagnostics import Diagnostic, Gate, diagnostics_table, gates_summary
+
+    ok = Diagnostic("reads the video", 0.9, Gate(">=", 0.85), "does not read it", {"n": 3})
+    bad = Diagnostic("teacher gap", 0.001, Gate(">=", 0.05, digits=2), "the teacher ignores F_V")
+    unmeasured = Diagnostic("no static questions", math.nan, Gate("<=", 0.5), "not measured")
+    assert (ok.verdict, bad.verdict, unmeasured.verdict) == ("PASS", "WARN", "WARN")
+    assert ok.line() == "PASS reads the video: 90.0% (threshold >= 85.0%)"
+    assert bad.line() == "WARN teacher gap: 0.10% (threshold >= 5.00%): the teacher ignores F_V"
+    record = bad.to_dict()
+    assert record["verdict"] == "WARN" and record["value"] == 0.001
+    assert record["threshold"] == {"op": ">=", "bound": 0.05, "text": ">= 5.00%"}
+    assert unmeasured.to_dict()["value"] is None  # JSON has no NaN
+    table = diagnostics_table([ok, bad]).splitlines()
+    assert table[0] == "| diagnostic | value | threshold | verdict |"
+    assert table[2:] == ["| reads the video | 90.0% | >= 85.0% | PASS |",
+                         "| teacher gap | 0.10% | >= 5.00% | WARN |"]
+    assert gates_summary([ok, bad, unmeasured]) == (
+        "1 of 3 diagnostic gates passed; failed:\n\n- teacher gap: the teacher ignores F_V\n"
+        "- no static questions: not measured\n")
+    assert gates_summary([ok]) == "1 of 1 diagnostic gates passed.\n"
+
+
+def _score_dict(motion: float, static: float) -> dict:
+    """A ``score_dict``-shaped record: every motion category at ``motion``, the static at ``static``."""
+    return _summary(dict.fromkeys(MOTION_CATEGORIES, motion), static)
+
+
+def test_student_diagnostics_read_the_baseline_eval():
+    from vidalign_cli.diagnostics import student_diagnostics
+
+    summary = {**_score_dict(0.25, 0.3), "likelihood": _score_dict(0.3, 0.9),
+               "substitution": {
+                   "letter": {"accuracy": _score_dict(0.25, 0.3), "same_choice": _score_dict(1.0, 1.0)},
+                   "likelihood": {"accuracy": _score_dict(0.25, 0.2),
+                                  "same_choice": _score_dict(0.4, 0.6)}}}
+    static, substitution = student_diagnostics(summary)
+    assert static.value == pytest.approx(0.9) and static.verdict == "PASS"
+    assert static.detail == {"static_letter": pytest.approx(0.3)}
+    # 60% of the static answers unchanged with another clip's video: above 50%, a WARN.
+    assert substitution.value == pytest.approx(0.6) and substitution.verdict == "WARN"
+    assert substitution.detail["static_accuracy_with_other_video"] == pytest.approx(0.2)
+    assert substitution.detail["static_same_choice_letter"] == pytest.approx(1.0)
+    with pytest.raises(InvalidInput, match="without an option scorer"):
+        student_diagnostics({**summary, "substitution": None})
+
+
+def _probe_report(rows: dict[tuple[str, str], tuple[float, float]]):
+    """A ProbeReport: (target, source) -> (accuracy, stderr); chance 5% majority, 6.25% uniform."""
+    from vidalign.probe import ProbeReport, ProbeRow, ProbeScore
+
+    def score(accuracy: float, stderr: float) -> ProbeScore:
+        return ProbeScore(accuracy, stderr, 1.0, majority=0.05, uniform=0.0625, classes=16,
+                          train_rows=100, test_rows=50)
+
+    return ProbeReport({}, [ProbeRow(t, s, 64, score(*v), score(0.06, 0.01))
+                            for (t, s), v in rows.items()])
+
+
+def test_probe_diagnostics_headroom_llm_tokens_and_change():
+    from vidalign_cli.demo import HEADERS
+    from vidalign_cli.diagnostics import (
+        PROBE_FV,
+        PROBE_LLM,
+        probe_change_diagnostic,
+        probe_diagnostics,
+        probe_table,
+    )
+
+    base = _probe_report({("position", PROBE_FV): (0.085, 0.01), ("direction", PROBE_FV): (0.2, 0.02),
+                          ("position", PROBE_LLM): (0.4, 0.02)})
+    headroom, llm = probe_diagnostics(base)
+    # Over chance = over the larger of majority (5%) and uniform (6.25%).
+    assert headroom.value == pytest.approx(0.0225) and headroom.verdict == "PASS"
+    assert headroom.detail["chance"] == pytest.approx(0.0625)
+    assert llm.value == pytest.approx(0.3375) and llm.verdict == "PASS"
+    saturated = _probe_report({("position", PROBE_FV): (0.3, 0.01), ("position", PROBE_LLM): (0.1, 0.01)})
+    assert [d.verdict for d in probe_diagnostics(saturated)] == ["WARN", "WARN"]
+
+    reports = {"baseline": base,
+               "vda": _probe_report({("position", PROBE_FV): (0.15, 0.03), ("direction", PROBE_FV): (0.25, 0.02)}),
+               "ctrl-mismatch": _probe_report({("position", PROBE_FV): (0.08, 0.04),
+                                               ("direction", PROBE_FV): (0.2, 0.02)})}
+    change = probe_change_diagnostic(reports, "vda", "ctrl-mismatch", HEADERS)
+    # 7 points against 2 se of the difference: 2 * hypot(3, 4) = 10 points.
+    assert change.value == pytest.approx(0.07) and change.gate.bound == pytest.approx(0.10)
+    assert change.verdict == "WARN" and "mismatch" in change.name
+    table = probe_table(reports, HEADERS).splitlines()
+    assert table[0] == f"| run | {PROBE_FV} position | change | {PROBE_FV} direction | change |"
+    assert table[2] == "| baseline | 8.5 ± 1.0 | +0.0 | 20.0 ± 2.0 | +0.0 |"
+    assert table[3] == "| +VDA | 15.0 ± 3.0 | +6.5 | 25.0 ± 2.0 | +5.0 |"
+    assert table[-1] == "| chance (majority / uniform) | 5.0 / 6.2 |  | 5.0 / 6.2 |  |"
+    with pytest.raises(InvalidInput, match="no position row"):
+        probe_diagnostics(_probe_report({("position", PROBE_FV): (0.1, 0.01)}))
+
+
+def test_teacher_gap_diagnostics_and_their_tables():
+    from vidalign.gap import Gap
+    from vidalign.motionenhancer.diagnostics import CaptionGap, CaptionGapAt
+    from vidalign_cli.diagnostics import (
+        animatediff_gap_diagnostic,
+        cogvideox_gap_diagnostics,
+        cogvideox_gap_text,
+        feature_gap_diagnostics,
+        feature_gap_text,
+    )
+
+    gaps = {"other_clip": [Gap(500, 1.0, 1.1), Gap(750, 2.0, 2.0)],
+            "first_frame": [Gap(500, 1.0, 1.0), Gap(750, 2.0, 2.0)],
+            "reversed": [Gap(500, 1.0, 1.01), Gap(750, 2.0, 2.02)]}
+    other, reversed_ = feature_gap_diagnostics(gaps)
+    assert other.value == pytest.approx(0.05) and other.verdict == "PASS"  # (10% + 0%) / 2
+    assert reversed_.value == pytest.approx(0.01) and reversed_.verdict == "WARN"
+    assert "order of F_V" in reversed_.warning
+    assert reversed_.detail["mean_relative"]["first_frame"] == 0.0
+    assert reversed_.detail["timesteps"] == [500, 750]
+    text = feature_gap_text(gaps).splitlines()
+    assert text[2].split() == ["timestep", "own", "F_V", "other_clip", "first_frame", "reversed"]
+    assert text[3].split() == ["500", "1.00000", "+10.000%", "+0.000%", "+1.000%"]
+
+    # Only the alignment timesteps count; none there: not measured, a WARN.
+    caption = [Gap(100, 1.0, 2.0), Gap(500, 1.0, 1.02), Gap(900, 1.0, 1.0)]
+    animatediff = animatediff_gap_diagnostic(caption, [500, 1000])
+    assert animatediff.value == pytest.approx(0.01) and animatediff.verdict == "PASS"
+    assert animatediff.name.endswith("(t in [500, 1000))")
+    assert animatediff_gap_diagnostic(caption[:1], [500, 1000]).verdict == "WARN"
+
+    cog = CaptionGap((CaptionGapAt(300, 1.0, 1.02, 1.0), CaptionGapAt(700, 2.0, 2.02, 1.99)),
+                     clips=4, seeds=(0, 1))
+    other_caption, swapped = cogvideox_gap_diagnostics(cog)
+    assert other_caption.value == pytest.approx(0.015) and other_caption.verdict == "PASS"
+    assert swapped.value == pytest.approx(-0.0025) and swapped.verdict == "WARN"
+    assert swapped.gate.text == "> 0.000%" and "caption" in swapped.warning
+    assert cogvideox_gap_text(cog).splitlines()[3].split() == [
+        "300", "1.00000", "1.02000", "1.00000", "+2.000%", "+0.000%"]
+
+
+def test_every_metric_gets_a_table_and_headline():
+    from vidalign_cli.demo import DemoConfig, accuracy_tables, headline
+
+    cats = MOTION_CATEGORIES[:2]
+    evals = {}
+    for name, motion in (("baseline", 0.3), ("vda", 0.5), ("ctrl-mismatch", 0.4)):
+        summary = _summary(dict.fromkeys(cats, motion), 0.8)
+        evals[name] = {**summary, "named": summary, "likelihood": _summary(dict.fromkeys(cats, motion / 2), 0.9)}
+    assert headline(evals, "likelihood")["vda"]["motion_vs_best_control"] == pytest.approx(5.0)
+    tables = accuracy_tables(evals)
+    assert tables.index("by letter") < tables.index("by the option text named") < tables.index(
+        "by option likelihood")
+    assert "+5.0 points of motion average" in tables.split("by option likelihood")[1]
+    # An eval without likelihood (older results) gets no likelihood table.
+    del evals["vda"]["likelihood"]
+    assert "by option likelihood" not in accuracy_tables(evals)
+    with pytest.raises(ValueError, match="ran no stage 2"):
+        DemoConfig(probe_arms=["vda", "ctrl-no-teacher"])

@@ -10,15 +10,25 @@ instruction-tuned on SynthMotion questions):
 1. the teacher's **conditioning gap** (its loss with the true vs a wrong motion
    description, through the gRPC service) -- printed before anything trains;
 2. **baseline** evaluation on the held-out set (MotionBench's six categories +
-   the static control);
-3. **+VDA**: features -> stage 1 (W_proj + LoRA, teacher in-process) -> stage 2
-   (the encoder through the teacher service on loopback) -> stage 3 (LLM LoRA);
+   the static control), by letter, named option and option likelihood, and
+   again with another clip's video (the substitution check); a **probe** of
+   what the baseline's features carry;
+3. **+VDA**: features -> stage 1 (W_proj + LoRA, teacher in-process) -> the
+   teacher's **feature gap** with the stage-1 adapter -> stage 2 (the encoder
+   through the teacher service on loopback) -> a probe of the new encoder ->
+   stage 3 (LLM LoRA);
 4. the **controls**, same budget: stage 2 with mismatched clips; the whole
    recipe with an untrained (random) teacher; stage 3 alone (no teacher);
-5. **+MotionEnhancer**: priors from the CogVideoX teacher service -> SFT with
-   CE + lambda L_align, and its control, the same SFT with lambda = 0;
+5. **+MotionEnhancer**: CogVideoX's **caption gap**, then priors from the
+   CogVideoX teacher service -> SFT with CE + lambda L_align, and its control,
+   the same SFT with lambda = 0;
 6. a table per category, the headline "+VDA minus the best control", loss
    curves and attention-prior overlays as PNG, everything in ``--out``.
+
+The diagnostics (1, 2, 3, 5; ``vidalign_cli.diagnostics``) each print a PASS or
+WARN line against a threshold; they open ``results.md`` and fill
+``results["diagnostics"]``. A WARN never stops the demo: it says which link from
+teacher to answer is broken, so that the table's "no" can be read.
 
 Every run's artifacts are committed to a local store under ``--out``; the
 numbers land in ``results.json`` and ``results.md``.
@@ -32,16 +42,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vidalign.errors import FailedPrecondition, Unavailable
 from vidalign.log import get_logger
+from vidalign_cli import diagnostics as diag
+
+if TYPE_CHECKING:
+    from vidalign.probe import ProbeReport
 
 log = get_logger("vidalign.demo")
 
@@ -55,6 +69,11 @@ EVAL_SEED = 999_999
 """SynthMotion seed of the held-out evaluation clips (never used for training anywhere)."""
 POST_TRAIN_SEED = 500_000
 """Post-training clips of demo seed s come from SynthMotion seed POST_TRAIN_SEED + s."""
+LIKELIHOOD_ROWS = 64
+"""(question, option) rows per forward pass of the likelihood scorer: the tiny student's logits
+for 64 rows are a few MB, and it takes half the time of the scorer's default 8 (measured)."""
+STAGE2_RUNS = ("vda", "ctrl-mismatch", "ctrl-random-teacher")
+"""The runs with a stage-2 encoder of their own (the no-teacher control keeps the baseline's)."""
 
 
 # --- the teacher service ---------------------------------------------------------------
@@ -152,7 +171,24 @@ class DemoConfig:
     """Where stages 1 and 2 draw timesteps: the high-noise half, where the conditioning matters
     (the conditioning gap printed first says whether it does)."""
     gap_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    """Timesteps of both teachers' caption gaps (AnimateDiff's and CogVideoX's)."""
     gap_clips: int = 8
+    cogvideox_gap_clips: int = 4
+    """Post-training clips of CogVideoX's caption gap (each is VAE-encoded and denoised under
+    three captions at every gap timestep, twice)."""
+    feature_gap_clips: int = 4
+    """Post-training clips of the VDA teacher's feature gap (at least 2: one lends the other
+    its F_V). Each timestep costs five teacher calls (own F_V and four spoilt), two draws a clip."""
+    feature_gap_timesteps: list[int] = field(default_factory=lambda: [625, 875])
+    """Where the feature gap is sought: the middles of the two halves of the alignment
+    timesteps [500, 1000)."""
+    probe_train_clips: int = 128
+    probe_held_out_clips: int = 64
+    """The probes' clips (``vidalign probe --clips``): half its defaults, to keep the demo fast."""
+    probe_arms: list[str] = field(
+        default_factory=lambda: ["vda", "ctrl-mismatch", "ctrl-random-teacher"])
+    """Runs whose stage-2 encoder is probed after stage 2 (``vda`` is compared with
+    ``ctrl-mismatch`` when both are listed)."""
     stage1_steps: int = 60
     stage2_steps: int = 60
     stage3_steps: int = 120
@@ -169,6 +205,12 @@ class DemoConfig:
     sft_lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-3, 3e-3])
     """SFT learning rates of the vision tower, projector, LLM and aligner (toy scale, as
     configs/sft-tiny.yaml; real models use ~1e-6 / 1e-5 / 1e-5)."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.probe_arms) - set(STAGE2_RUNS))
+        if unknown:
+            raise ValueError(
+                f"probe_arms: {unknown} ran no stage 2; choose from {list(STAGE2_RUNS)}")
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -240,20 +282,29 @@ def make_data(out: Path, config: DemoConfig) -> tuple[Path, Path]:
 
 
 def evaluate_student(items: list, *, weights: Path | str, encoder: str = "", lora: str = "",
-                     out: Path, name: str) -> dict[str, Any]:
-    """Score one variant on the held-out items; writes ``<out>/eval/<name>.{json,md,...}``."""
+                     out: Path, name: str, substitute: bool = False) -> dict[str, Any]:
+    """Score one variant on the held-out items; writes ``<out>/eval/<name>.{json,md,...}``.
+
+    Every variant is scored by letter, by the option it names and by option likelihood
+    (which needs no generation, so a student that cannot copy letters is still measured);
+    ``substitute`` also asks every question with another clip's video (doubles the time).
+    """
     from vidalign.eval import evaluate, result_dict, write_result
+    from vidalign.eval.likelihood import videollm_option_scorer
     from vidalign.students.answerer import load_trained_videollm, videollm_answerer
 
     llm = load_trained_videollm(STUDENT, path=str(weights), encoder=encoder, lora=lora)
+    scorer = videollm_option_scorer(llm, max_rows=LIKELIHOOD_ROWS)
     result = evaluate(items, videollm_answerer(llm, max_new_tokens=24), batch_size=16,
-                      frames=16, progress=False)
+                      frames=16, progress=False, option_scorer=scorer,
+                      substitute=substitute, substitute_seed=0)
     write_result(result, out / "eval", name=name, model=name)
     summary = result_dict(result, model=name)
     summary["named"] = named_option_scores(items, {p.uid: p.output for p in result.predictions})
-    say(f"{name}: motion average {100 * summary['average']:.1f}% by letter, "
-        f"{100 * summary['named']['average']:.1f}% by named option; static control "
-        f"{100 * _static(summary):.1f}% / {100 * _static(summary['named']):.1f}%")
+    by = {m: _metric(summary, m) for m in METRICS}
+    say(f"{name}: motion average " + " / ".join(f"{100 * s['average']:.1f}%" for s in by.values())
+        + f" by {' / '.join(by)}; static control "
+        + " / ".join(f"{100 * _static(s):.1f}%" for s in by.values()))
     return summary
 
 
@@ -378,6 +429,7 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
         items = load_benchmark("motionbench", eval_dir).items
         say(f"post-training clips: {train_dir}; held-out: {eval_dir} ({len(items)} questions)")
 
+    found: list[diag.Diagnostic] = []
     with timings.phase("conditioning gap"):
         gaps = {}
         for name, weights in (("trained", trained), ("random", random_teacher)):
@@ -386,17 +438,23 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
             print_gap(f"conditioning gap of the {name} teacher (loss with a wrong motion "
                       f"description vs the true one; same noise):", gaps[name])
         results["gap"] = {k: [asdict(g) | {"relative": g.relative} for g in v] for k, v in gaps.items()}
-        lo, hi = config.timestep_range
-        aligned = [g.relative for g in gaps["trained"] if lo <= g.timestep < hi]
-        mean_gap = sum(aligned) / max(1, len(aligned))
-        results["gap_at_alignment"] = mean_gap
-        verdict = ("the teacher's loss depends on the motion description" if mean_gap > 0.01 else
-                   "WARNING: near zero -- this teacher cannot pass motion through its conditioning")
-        say(f"gap over the alignment timesteps [{lo}, {hi}): {mean_gap:+.2%}: {verdict}")
+        gap_check = diag.animatediff_gap_diagnostic(gaps["trained"], config.timestep_range)
+        results["gap_at_alignment"] = _note(found, [gap_check])[0].value
 
     evals: dict[str, dict[str, Any]] = {}
-    with timings.phase("baseline eval"):
-        evals["baseline"] = evaluate_student(items, weights=student / "model", out=out, name="baseline")
+    with timings.phase("baseline eval (and with another clip's video)"):
+        evals["baseline"] = evaluate_student(items, weights=student / "model", out=out,
+                                             name="baseline", substitute=True)
+        _note(found, diag.student_diagnostics(evals["baseline"]))
+
+    probes: dict[str, ProbeReport] = {}
+    with timings.phase("probe: what the baseline's features carry"):
+        probe_clips = diag.probe_clips(config.probe_train_clips, config.probe_held_out_clips)
+        probes["baseline"] = diag.probe(STUDENT, probe_clips, train_clips=config.probe_train_clips,
+                                        weights=str(student / "model"),
+                                        sources=(diag.PROBE_FV, diag.PROBE_LLM), seed=config.seed)
+        print(f"\nprobe of the baseline student:\n{probes['baseline'].table()}", flush=True)
+        _note(found, diag.probe_diagnostics(probes["baseline"]))
 
     runs = {
         "vda": vda_configs(out / "vda", config, train_dir, teacher_weights=trained,
@@ -419,9 +477,22 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
             result = run_stage1(runs[name]["stage1"], resume=True)
             say(f"{name} stage 1: {_trend(result.losses)}")
 
-    with timings.phase("VDA stage 2 through the gRPC teacher (+VDA, mismatch control)"):
-        adapter = runs["vda"]["stage2"].teacher.adapter
-        with serving(TEACHER_MODEL, out / "teachers", weights=trained, adapters=[adapter]) as address:
+    # One teacher service, +VDA's stage-1 adapter loaded: first the feature gap, then stage 2.
+    with ExitStack() as service:
+        with timings.phase("feature gap: does the teacher read F_V? (+VDA's stage-1 adapter)"):
+            adapter = runs["vda"]["stage2"].teacher.adapter
+            address = service.enter_context(
+                serving(TEACHER_MODEL, out / "teachers", weights=trained, adapters=[adapter]))
+            feature_gaps = diag.measure_feature_gap(
+                address, adapter=adapter, features_uri=runs["vda"]["features"].output.dir,
+                train_dir=train_dir, clips=config.feature_gap_clips, frames=config.frames,
+                size=config.size, timesteps=config.feature_gap_timesteps, seed=config.seed,
+                text=runs["vda"]["stage2"].train.text)
+            print(diag.feature_gap_text(feature_gaps), flush=True)
+            results["feature_gap"] = {how: [asdict(g) | {"relative": g.relative} for g in per_t]
+                                      for how, per_t in feature_gaps.items()}
+            _note(found, diag.feature_gap_diagnostics(feature_gaps))
+        with timings.phase("VDA stage 2 through the gRPC teacher (+VDA, mismatch control)"):
             for name in ("vda", "ctrl-mismatch"):
                 runs[name]["stage2"].teacher.address = address
                 losses = run_stage2(runs[name]["stage2"], resume=True)
@@ -433,6 +504,18 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
             stage2.teacher.address = address
             losses = run_stage2(stage2, resume=True)
 
+    with timings.phase("probe: the stage-2 encoders"):
+        for name in config.probe_arms:
+            probes[name] = diag.probe(STUDENT, probe_clips, train_clips=config.probe_train_clips,
+                                      weights=str(student / "model"),
+                                      encoder=runs[name]["stage3"].encoder, seed=config.seed)
+        print(f"\n{diag.PROBE_FV} after stage 2 (accuracy %, change from the baseline):\n\n"
+              f"{diag.probe_table(probes, HEADERS)}", flush=True)
+        if "vda" in probes:
+            control = "ctrl-mismatch" if "ctrl-mismatch" in probes else "baseline"
+            _note(found, [diag.probe_change_diagnostic(probes, "vda", control, HEADERS)])
+        results["probe"] = {name: report.to_dict() for name, report in probes.items()}
+
     with timings.phase("VDA stage 3 (LLM LoRA) and eval, +VDA and controls"):
         for name, stages in runs.items():
             run_stage3(stages["stage3"], resume=True)
@@ -441,6 +524,14 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
                 lora=f"{stages['stage3'].output.dir}/lora", out=out, name=name,
             )
 
+    with timings.phase("caption gap of the CogVideoX teacher (before its priors)"):
+        cogvideox_gap = diag.measure_cogvideox_gap(
+            assets / "cogvideox", PRIORS_MODEL, train_dir=train_dir,
+            clips=config.cogvideox_gap_clips, frames=config.frames, size=config.size,
+            timesteps=config.gap_timesteps, seed=config.seed)
+        print(diag.cogvideox_gap_text(cogvideox_gap), flush=True)
+        results["cogvideox_gap"] = cogvideox_gap.to_dict()
+        _note(found, diag.cogvideox_gap_diagnostics(cogvideox_gap))
     with timings.phase("MotionEnhancer: priors from the CogVideoX teacher service"):
         priors_uri = str(out / "me" / "priors")
         with serving(PRIORS_MODEL, out / "teachers", weights=assets / "cogvideox",
@@ -452,9 +543,11 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
             evals[name] = evaluate_student(items, weights=run_dir / "model", out=out, name=name)
 
     with timings.phase("report"):
+        results["diagnostics"] = [d.to_dict() for d in found]
         results["evals"] = evals
         results["headline"] = headline(evals)
         results["headline_named"] = headline(evals, "named")
+        results["headline_likelihood"] = headline(evals, "likelihood")
         results["timings_s"] = timings.phases
         curves = {
             "+VDA stage 1": _losses(out / "vda" / "stage1"),
@@ -468,21 +561,34 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
 
         line_chart(curves, f"demo seed {config.seed}: training losses").save(out / "losses.png")
         _show_priors(priors_uri, out / "priors-png")
-        table = (
-            "by letter (MotionBench's rule):\n\n" + results_table(evals) + "\n"
-            + headline_text(results["headline"]) + "\n\n"
-            + "by the option text named (FAVOR-Bench's substring rule):\n\n"
-            + results_table(evals, "named") + "\n" + headline_text(results["headline_named"]) + "\n"
-        )
-        (out / "results.md").write_text(table)
+        diagnostics = diagnostics_section(found)
+        table = accuracy_tables(evals)
+        probe_section = (f"{diag.PROBE_FV} probe (accuracy %, change from the baseline):\n\n"
+                         + diag.probe_table(probes, HEADERS))
+        (out / "results.md").write_text(f"{diagnostics}\n{table}\n{probe_section}")
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     print("\nheld-out SynthMotion accuracy (%), by category,", table)
+    print(diagnostics)
     print(f"\nwall time {sum(timings.phases.values()):.0f} s: " +
           ", ".join(f"{k} {v:.0f} s" for k, v in timings.phases.items()))
     print(f"results: {out / 'results.md'}, {out / 'results.json'}; plots: {out / 'losses.png'}, "
           f"{out / 'priors-png'}")
     return results
+
+
+def _note(found: list[diag.Diagnostic], new: list[diag.Diagnostic]) -> list[diag.Diagnostic]:
+    """Print each new diagnostic's PASS / WARN line and keep it for the report; returns ``new``."""
+    for d in new:
+        say(d.line())
+    found.extend(new)
+    return new
+
+
+def diagnostics_section(found: Sequence[diag.Diagnostic]) -> str:
+    """The top of ``results.md``: the diagnostics table and which gates failed."""
+    return ("diagnostics (PASS / WARN against each threshold; vidalign_cli/diagnostics.py says "
+            f"why each):\n\n{diag.diagnostics_table(found)}\n{diag.gates_summary(found)}")
 
 
 def _extract_priors(train_dir: Path, uri: str, address: str, config: DemoConfig) -> None:
@@ -535,6 +641,13 @@ HEADERS = {"baseline": "baseline", "vda": "+VDA", "ctrl-mismatch": "mismatch",
            "ctrl-random-teacher": "random teacher", "ctrl-no-teacher": "no teacher",
            "motionenhancer": "+MotionEnhancer", "ctrl-sft-no-align": "SFT, no align"}
 VDA_CONTROLS = ("ctrl-mismatch", "ctrl-random-teacher", "ctrl-no-teacher")
+METRICS = {
+    "letter": "by letter (MotionBench's rule)",
+    "named": "by the option text named (FAVOR-Bench's substring rule)",
+    "likelihood": "by option likelihood (the option text the student finds most likely, "
+                  "nothing generated)",
+}
+"""The accuracies of every arm, each with its table and headline (``_metric`` reads them)."""
 
 
 def _metric(summary: dict[str, Any], metric: str) -> dict[str, Any]:
@@ -544,7 +657,8 @@ def _metric(summary: dict[str, Any], metric: str) -> dict[str, Any]:
 def results_table(evals: dict[str, dict[str, Any]], metric: str = "letter") -> str:
     """Rows: categories, Overall, Average; columns: the runs; n = questions per row.
 
-    ``metric``: ``letter`` (MotionBench's rule) or ``named`` (the option text named).
+    ``metric``: ``letter`` (MotionBench's rule), ``named`` (the option text named) or
+    ``likelihood`` (the most likely option); see :data:`METRICS`.
     """
     from vidalign.data.synth import MOTION_CATEGORIES, STATIC_CATEGORY
 
@@ -564,6 +678,16 @@ def results_table(evals: dict[str, dict[str, Any]], metric: str = "letter") -> s
         cells = [f"{100 * evals[c][key]:.1f}" for c in cols]
         lines.append("| " + " | ".join([label, str(first["n"]), *cells]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def accuracy_tables(evals: dict[str, dict[str, Any]]) -> str:
+    """A table and headline per metric of :data:`METRICS` present in every eval."""
+    parts = []
+    for metric, title in METRICS.items():
+        if all(metric == "letter" or v.get(metric) for v in evals.values()):
+            parts.append(f"{title}:\n\n{results_table(evals, metric)}\n"
+                         f"{headline_text(headline(evals, metric))}\n")
+    return "\n".join(parts)
 
 
 def headline(evals: dict[str, dict[str, Any]], metric: str = "letter") -> dict[str, Any]:
