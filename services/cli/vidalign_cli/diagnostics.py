@@ -59,8 +59,8 @@ PROBE_CHANGE_SE = 2.0
 difference (clustered by clip): less is within the probe's noise. Position, because a teacher
 that reads each frame's F_V asks first where that frame's objects are."""
 FEATURE_GAP_MIN = 0.05
-"""The teacher's loss must rise >= 5% with another clip's F_V and with F_V's frames reversed
-(the issue's gate): below, stage 2's gradient carries little about the clip or its time order."""
+"""The teacher's loss must rise >= 5% with another clip's F_V and with F_V's frames reversed:
+below, stage 2's gradient carries little about the clip or its time order."""
 ANIMATEDIFF_GAP_MIN = 0.01
 """AnimateDiff's loss must rise >= 1% with the motion words swapped over the alignment
 timesteps: below, its conditioning carries no motion to pass to the encoder."""
