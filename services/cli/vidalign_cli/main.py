@@ -460,7 +460,7 @@ def _probe(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     from vidalign.config import load_config
-    from vidalign_cli.demo import DemoConfig, main_summary, run_demo
+    from vidalign_cli.demo import METRICS, DemoConfig, main_summary, run_demo
 
     seeds = args.seeds or [args.seed]
     runs = []
@@ -471,8 +471,7 @@ def _demo(args: argparse.Namespace) -> None:
     if len(seeds) > 1:
         table = "".join(
             f"\n{title}:\n\n{main_summary(runs, metric)}"
-            for metric, title in (("letter", "by letter (MotionBench's rule)"),
-                                  ("named", "by the option text named"))
+            for metric, title in METRICS.items()
         )
         (Path(args.out) / "summary.md").write_text(f"over seeds {seeds}\n{table}")
         print(f"\nover seeds {seeds}:\n{table}")
