@@ -129,7 +129,8 @@ def conditioning_server(tmp_path_factory):
 
     The session's adapters (conftest) have the default mode; these cover each one.
     frame_pos gets a non-zero position table (a fresh one is zero and would
-    condition exactly as "context"), so the positions take part in the gradient.
+    condition exactly as "context"), so the positions take part in the gradient;
+    spatial gets a non-zero W_proj (a fresh one is zero: no gradient would reach F_V).
     """
     name = "tiny-animatediff"
     teacher = load_teacher(name)
@@ -138,11 +139,15 @@ def conditioning_server(tmp_path_factory):
     paths = {}
     for mode in CONDITIONINGS:
         adapter = Adapter.create(
-            d_v=d_v, cond_dim=teacher.cond_dim, teacher_family=teacher.family, seed=4, conditioning=mode
+            d_v=d_v, cond_dim=teacher.cond_dim, teacher_family=teacher.family, seed=4, conditioning=mode,
+            teacher=teacher,
         )
         if mode == "frame_pos":
             with torch.no_grad():
                 adapter.proj.frame_pos.normal_(generator=torch.Generator().manual_seed(6))
+        if mode == "spatial":
+            with torch.no_grad():
+                adapter.proj.weight.normal_(generator=torch.Generator().manual_seed(6))
         paths[mode] = root / f"{mode}.safetensors"
         adapter.save(paths[mode])
     server = _start(name, list(paths.values()))

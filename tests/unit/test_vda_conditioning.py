@@ -1,10 +1,11 @@
 """VDA's conditioning modes: how W_proj(F_V) reaches the teacher's frames.
 
-"frame" (each teacher frame sees the tokens of the student frame at its time) and
-"frame_pos" (all tokens plus a learned frame-position embedding) let the teacher
-see the order of F_V's frames; "context" (all tokens, unordered, the original
-route) must not. Checked on the tiny presets: the loss moves when F_V's frames
-are reversed or shuffled under the first two and stays put under the third,
+"frame" (each teacher frame sees the tokens of the student frame at its time),
+"frame_pos" (all tokens plus a learned frame-position embedding) and "spatial"
+(the tokens of the student frame at its time, on their grid, added to the UNet's
+first feature map) let the teacher see the order of F_V's frames; "context" (all
+tokens, unordered, the original route) must not. Checked on the tiny presets: the
+loss moves when F_V's frames are reversed or shuffled except under "context",
 dL/dF_V from ``loss_and_grad`` is autograd's in every mode, and adapter files
 keep their mode (files from before the modes existed load as "context").
 """
@@ -30,7 +31,7 @@ from vidalign.vda.adapter import (
     _serialize,
     frame_sources,
 )
-from vidalign.vda.loss import _conditioning
+from vidalign.vda.loss import _conditioning, _spatial_residual
 
 from ..conftest import STUDENT
 from ..support.numerics import (
@@ -42,7 +43,7 @@ from ..support.numerics import (
     max_abs_diff,
 )
 
-MODES = ("frame", "frame_pos", "context")
+MODES = ("frame", "frame_pos", "context", "spatial")
 B, FRAMES, SIZE = 2, 8, 16
 """Latents (B, 4, FRAMES, SIZE, SIZE): the tiny teacher's 8 frames of 32x32 pixels."""
 STUDENT_FRAMES = 8
@@ -85,14 +86,25 @@ def inputs(animatediff, d_v):
 def _adapter(teacher: DiffusionTeacher, d_v: int, conditioning: str, **kwargs) -> Adapter:
     return Adapter.create(
         d_v=d_v, cond_dim=teacher.cond_dim, teacher_family=teacher.family, seed=1,
-        conditioning=conditioning, **kwargs,
+        conditioning=conditioning, teacher=teacher, **kwargs,
     )
 
 
+SPATIAL_READABLE = 0.2
+"""Std of the random W_proj given to a "spatial" adapter (a fresh one is zero): with F_V of
+std 1 and d_v 32 the added map has std ~1.1, the size of the input convolution's own
+output, as a trained adapter's would be; measured effects of frame order 1e-2..5e-2."""
+
+
 def _readable(adapter: Adapter) -> Adapter:
-    """``adapter`` with W_proj scaled by READABLE and, under frame_pos, a non-zero table."""
+    """``adapter`` with W_proj scaled by READABLE (random of std SPATIAL_READABLE under
+    spatial, whose W_proj starts at zero) and, under frame_pos, a non-zero table."""
     with torch.no_grad():
-        adapter.proj.weight.mul_(READABLE)
+        if adapter.conditioning == "spatial":
+            g = torch.Generator().manual_seed(0)
+            adapter.proj.weight.copy_(SPATIAL_READABLE * torch.randn(adapter.proj.weight.shape, generator=g))
+        else:
+            adapter.proj.weight.mul_(READABLE)
         if adapter.conditioning == "frame_pos":
             g = torch.Generator().manual_seed(0)
             adapter.proj.frame_pos.copy_(READABLE * torch.randn(adapter.proj.frame_pos.shape, generator=g))
@@ -246,6 +258,96 @@ def test_a_fresh_frame_pos_adapter_conditions_as_context(animatediff, d_v, input
     )
 
 
+def test_spatial_residual_lays_each_frames_tokens_on_its_grid(animatediff, d_v):
+    """Under "spatial", teacher frame f's added map is W_proj(tokens of student frame s(f)),
+    token i * G + j covering cell (i, j) of the latent frame: exact copies, no mixing."""
+    grid, student = 2, 3
+    adapter = _readable(_adapter(animatediff, d_v, "spatial", frame_tokens=grid * grid))
+    assert (adapter.frame_grid, adapter.spatial_channels) == (grid, animatediff.spatial_channels)
+    features = torch.randn(B, student * grid * grid, d_v, generator=torch.Generator().manual_seed(5))
+    shape = torch.Size((B, animatediff.latent_channels, FRAMES, SIZE, SIZE))
+    residual = _spatial_residual(adapter, features, torch.device("cpu"), shape)
+    assert residual.shape == (B, FRAMES, animatediff.spatial_channels, SIZE, SIZE)
+    projected = adapter.project(features)
+    cell = SIZE // grid
+    for f, s in enumerate(frame_sources(FRAMES, student)):
+        for i in range(grid):
+            for j in range(grid):
+                token = projected[:, s * grid * grid + i * grid + j]  # (B, channels)
+                block = residual[:, f, :, i * cell : (i + 1) * cell, j * cell : (j + 1) * cell]
+                assert torch.equal(block, token[:, :, None, None].expand_as(block))
+    # The text alone is the cross-attention context; other modes add no residual.
+    text = animatediff.encode_text(["a red square", "a blue circle"])
+    assert torch.equal(_conditioning(adapter, text, features, torch.device("cpu"), FRAMES), text)
+    frame = _adapter(animatediff, d_v, "frame", frame_tokens=grid * grid)
+    assert _spatial_residual(frame, features, torch.device("cpu"), shape) is None
+
+
+def test_a_fresh_spatial_adapter_leaves_the_teacher_as_text_alone(animatediff, d_v, inputs):
+    """W_proj's last layer starts at zero (both projections): the teacher starts as pretrained,
+    exactly; without text the UNet attends to the empty caption, its unconditional context."""
+    for projection in ("linear", "mlp"):
+        fresh = _adapter(animatediff, d_v, "spatial", projection=projection)
+        assert torch.equal(
+            _losses(animatediff, fresh, inputs, inputs["features"]),
+            _losses(animatediff, None, inputs, None),
+        )
+    adapter = _readable(_adapter(animatediff, d_v, "spatial"))
+    kwargs = {"features": inputs["features"], "sample_ids": ["clip-a", "clip-b"], "seed": 3,
+              "timesteps": TIMESTEPS, "draws": [0, 1]}
+    with torch.no_grad():
+        no_text, _ = denoising_loss(animatediff, adapter, inputs["latents"], text_emb=None, **kwargs)
+        empty, _ = denoising_loss(animatediff, adapter, inputs["latents"],
+                                  text_emb=animatediff.encode_text(["", ""]), **kwargs)
+    assert torch.equal(no_text, empty)
+
+
+def test_spatial_map_reaches_only_its_frames_on_sd15(sd15, d_v):
+    """SD1.5 denoises frames independently: a student frame's spatial map moves exactly the
+    teacher frames mapped to it (T = 4 over F = 8), and the others bit for bit not."""
+    adapter = _readable(_adapter(sd15, d_v, "spatial"))
+    g = torch.Generator().manual_seed(7)
+    z0 = torch.randn(1, sd15.latent_channels, FRAMES, SIZE, SIZE, generator=g)
+    features = torch.randn(1, 4, d_v, generator=g)
+    changed = features.clone()
+    changed[:, 1] = torch.randn(d_v, generator=g)
+    text = sd15.encode_text(["a red square"])
+    eps = []
+    with torch.no_grad():
+        for f in (features, changed):
+            residual = _spatial_residual(adapter, f, sd15.device, z0.shape)
+            eps.append(sd15.predict_noise(z0, torch.tensor([600]), text, residual))
+    moved = [f for f, s in enumerate(frame_sources(FRAMES, 4)) if s == 1]
+    still = [f for f in range(FRAMES) if f not in moved]
+    assert moved == [2, 3]
+    tol = assert_fp32_close(eps[1][:, :, still], eps[0][:, :, still], terms=TINY_TEACHER_LOSS_TERMS,
+                            what="frames of other student frames")
+    for f in moved:
+        assert max_abs_diff(eps[1][:, :, f], eps[0][:, :, f]) > 100 * tol
+
+
+def test_spatial_shapes_and_channels_are_checked(animatediff, d_v, inputs):
+    with pytest.raises(InvalidInput, match=r"frame_tokens: 'spatial' conditioning lays .* square grid, got 2"):
+        _adapter(animatediff, d_v, "spatial", frame_tokens=2)
+    with pytest.raises(InvalidInput, match=r"spatial_channels: expected 0 under conditioning 'frame', got 8"):
+        Adapter(d_v=d_v, cond_dim=animatediff.cond_dim, teacher_family="animatediff",
+                conditioning="frame", spatial_channels=8)
+    with pytest.raises(InvalidInput, match=r"spatial_channels: expected a positive int .* got 0"):
+        Adapter(d_v=d_v, cond_dim=animatediff.cond_dim, teacher_family="animatediff", conditioning="spatial")
+    with pytest.raises(InvalidInput, match=r"'spatial' conditioning needs spatial_channels or the teacher"):
+        Adapter.create(d_v=d_v, cond_dim=animatediff.cond_dim, teacher_family="animatediff",
+                       conditioning="spatial")
+    # An adapter made for another first feature map: a clear refusal, not a broadcasting error.
+    other = _readable(Adapter.create(d_v=d_v, cond_dim=animatediff.cond_dim, teacher_family="animatediff",
+                                     conditioning="spatial", spatial_channels=animatediff.spatial_channels + 1))
+    with pytest.raises(InvalidInput, match=r"adapter.spatial_channels: expected the teacher's \d+"):
+        _losses(animatediff, other, inputs, inputs["features"])
+    z_t = inputs["latents"]
+    residual = torch.zeros(B, FRAMES, animatediff.spatial_channels, SIZE, SIZE - 1)
+    with pytest.raises(InvalidInput, match=r"residual: expected \(2, 8, \d+, 16, 16\), got"):
+        animatediff.predict_noise(z_t, torch.tensor([1, 2]), inputs["text_emb"], residual)
+
+
 # --- gradients ---------------------------------------------------------------------------
 
 
@@ -301,7 +403,7 @@ def test_student_frames_no_teacher_frame_sees_get_no_gradient(animatediff, d_v, 
 @pytest.mark.parametrize("projection", ["linear", "mlp"])
 @pytest.mark.parametrize("mode", MODES)
 def test_adapter_file_keeps_its_mode(mode, projection, tmp_path, animatediff, d_v, inputs):
-    adapter = _adapter(animatediff, d_v, mode, projection=projection, frame_tokens=2, max_frames=12)
+    adapter = _adapter(animatediff, d_v, mode, projection=projection, frame_tokens=4, max_frames=12)
     if mode == "frame_pos":
         with torch.no_grad():
             adapter.proj.frame_pos.normal_(generator=torch.Generator().manual_seed(1))
@@ -309,13 +411,14 @@ def test_adapter_file_keeps_its_mode(mode, projection, tmp_path, animatediff, d_
     assert adapter.save(tmp_path / "b.safetensors") == digest  # stable bytes: a stable id
     loaded = Adapter.load(tmp_path / "a.safetensors")
     assert loaded.digest == digest == loaded.lora_name
-    assert (loaded.conditioning, loaded.frame_tokens, loaded.max_frames) == (mode, 2, 12)
+    assert (loaded.conditioning, loaded.frame_tokens, loaded.max_frames) == (mode, 4, 12)
+    assert loaded.spatial_channels == (animatediff.spatial_channels if mode == "spatial" else 0)
     assert loaded._fields() == adapter._fields()
     a, b = adapter.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert ("proj.frame_pos" in a) == (mode == "frame_pos")
     assert loaded.save(tmp_path / "c.safetensors") == digest
-    features = inputs["features"].repeat_interleave(2, dim=1)  # 8 frames of 2 tokens
+    features = inputs["features"].repeat_interleave(4, dim=1)  # 8 frames of 4 tokens
     assert torch.equal(loaded.project(features), adapter.project(features))
 
 
@@ -381,7 +484,7 @@ def test_stage1_adapter_config_validates_and_reads_frame_tokens_from_the_feature
 
     assert AdapterConfig().conditioning == DEFAULT_CONDITIONING
     assert AdapterConfig(conditioning="context").conditioning == "context"
-    with pytest.raises(ValueError, match=r"adapter.conditioning: expected one of frame, frame_pos, context, got 'ctx'"):
+    with pytest.raises(ValueError, match=r"adapter.conditioning: expected one of frame, frame_pos, context, spatial, got 'ctx'"):
         AdapterConfig(conditioning="ctx")
     with pytest.raises(ValueError, match=r"adapter\.max_frames must be >= 1"):
         AdapterConfig(max_frames=0)

@@ -124,6 +124,11 @@ class TeacherEngine:
                 f"adapter {path}: projects to {adapter.cond_dim} dims, but {self.model_name} "
                 f"conditions on {self.teacher.cond_dim}"
             )
+        if adapter.conditioning == "spatial" and adapter.spatial_channels != self.teacher.spatial_channels:
+            raise InvalidInput(
+                f"adapter {path}: adds {adapter.spatial_channels} channels to the UNet's first "
+                f"feature map, but {self.model_name}'s has {self.teacher.spatial_channels}"
+            )
         if adapter.lora_rank and adapter.teacher_family != self.teacher.family:
             raise InvalidInput(
                 f"adapter {path}: its LoRA was trained for a {adapter.teacher_family} UNet, "

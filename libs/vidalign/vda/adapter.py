@@ -11,7 +11,7 @@ state-dict keys under the ``unet.`` prefix, the layout diffusers' LoRA training
 scripts write). The metadata key ``vidalign.adapter`` holds JSON of
 ``format_version`` and the adapter's fields (d_v, cond_dim, projection,
 lora_rank, lora_alpha, lora_targets, teacher_family, conditioning, frame_tokens,
-max_frames); with a LoRA,
+max_frames, spatial_channels); with a LoRA,
 ``lora_adapter_metadata`` holds its ``LoraConfig`` (``unet.r``,
 ``unet.lora_alpha``, ``unet.target_modules``) as diffusers writes and reads it.
 So diffusers loads the LoRA from the adapter file itself:
@@ -31,7 +31,14 @@ the teacher's F frames, given F_V's ``T * frame_tokens`` frame-major tokens:
   ``[text; W_proj(tokens of student frame frame_sources(F, T)[f])]``;
 - ``"frame_pos"``: every frame sees all tokens, each plus a learned embedding of
   its student frame index (``proj.frame_pos``, zero at creation);
-- ``"context"``: every frame sees all tokens, unordered (the original route).
+- ``"context"``: every frame sees all tokens, unordered (the original route);
+- ``"spatial"``: W_proj maps each token to the UNet's first feature channels
+  (``spatial_channels``); teacher frame f adds the tokens of student frame
+  ``frame_sources(F, T)[f]``, laid out on their G x G grid (``frame_tokens`` =
+  G * G, row-major as ``grid:G`` pooling writes them) and resized to the latent
+  size, to the output of the UNet's input convolution. The text alone is the
+  cross-attention context. The projection's last layer starts at zero, so a
+  fresh adapter leaves the teacher's output unchanged.
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PROJECTIONS = ("linear", "mlp")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """VDA's LoRA sites: every attention projection (on AnimateDiff this includes the motion modules)."""
-CONDITIONINGS = ("frame", "frame_pos", "context")
+CONDITIONINGS = ("frame", "frame_pos", "context", "spatial")
 """How W_proj(F_V) reaches the teacher's frames (module docstring)."""
 DEFAULT_CONDITIONING = "frame"
 """New adapters' mode: the features of a student frame condition the teacher frames at its time."""
@@ -105,9 +112,13 @@ def _bytes_digest(data: bytes) -> str:
 
 
 def _build_projection(
-    projection: str, d_v: int, cond_dim: int, position_frames: int = 0
+    projection: str, d_v: int, cond_dim: int, position_frames: int = 0, zero_out: bool = False
 ) -> torch.nn.Module:
     """W_proj, plus a zero ``frame_pos`` table ``(position_frames, cond_dim)`` if that is > 0.
+
+    ``zero_out`` zeroes the last layer (``"spatial"``: the added feature map starts
+    at zero, as ControlNet's zero convolutions do, so the teacher starts as pretrained;
+    the first step's gradient still reaches that layer's weight through its input).
 
     The table is a parameter of the projection module itself, so whatever trains,
     checkpoints or loads W_proj (``adapter.proj``: stage 1, the adapter file's
@@ -122,6 +133,10 @@ def _build_projection(
         module = torch.nn.Sequential(
             torch.nn.Linear(d_v, cond_dim), torch.nn.GELU(), torch.nn.Linear(cond_dim, cond_dim)
         )
+    if zero_out:
+        last = module if isinstance(module, torch.nn.Linear) else module[-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
     if position_frames:
         module.register_parameter(
             "frame_pos", torch.nn.Parameter(torch.zeros(position_frames, cond_dim))
@@ -223,7 +238,9 @@ class Adapter(torch.nn.Module):
     (module docstring); ``frame_tokens`` is the number of F_V tokens per student
     frame (the encoder's ``tokens_per_frame``: 1 for ``"frame"`` pooling, G*G for
     ``"grid:G"``), needed to find a token's frame; ``max_frames`` is the size of
-    the ``"frame_pos"`` table (stored in every mode, used by that one only).
+    the ``"frame_pos"`` table (stored in every mode, used by that one only);
+    ``spatial_channels`` is W_proj's output width under ``"spatial"`` (the teacher's
+    ``spatial_channels``) and 0 otherwise.
     """
 
     def __init__(
@@ -240,6 +257,7 @@ class Adapter(torch.nn.Module):
         conditioning: str = DEFAULT_CONDITIONING,
         frame_tokens: int = 1,
         max_frames: int = DEFAULT_MAX_FRAMES,
+        spatial_channels: int = 0,
     ) -> None:
         super().__init__()
         for field, value in (
@@ -256,6 +274,20 @@ class Adapter(torch.nn.Module):
             )
         if projection not in PROJECTIONS:
             raise InvalidInput(f"projection: expected one of {PROJECTIONS}, got {projection!r}")
+        spatial = conditioning == "spatial"
+        if not isinstance(spatial_channels, int) or isinstance(spatial_channels, bool) or (
+            spatial_channels <= 0 if spatial else spatial_channels != 0
+        ):
+            want = "a positive int (the teacher's spatial_channels)" if spatial else "0"
+            raise InvalidInput(
+                f"spatial_channels: expected {want} under conditioning {conditioning!r}, "
+                f"got {spatial_channels!r}"
+            )
+        if spatial and math.isqrt(frame_tokens) ** 2 != frame_tokens:
+            raise InvalidInput(
+                f"frame_tokens: 'spatial' conditioning lays a frame's tokens on a square grid, "
+                f"got {frame_tokens}; use 'frame' or 'grid:G' pooling"
+            )
         if teacher_family not in FAMILIES:
             raise InvalidInput(
                 f"teacher_family: expected one of {FAMILIES}, got {teacher_family!r}"
@@ -273,8 +305,13 @@ class Adapter(torch.nn.Module):
         self.conditioning = conditioning
         self.frame_tokens = frame_tokens
         self.max_frames = max_frames
+        self.spatial_channels = spatial_channels
         self.proj = _build_projection(
-            projection, d_v, cond_dim, max_frames if conditioning == "frame_pos" else 0
+            projection,
+            d_v,
+            spatial_channels if spatial else cond_dim,
+            max_frames if conditioning == "frame_pos" else 0,
+            zero_out=spatial,
         )
         self.lora_state = dict(lora_state or {})
         self._check_lora_state()
@@ -319,11 +356,14 @@ class Adapter(torch.nn.Module):
         conditioning: str = DEFAULT_CONDITIONING,
         frame_tokens: int = 1,
         max_frames: int = DEFAULT_MAX_FRAMES,
+        spatial_channels: int | None = None,
     ) -> Adapter:
         """A freshly initialised adapter, the same for the same arguments.
 
         A LoRA (``lora_rank > 0``) needs ``teacher`` to read its UNet's layer shapes.
         ``frame_tokens`` must be the student encoder's ``tokens_per_frame``.
+        ``"spatial"`` conditioning needs ``spatial_channels``, read from ``teacher``
+        when not given.
         """
         if teacher is not None and (teacher.family, teacher.cond_dim) != (teacher_family, cond_dim):
             raise InvalidInput(
@@ -332,6 +372,15 @@ class Adapter(torch.nn.Module):
             )
         if lora_rank > 0 and teacher is None:
             raise InvalidInput("teacher: a LoRA (lora_rank > 0) needs the teacher's UNet, got None")
+        if conditioning != "spatial":
+            spatial_channels = 0
+        elif spatial_channels is None:
+            if teacher is None:
+                raise InvalidInput(
+                    "teacher: 'spatial' conditioning needs spatial_channels or the teacher to read "
+                    "them from, got neither"
+                )
+            spatial_channels = teacher.spatial_channels
         targets = list(DEFAULT_LORA_TARGETS)
         lora_state = None
         if lora_rank > 0:
@@ -351,7 +400,13 @@ class Adapter(torch.nn.Module):
                 conditioning=conditioning,
                 frame_tokens=frame_tokens,
                 max_frames=max_frames,
+                spatial_channels=spatial_channels,
             )
+
+    @property
+    def frame_grid(self) -> int:
+        """G of the G x G grid a frame's tokens form under ``"spatial"`` (``isqrt(frame_tokens)``)."""
+        return math.isqrt(self.frame_tokens)
 
     def student_frames(self, features: Tensor) -> int:
         """The number of student frames T in F_V ``(B, T * frame_tokens, d_v)``; checks the shape.
@@ -381,7 +436,8 @@ class Adapter(torch.nn.Module):
         return frames
 
     def project(self, features: Tensor) -> Tensor:
-        """W_proj(F_V): ``(B, T * frame_tokens, d_v)`` -> ``(B, T * frame_tokens, cond_dim)`` tokens.
+        """W_proj(F_V): ``(B, T * frame_tokens, d_v)`` -> ``(B, T * frame_tokens, cond_dim)`` tokens
+        (``spatial_channels`` wide under ``"spatial"``).
 
         Under ``"frame_pos"`` each token also gets ``proj.frame_pos[s]``, s its
         student frame (token index // frame_tokens), so the teacher can see order.
@@ -406,6 +462,9 @@ class Adapter(torch.nn.Module):
         )
 
     def _fields(self) -> dict[str, Any]:
+        # spatial_channels only where it is used: other adapters' files (and so their
+        # digests, the ids requests cite) stay what they were before it existed.
+        spatial = {"spatial_channels": self.spatial_channels} if self.spatial_channels else {}
         return {
             "d_v": self.d_v,
             "cond_dim": self.cond_dim,
@@ -417,7 +476,7 @@ class Adapter(torch.nn.Module):
             "conditioning": self.conditioning,
             "frame_tokens": self.frame_tokens,
             "max_frames": self.max_frames,
-        }
+        } | spatial
 
     def _diffusers_lora(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The LoRA as diffusers' pipeline LoRA files hold it: tensors and header metadata."""
@@ -478,6 +537,7 @@ class Adapter(torch.nn.Module):
         version, fields = _read_metadata(data, path)
         # A file from before conditioning modes existed was trained with the one route then.
         fields.setdefault("conditioning", LEGACY_CONDITIONING)
+        fields.setdefault("spatial_channels", 0)
         prefix = LORA_PREFIXES[version]
         proj_state = {
             k.removeprefix("proj."): v for k, v in tensors.items() if k.startswith("proj.")

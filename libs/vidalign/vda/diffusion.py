@@ -1,7 +1,8 @@
 """The frozen diffusion teacher: AnimateDiff (SD1.5 + motion module) or SD1.5 alone.
 
 VDA conditions this model on ``[text_emb; W_proj(F_V)]`` (one context for all
-frames, or one per frame: ``predict_noise``) and back-propagates its
+frames, or one per frame: ``predict_noise``), or on the text with W_proj(F_V)
+added to the UNet's first feature map (``residual``), and back-propagates its
 epsilon-prediction loss into the VideoLLM's encoder features F_V. The teacher's
 own weights never train here (stage 1 trains W_proj and a UNet LoRA, which live
 in an ``Adapter``), so every parameter is frozen and the modules stay in eval mode.
@@ -84,6 +85,8 @@ class DiffusionTeacher(torch.nn.Module):
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.cond_dim: int = unet.config.cross_attention_dim
+        self.spatial_channels: int = unet.conv_in.out_channels
+        """Channels of the UNet's first feature map (its input convolution's output)."""
         self.latent_channels: int = vae.config.latent_channels
         self.vae_scale_factor: int = vae_scale_factor(vae.config.block_out_channels)
         self.num_train_timesteps: int = scheduler.config.num_train_timesteps
@@ -187,14 +190,19 @@ class DiffusionTeacher(torch.nn.Module):
 
     # --- the denoiser ---------------------------------------------------------------
 
-    def predict_noise(self, z_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def predict_noise(
+        self, z_t: Tensor, t: Tensor, cond: Tensor, residual: Tensor | None = None
+    ) -> Tensor:
         """eps_theta(z_t, t, cond) as float32 ``(B, C, F, h, w)``; differentiable w.r.t. cond.
 
         ``cond`` is one cross-attention context per sample, ``(B, L, D)``, that
         every frame sees, or one per frame, ``(B, F, L, D)`` (frame-aligned
-        conditioning: frame f attends to ``cond[:, f]``).
+        conditioning: frame f attends to ``cond[:, f]``). ``residual``
+        ``(B, F, spatial_channels, h, w)``, if given, is added to the output of the
+        UNet's input convolution, frame f's map to frame f's (VDA's ``"spatial"``
+        conditioning); the result is differentiable w.r.t. it too.
         """
-        self._check_predict_inputs(z_t, t, cond)
+        self._check_predict_inputs(z_t, t, cond, residual)
         batch, channels, frames, height, width = z_t.shape
         sample = z_t.to(self.device, self.dtype)
         cond = cond.to(self.device, self.dtype)
@@ -207,13 +215,40 @@ class DiffusionTeacher(torch.nn.Module):
             context = cond.reshape(batch * frames, *cond.shape[2:])
         else:
             context = cond.repeat_interleave(frames, dim=0)
-        if self.family == "animatediff":
-            return self.unet(sample, t, encoder_hidden_states=context).sample.float()
-        images = sample.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
-        eps = self.unet(images, t.repeat_interleave(frames), encoder_hidden_states=context).sample
+        with self._first_map_plus(residual):
+            if self.family == "animatediff":
+                return self.unet(sample, t, encoder_hidden_states=context).sample.float()
+            images = sample.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+            eps = self.unet(images, t.repeat_interleave(frames), encoder_hidden_states=context).sample
         return eps.reshape(batch, frames, channels, height, width).permute(0, 2, 1, 3, 4).float()
 
-    def _check_predict_inputs(self, z_t: Tensor, t: Tensor, cond: Tensor) -> None:
+    @contextmanager
+    def _first_map_plus(self, residual: Tensor | None) -> Iterator[None]:
+        """While open, the UNet's input convolution returns its output plus ``residual``.
+
+        Both UNets run the convolution on ``(B*F, C, h, w)`` frame images, sample
+        major (UNetMotionModel folds the frames into the batch first), so the
+        residual is flattened the same way. A forward hook rather than a patched
+        module: the teacher's weights and LoRA layers stay as loaded, and callers
+        hold the teacher one at a time (the engine's lock), as they do for LoRAs.
+        """
+        if residual is None:
+            yield
+            return
+        flat = residual.to(self.device, self.dtype).flatten(0, 1)
+
+        def add(module: torch.nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            return output + flat
+
+        handle = self.unet.conv_in.register_forward_hook(add)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _check_predict_inputs(
+        self, z_t: Tensor, t: Tensor, cond: Tensor, residual: Tensor | None = None
+    ) -> None:
         if z_t.ndim != 5 or z_t.shape[1] != self.latent_channels:
             raise InvalidInput(
                 f"z_t: expected (B, {self.latent_channels}, F, h, w), got {_shape(z_t)}"
@@ -228,6 +263,9 @@ class DiffusionTeacher(torch.nn.Module):
                 f"cond: expected ({batch}, L, {self.cond_dim}) or, one context per frame, "
                 f"({batch}, {frames}, L, {self.cond_dim}), got {_shape(cond)}"
             )
+        want = (batch, frames, self.spatial_channels, *z_t.shape[3:])
+        if residual is not None and tuple(residual.shape) != want:
+            raise InvalidInput(f"residual: expected {want}, got {_shape(residual)}")
         if self.max_frames is not None and frames > self.max_frames:
             raise InvalidInput(
                 f"z_t: the motion module covers at most {self.max_frames} frames, got {frames}"

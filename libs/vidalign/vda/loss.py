@@ -4,8 +4,10 @@ L = || eps - eps_theta(z_t, t, [text_emb; W_proj(F_V)]) ||^2   (VDA eq. 3/4)
 
 How the W_proj(F_V) tokens reach the F frames is the adapter's ``conditioning``
 (``vidalign.vda.adapter``): one context for all frames (``"context"``,
-``"frame_pos"``) or, under ``"frame"``, per teacher frame the text and the
-tokens of the student frame at its time.
+``"frame_pos"``), under ``"frame"`` per teacher frame the text and the tokens of
+the student frame at its time, or, under ``"spatial"``, the tokens of that
+student frame as a feature map added to the UNet's first one (text alone as the
+context).
 
 Randomness is an input (docs/design.md, decision 2): the timestep and noise of sample b,
 draw k come only from ``draw_generator(seed, sample_id, k)``, so any replica,
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vidalign.errors import InvalidInput, require_finite
@@ -78,6 +81,11 @@ def _check_inputs(
             raise InvalidInput(
                 f"adapter.cond_dim: expected the teacher's {teacher.cond_dim}, got {adapter.cond_dim}"
             )
+        if adapter.conditioning == "spatial" and adapter.spatial_channels != teacher.spatial_channels:
+            raise InvalidInput(
+                f"adapter.spatial_channels: expected the teacher's {teacher.spatial_channels} "
+                f"(its first feature map), got {adapter.spatial_channels}"
+            )
         if adapter.lora_rank > 0 and adapter.teacher_family != teacher.family:
             raise InvalidInput(
                 f"adapter.teacher_family: its LoRA is for {adapter.teacher_family!r}, "
@@ -126,21 +134,49 @@ def _conditioning(
     ``"frame"``: then ``(B, frames, L, D)``, frame f holding the text tokens and the
     projected tokens of student frame ``frame_sources(frames, T)[f]``. Either way
     it is differentiable w.r.t. ``features`` and the adapter's projection.
+    (``"spatial"`` features are not part of the context: ``_spatial_residual``.)
     """
     text = None if text_emb is None else text_emb.to(device, torch.float32)
-    if features is None:
-        assert text is not None, "_check_inputs lets no call without conditioning through"
+    if features is None or adapter.conditioning == "spatial":
+        assert text is not None, "denoising_loss gives 'spatial' a context and _check_inputs the rest"
         return text
     projected = adapter.project(features).to(device, torch.float32)
     if adapter.conditioning != "frame":
         return projected if text is None else torch.cat([text, projected], dim=1)
-    batch, count, dim = projected.shape
-    student = count // adapter.frame_tokens  # a whole number: project() checked it
-    index = torch.tensor(frame_sources(frames, student), device=device)
-    per_frame = projected.reshape(batch, student, adapter.frame_tokens, dim).index_select(1, index)
+    per_frame = _per_teacher_frame(adapter, projected, frames)
     if text is None:
         return per_frame
     return torch.cat([text.unsqueeze(1).expand(-1, frames, -1, -1), per_frame], dim=2)
+
+
+def _per_teacher_frame(adapter: Adapter, projected: Tensor, frames: int) -> Tensor:
+    """``(B, T * frame_tokens, D)`` projected tokens -> ``(B, frames, frame_tokens, D)``:
+    teacher frame f gets the tokens of student frame ``frame_sources(frames, T)[f]``."""
+    batch, count, dim = projected.shape
+    student = count // adapter.frame_tokens  # a whole number: project() checked it
+    index = torch.tensor(frame_sources(frames, student), device=projected.device)
+    return projected.reshape(batch, student, adapter.frame_tokens, dim).index_select(1, index)
+
+
+def _spatial_residual(
+    adapter: Adapter | None, features: Tensor | None, device: torch.device, latent_shape: torch.Size
+) -> Tensor | None:
+    """Under ``"spatial"`` conditioning, the map added to the UNet's first feature map.
+
+    ``(B, F, spatial_channels, h, w)``: teacher frame f's G x G grid of projected
+    tokens of student frame ``frame_sources(F, T)[f]`` (row-major, as ``grid:G``
+    pooling writes them), resized to the latent size by nearest neighbour (each
+    token covers its own cell of the frame). None in the other modes. Linear in
+    W_proj(F_V), so dL/dF_V flows back through it.
+    """
+    if features is None or adapter is None or adapter.conditioning != "spatial":
+        return None
+    batch, _, frames, height, width = latent_shape
+    grid = adapter.frame_grid
+    per_frame = _per_teacher_frame(adapter, adapter.project(features).to(device, torch.float32), frames)
+    maps = per_frame.transpose(2, 3).reshape(batch * frames, -1, grid, grid)
+    maps = F.interpolate(maps, size=(height, width), mode="nearest")
+    return maps.reshape(batch, frames, *maps.shape[1:])
 
 
 def _attached_lora(teacher: DiffusionTeacher, adapter: Adapter | None) -> str | None:
@@ -185,7 +221,13 @@ def denoising_loss(
     draws, (lo, hi), timesteps = _draw_plan(teacher, num_draws, draws, timestep_range, timesteps)
     device = teacher.device
     z0 = latents.to(device, torch.float32)
+    if text_emb is None and features is not None and adapter.conditioning == "spatial":
+        # The features are not a context under "spatial": without text the UNet
+        # attends to the empty caption, its own unconditional context.
+        with torch.no_grad():
+            text_emb = teacher.encode_text([""] * z0.shape[0])
     cond = _conditioning(adapter, text_emb, features, device, z0.shape[2])
+    residual = _spatial_residual(adapter, features, device, z0.shape)
     losses, used = [], []
     with teacher.lora(_attached_lora(teacher, adapter)):
         for k, draw in enumerate(draws):
@@ -200,7 +242,8 @@ def denoising_loss(
                 eps_k.append(torch.randn(z0.shape[1:], generator=g))
             t = torch.cat(t_k)
             eps = torch.stack(eps_k).to(device)
-            eps_pred = teacher.predict_noise(teacher.add_noise(z0, eps, t), t.to(device), cond)
+            z_t = teacher.add_noise(z0, eps, t)
+            eps_pred = teacher.predict_noise(z_t, t.to(device), cond, residual)
             losses.append((eps_pred - eps).square().flatten(1).mean(dim=1))
             used.append(t)
     return torch.stack(losses, dim=1), torch.stack(used, dim=1)

@@ -617,10 +617,13 @@ def _add_models(sub) -> None:
     init.add_argument("--projection", default="linear", choices=["linear", "mlp"],
                       help="W_proj: linear (paper) or mlp (appendix B)")
     init.add_argument("--lora-rank", type=int, default=0, help="UNet LoRA rank; 0: none")
-    init.add_argument("--conditioning", default="frame", choices=["frame", "frame_pos", "context"],
+    init.add_argument("--conditioning", default="frame",
+                      choices=["frame", "frame_pos", "context", "spatial"],
                       help="how W_proj(F_V) reaches the teacher's frames: frame (each frame the "
                            "tokens of the student frame at its time), frame_pos (all tokens plus "
-                           "a learned frame-position embedding), context (all tokens, unordered)")
+                           "a learned frame-position embedding), context (all tokens, unordered), "
+                           "spatial (each frame's tokens, on their grid, added to the UNet's first "
+                           "feature map)")
     init.add_argument("--pooling", default="frame", metavar="POOLING",
                       help="F_V's pooling, as `features extract` used: frame or grid:G; sets the "
                            "adapter's tokens per frame")

@@ -353,6 +353,7 @@ def _build_adapter(config: Stage1Config, teacher: DiffusionTeacher, features: Fe
         conditioning=config.adapter.conditioning,
         frame_tokens=feature_frame_tokens(features),
         max_frames=config.adapter.max_frames,
+        spatial_channels=teacher.spatial_channels,
     )
     # Fail now, not at the first step, if F_V does not fit the adapter's frame layout.
     adapter.student_frames(torch.empty(1, features.tokens, features.d_v, device="meta"))
