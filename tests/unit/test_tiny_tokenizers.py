@@ -155,11 +155,13 @@ def test_saved_demo_teachers_keep_their_tokenizers():
     from vidalign.vda import load_teacher
 
     cogvideox = load_cogvideox("tiny-cogvideox", repo=str(DEMO_ASSETS / "cogvideox"))
-    # Its saved character-level tokenizer and 64-token window, not the preset's new ones.
-    assert cogvideox.spec.max_text_len == 64 and len(cogvideox.tokenizer) == 192
+    # The word-level tokenizer and 96-token window it was pretrained with, read from its files.
+    preset = load_cogvideox("tiny-cogvideox")
+    assert cogvideox.spec.max_text_len == 96 and len(cogvideox.tokenizer) == len(preset.tokenizer)
+    assert cogvideox.tokenizer.get_vocab() == preset.tokenizer.get_vocab()
     encoded = cogvideox.encode_prompt("a red bar slides left")
-    assert encoded.embeds.shape == (1, 64, 32) and int(encoded.attention_mask.sum()) == 17 + 1
-    assert load_cogvideox(str(DEMO_ASSETS / "cogvideox")).spec.max_text_len == 64
+    assert encoded.embeds.shape == (1, 96, 32) and int(encoded.attention_mask.sum()) == 5 + 1  # words + EOS
+    assert load_cogvideox(str(DEMO_ASSETS / "cogvideox")).spec.max_text_len == 96
     animatediff = load_teacher("tiny-animatediff", base=str(DEMO_ASSETS / "animatediff" / "base"))
     vocab = animatediff.tokenizer.get_vocab()
     assert len(vocab) == 103 and animatediff.tokenizer.model_max_length == 128

@@ -487,9 +487,8 @@ def load_cogvideox(
         }
     window = parts["transformer"].config.max_text_seq_length
     if window != spec.max_text_len:
-        # Saved weights keep the text window they were trained with: the demo's tiny
-        # CogVideoX (assets/demo/cogvideox) predates the word-level tiny tokenizer and reads
-        # 64 tokens, while the registry's tiny preset now reads 96.
+        # Saved weights keep the text window they were trained with (a tiny CogVideoX made
+        # before the word-level tokenizer reads 64 tokens; the registry's preset now reads 96).
         spec = dataclasses.replace(spec, max_text_len=window)
     teacher = CogVideoXTeacher(spec=spec, **parts)
     return teacher.to(device=device, dtype=dtype)
