@@ -69,13 +69,20 @@ class Sizes:
     static_steps: int = 400
     instruct_steps: int = 2500
     student_batch: int = 16
+    oracle_clips: int = 256
+    oracle_steps: int = 200
+    oracle_lr: float = 1e-2
+    oracle_batch: int = 8
     llm_width: int = 128
     llm_layers: int = 4
     vision_width: int = 64
 
 
+PARTS = ("animatediff", "oracle", "cogvideox", "videollm")
+"""What ``build`` makes, in order: ``oracle`` reads ``animatediff``'s base teacher."""
+
 QUICK = Sizes(clips=16, teacher_steps=2, cogvideox_steps=2, static_steps=2, instruct_steps=2,
-              student_batch=4)
+              student_batch=4, oracle_clips=4, oracle_steps=2, oracle_batch=2)
 
 
 def student_config(sizes: Sizes):
@@ -148,6 +155,29 @@ def make_teacher(out: Path, videos: torch.Tensor, captions: list[str], sizes: Si
     return {"steps": sizes.teacher_steps, "batch": sizes.teacher_batch,
             "x0_weight_cap": sizes.x0_weight_cap, "vae_scaling_factor": round(factor, 6),
             "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:])}
+
+
+def make_oracle(out: Path, data, sizes: Sizes, seed: int) -> dict:
+    """The VDA teacher's oracle adapter (``vidalign.vda.oracle``): W_proj of ``spatial``
+    conditioning fitted, as stage 1 would, on each frame's clean latents pooled to 4 x 4,
+    from ``animatediff/base``. The demo measures its feature gap on clips it never saw:
+    whether this teacher can read F_V at all."""
+    from vidalign.vda import load_teacher
+    from vidalign.vda.oracle import fit_oracle_adapter
+    from vidalign.video import sample_frames
+
+    teacher = load_teacher("tiny-animatediff", base=str(out / "animatediff" / "base"))
+    n = min(sizes.oracle_clips, len(data))
+    pixels = sample_frames(data.videos[:n], teacher.frames, teacher.resolution)
+    with torch.no_grad():
+        latents = torch.cat([teacher.encode_video(pixels[i:i + 32]) for i in range(0, n, 32)])
+        text = teacher.encode_text(list(data.static_captions[:n]))
+    fit = fit_oracle_adapter(teacher, latents, text, steps=sizes.oracle_steps, lr=sizes.oracle_lr,
+                             batch_size=sizes.oracle_batch, seed=seed)
+    (out / "oracle").mkdir(parents=True, exist_ok=True)
+    digest = fit.adapter.save(out / "oracle" / "adapter.safetensors")
+    return {"steps": sizes.oracle_steps, "clips": n, "lr": sizes.oracle_lr, "adapter": digest,
+            "loss_first_25": _mean(fit.losses[:25]), "loss_last_25": _mean(fit.losses[-25:])}
 
 
 def make_cogvideox(out: Path, videos: torch.Tensor, captions: list[str], sizes: Sizes, seed: int) -> dict:
@@ -251,7 +281,9 @@ def build(out: Path, sizes: Sizes, *, seed: int = 0, only: list[str] | None = No
     from vidalign.data.synthset import load_synth_set
 
     out.mkdir(parents=True, exist_ok=True)
-    parts = only or ["animatediff", "cogvideox", "videollm"]
+    parts = list(only or PARTS)
+    if "animatediff" in parts and "oracle" not in parts:
+        parts.append("oracle")  # the oracle adapter is fitted to the base teacher
     manifest_path = out / "MANIFEST.json"
     summary: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,6 +297,8 @@ def build(out: Path, sizes: Sizes, *, seed: int = 0, only: list[str] | None = No
             shutil.rmtree(out / part, ignore_errors=True)
             if part == "animatediff":
                 info = make_teacher(out, data.videos, data.captions, sizes, seed)
+            elif part == "oracle":
+                info = make_oracle(out, data, sizes, seed)
             elif part == "cogvideox":
                 info = make_cogvideox(out, data.videos, data.captions, sizes, seed)
             elif part == "videollm":
@@ -295,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="assets/demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps each (tests)")
-    parser.add_argument("--only", action="append", choices=["animatediff", "cogvideox", "videollm"],
+    parser.add_argument("--only", action="append", choices=list(PARTS),
                         help="remake only this part (repeatable); the others are kept")
     parser.add_argument("--work", type=Path, default=Path("runs/demo-assets-work"),
                         help="where training phases checkpoint; a rerun resumes from there")

@@ -33,9 +33,14 @@ def quick_assets(tmp_path_factory) -> Path:
 
 def test_assets_manifest_and_layout(quick_assets):
     manifest = json.loads((quick_assets / "MANIFEST.json").read_text())
-    assert set(manifest["summary"]) == {"animatediff", "cogvideox", "videollm"}
+    assert set(manifest["summary"]) == {"animatediff", "oracle", "cogvideox", "videollm"}
     assert (quick_assets / "animatediff" / "base" / "unet").is_dir()
     assert (quick_assets / "cogvideox" / "transformer").is_dir()
+    from vidalign.vda import Adapter
+
+    oracle = Adapter.load(quick_assets / "oracle" / "adapter.safetensors")
+    assert (oracle.conditioning, oracle.frame_tokens, oracle.lora_rank) == ("spatial", 16, 0)
+    assert manifest["summary"]["oracle"]["adapter"] == oracle.digest
     assert (quick_assets / "videollm" / "model" / "config.json").is_file()
     # Every file is listed with its digest.
     files = {str(p.relative_to(quick_assets)) for p in quick_assets.rglob("*")
@@ -66,7 +71,7 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
     config = DemoConfig(
         assets=str(quick_assets), train_clips=4, eval_clips=2, gap_timesteps=[700],
         stage1_steps=1, stage2_steps=1, stage3_steps=1, sft_steps=1, batch_size=2, prior_steps=1,
-        feature_gap_clips=2, feature_gap_timesteps=[700], cogvideox_gap_clips=2,
+        feature_gap_clips=2, feature_gap_timesteps=[700], cogvideox_gap_clips=2, oracle_gap_clips=2,
         probe_train_clips=6, probe_held_out_clips=3,
     )
     results = run_demo(tmp_path, config)
@@ -75,20 +80,23 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
     assert printed.index("conditioning gap of the trained teacher") < printed.index("baseline:")
     # Each diagnostic prints its verdict before what it gates runs.
     for diagnostic, before in (("AnimateDiff caption gap", "baseline:"),
+                               ("VDA teacher feature gap, another clip's F_V (oracle", "baseline:"),
                                ("student: static same-choice rate", "== VDA stage 1"),
-                               ("probe: F_V frame position accuracy over chance", "== VDA stage 1"),
+                               ("probe: F_V grid:4 position accuracy over chance", "== VDA stage 1"),
                                ("VDA teacher feature gap, another clip's F_V", "vda stage 2:"),
-                               ("probe: F_V frame position, +VDA minus mismatch", "== VDA stage 3"),
+                               ("probe: F_V grid:4 position, +VDA minus mismatch", "== VDA stage 3"),
                                ("CogVideoX caption gap, motion words swapped", "== MotionEnhancer: priors")):
         line = next(x for x in printed.splitlines() if diagnostic in x)
         assert line.split("] ", 1)[1].startswith(("PASS ", "WARN ")), line
         assert printed.index(diagnostic) < printed.index(before), diagnostic
     diagnostics = results["diagnostics"]
-    expected = ["AnimateDiff caption gap", "student: static control accuracy",
-                "student: static same-choice rate", "probe: F_V frame position accuracy",
+    expected = ["AnimateDiff caption gap", "VDA teacher feature gap, another clip's F_V (oracle",
+                "VDA teacher feature gap, F_V's frames reversed (oracle",
+                "student: static control accuracy",
+                "student: static same-choice rate", "probe: F_V grid:4 position accuracy",
                 "probe: LLM tokens", "VDA teacher feature gap, another clip's F_V",
                 "VDA teacher feature gap, F_V's frames reversed",
-                "probe: F_V frame position, +VDA minus mismatch",
+                "probe: F_V grid:4 position, +VDA minus mismatch",
                 "CogVideoX caption gap, another clip's caption",
                 "CogVideoX caption gap, motion words swapped"]
     assert len(diagnostics) == len(expected)
@@ -98,6 +106,7 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
         assert d["threshold"]["op"] in (">=", ">", "<=") and d["threshold"]["text"], d
         assert d["verdict"] in ("PASS", "WARN") and d["warning"], d
     assert set(results["feature_gap"]) == {"other_clip", "first_frame", "reversed", "shuffled"}
+    assert set(results["oracle_gap"]) == set(results["feature_gap"])
     assert set(results["probe"]) == {"baseline", "vda", "ctrl-mismatch", "ctrl-random-teacher"}
     assert results["cogvideox_gap"]["clips"] == 2
     assert set(results["gap"]) == {"trained", "random"}
@@ -124,7 +133,7 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
     assert f"{len(diagnostics) - failed} of {len(diagnostics)} diagnostic gates passed" in table
     assert "diagnostic gates passed" in printed.rsplit("held-out SynthMotion accuracy", 1)[1]
     assert table.index("by the option text named") < table.index("by option likelihood")
-    assert "F_V frame probe" in table
+    assert "F_V grid:4 probe" in table
     for category in MOTION_CATEGORIES:
         assert f"| {category} | 2 |" in table
     assert "+VDA minus its best control" in table
