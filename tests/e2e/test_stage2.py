@@ -117,3 +117,31 @@ def test_frames_for_the_diffusion_model_are_a_switch(adapter_paths, tmp_path):
     cfg = config(adapter, tmp_path / "default", 1)
     run_stage2(cfg, teacher=teacher)
     assert frames == [5, teacher.info().frames]
+
+
+def test_grid_features_train_through_a_spatial_adapter_and_other_pooling_is_refused(tmp_path):
+    """F_V pooled to 2 x 2 per frame (pooling grid:2) through a "spatial" adapter fitted to 4
+    tokens per frame: stage 2 runs; F_V pooled per frame is refused before the first step."""
+    import pytest
+
+    from vidalign.errors import InvalidInput
+    from vidalign.teacher.client import LocalTeacher
+    from vidalign.vda import Adapter, load_teacher
+
+    teacher = load_teacher("tiny-animatediff")
+    adapter = Adapter.create(d_v=load_student(STUDENT).d_v, cond_dim=teacher.cond_dim,
+                             teacher_family=teacher.family, teacher=teacher, conditioning="spatial",
+                             frame_tokens=4)
+    with torch.no_grad():  # a fitted W_proj: a fresh one is zero and passes no gradient
+        adapter.proj.weight.normal_(std=0.2, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "spatial.safetensors"
+    adapter.save(path)
+    local = LocalTeacher("tiny-animatediff", adapters=[path])
+    cfg = config(path, tmp_path / "grid", 2)
+    cfg.pooling = "grid:2"
+    losses = run_stage2(cfg, teacher=local)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    cfg = config(path, tmp_path / "frame", 1)
+    with pytest.raises(InvalidInput, match=r"pooling: 'frame' gives 1 F_V tokens per frame, but the "
+                                           r"adapter .* was fitted to 4"):
+        run_stage2(cfg, teacher=local)

@@ -70,3 +70,20 @@ def test_killed_run_resumes_and_skips_finished_steps(tmp_path):
     assert "stage2: ran" in rerun.stdout
     assert [m["step"] for m in stage2.metrics()] == list(range(1, 31))
     assert '"resumed"' in rerun.stderr
+
+
+def test_pooling_and_conditioning_reach_the_features_stage1_and_stage2():
+    """One ``pooling`` for the features and stage 2 (a mismatch would be refused at stage 2's
+    start); ``conditioning`` reaches stage 1's adapter; a section setting its own pooling that
+    disagrees is a config error, not silently overridden."""
+    import pytest
+
+    from vidalign_trainer.vda import VDAConfig, stage_configs
+
+    configs = stage_configs(VDAConfig(pooling="grid:4", conditioning="spatial"))
+    assert configs["features"].pooling == configs["stage2"].pooling == "grid:4"
+    assert configs["stage1"].adapter.conditioning == "spatial"
+    default = stage_configs(VDAConfig())
+    assert default["stage2"].pooling == "frame" and default["stage1"].adapter.conditioning == "frame"
+    with pytest.raises(ValueError, match=r"stage2.pooling 'grid:2' differs from pooling 'frame'"):
+        VDAConfig(stage2={"pooling": "grid:2"})

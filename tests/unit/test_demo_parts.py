@@ -255,6 +255,7 @@ def test_teacher_gap_diagnostics_and_their_tables():
     from vidalign.gap import Gap
     from vidalign.motionenhancer.diagnostics import CaptionGap, CaptionGapAt
     from vidalign_cli.diagnostics import (
+        ORACLE_SOURCE,
         animatediff_gap_diagnostic,
         cogvideox_gap_diagnostics,
         cogvideox_gap_text,
@@ -274,6 +275,12 @@ def test_teacher_gap_diagnostics_and_their_tables():
     text = feature_gap_text(gaps).splitlines()
     assert text[2].split() == ["timestep", "own", "F_V", "other_clip", "first_frame", "reversed"]
     assert text[3].split() == ["500", "1.00000", "+10.000%", "+0.000%", "+1.000%"]
+    # The oracle's gate: the same numbers, named for its features, with its own warning.
+    oracle, _ = feature_gap_diagnostics(gaps, ORACLE_SOURCE)
+    assert oracle.value == other.value and "oracle features" in oracle.name
+    assert "no encoder can teach" in oracle.warning and "oracle features" not in other.name
+    assert feature_gap_text(gaps, ORACLE_SOURCE).splitlines()[1].startswith(
+        "feature gap of the VDA teacher (oracle features")
 
     # Only the alignment timesteps count; none there: not measured, a WARN.
     caption = [Gap(100, 1.0, 2.0), Gap(500, 1.0, 1.02), Gap(900, 1.0, 1.0)]

@@ -176,6 +176,8 @@ class DemoConfig:
     cogvideox_gap_clips: int = 4
     """Post-training clips of CogVideoX's caption gap (each is VAE-encoded and denoised under
     three captions at every gap timestep, twice)."""
+    oracle_gap_clips: int = 8
+    """Post-training clips of the oracle feature gap (the oracle adapter never saw them)."""
     feature_gap_clips: int = 4
     """Post-training clips of the VDA teacher's feature gap (at least 2: one lends the other
     its F_V). Each timestep costs five teacher calls (own F_V and four spoilt), two draws a clip."""
@@ -189,6 +191,14 @@ class DemoConfig:
         default_factory=lambda: ["vda", "ctrl-mismatch", "ctrl-random-teacher"])
     """Runs whose stage-2 encoder is probed after stage 2 (``vda`` is compared with
     ``ctrl-mismatch`` when both are listed)."""
+    pooling: str = "grid:4"
+    """F_V of every VDA arm: 4 x 4 pooled patch tokens per frame, where the objects are."""
+    conditioning: str = "spatial"
+    """How W_proj(F_V) reaches the teacher: the one route the oracle gate passes on the tiny
+    teacher (docs/design.md, "VDA conditioning")."""
+    stage1_lr: float = 1e-2
+    """W_proj starts at zero under ``spatial`` (as does the LoRA's B): the learning rate of the
+    oracle fit that passed its gate (vidalign.vda.oracle)."""
     stage1_steps: int = 60
     stage2_steps: int = 60
     stage3_steps: int = 120
@@ -207,6 +217,10 @@ class DemoConfig:
     configs/sft-tiny.yaml; real models use ~1e-6 / 1e-5 / 1e-5)."""
 
     def __post_init__(self) -> None:
+        if f"F_V {self.pooling}" != diag.PROBE_FV:
+            raise ValueError(
+                f"pooling: the demo probes {diag.PROBE_FV!r}, the F_V stage 2 trains through; "
+                f"got {self.pooling!r}")
         unknown = sorted(set(self.probe_arms) - set(STAGE2_RUNS))
         if unknown:
             raise ValueError(
@@ -239,7 +253,8 @@ class Timings:
 
 def check_assets(assets: Path) -> dict[str, Any]:
     manifest = assets / "MANIFEST.json"
-    needed = ["animatediff/base/unet", "cogvideox/transformer", "videollm/model/config.json"]
+    needed = ["animatediff/base/unet", "oracle/adapter.safetensors", "cogvideox/transformer",
+              "videollm/model/config.json"]
     missing = [p for p in needed if not (assets / p).exists()]
     if not manifest.is_file() or missing:
         raise FailedPrecondition(
@@ -392,9 +407,11 @@ def vda_configs(root: Path, config: DemoConfig, train_dir: Path, *, teacher_weig
         student_weights=str(student_weights),
         teacher=TEACHER_MODEL,
         teacher_weights=str(teacher_weights),
+        pooling=config.pooling,
+        conditioning=config.conditioning,
         data={"kind": "synth", "path": str(train_dir), "num_clips": 0,
               "frames": config.frames, "size": config.size, "seed": seed},
-        stage1={"train": {**steps, "steps": config.stage1_steps, "lr": 1e-3,
+        stage1={"train": {**steps, "steps": config.stage1_steps, "lr": config.stage1_lr,
                           "timestep_range": config.timestep_range},
                 "eval": {"every": 0}, "output": {"checkpoint_every": config.stage1_steps}},
         stage2={"train": {**steps, "steps": config.stage2_steps, "lr": config.stage2_lr,
@@ -440,6 +457,16 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
         results["gap"] = {k: [asdict(g) | {"relative": g.relative} for g in v] for k, v in gaps.items()}
         gap_check = diag.animatediff_gap_diagnostic(gaps["trained"], config.timestep_range)
         results["gap_at_alignment"] = _note(found, [gap_check])[0].value
+
+    with timings.phase("oracle feature gap: can the VDA teacher read features at all?"):
+        oracle_gaps = diag.measure_oracle_gap(
+            trained / "base", assets / "oracle" / "adapter.safetensors", train_dir=train_dir,
+            clips=config.oracle_gap_clips, frames=config.frames, size=config.size,
+            timesteps=config.feature_gap_timesteps, seed=config.seed)
+        print(diag.feature_gap_text(oracle_gaps, diag.ORACLE_SOURCE), flush=True)
+        results["oracle_gap"] = {how: [asdict(g) | {"relative": g.relative} for g in per_t]
+                                 for how, per_t in oracle_gaps.items()}
+        _note(found, diag.feature_gap_diagnostics(oracle_gaps, diag.ORACLE_SOURCE))
 
     evals: dict[str, dict[str, Any]] = {}
     with timings.phase("baseline eval (and with another clip's video)"):

@@ -11,7 +11,9 @@ each link, before (and between) the training runs, against a threshold:
 - **the student's features** (``vidalign.probe``): where the objects are, read
   from the frame-mean F_V (what stage 2 trains through) and from the tokens the
   LLM reads; after stage 2, how far each arm's encoder moved that;
-- **the VDA teacher** with +VDA's stage-1 adapter (``vidalign.gap.feature_gap``):
+- **the VDA teacher**, before anything trains, with its oracle adapter (W_proj fitted
+  on each frame's clean latents pooled to 4 x 4, ``vidalign.vda.oracle``): can it
+  read features at all? Then with +VDA's stage-1 adapter (``vidalign.gap.feature_gap``):
   its loss with each clip's own F_V vs another clip's, or the frames reversed;
 - **the teachers' captions**: AnimateDiff's loss with the motion words swapped
   (``vidalign.gap.caption_gap``) and CogVideoX's with another clip's caption or
@@ -49,13 +51,13 @@ SUBSTITUTION_SAME_MAX = 0.5
 """Static same-choice rate by likelihood with another clip's video: a reader changes its answer
 whenever the other clip's answer differs (most questions); one that ignores the video keeps ~100%."""
 PROBE_HEADROOM_MAX = 0.10
-"""F_V frame position accuracy at most 10 points over chance: if the features stage 2 trains
+"""F_V position accuracy at most 10 points over chance: if the features stage 2 trains
 already carry where the objects are, a null result after stage 2 says little (nothing to teach)."""
 PROBE_LLM_GAIN_MIN = 0.10
 """LLM-token position accuracy at least 10 points over chance: motion answers are built from
 where the objects are, so the tokens the LLM reads must carry it."""
 PROBE_CHANGE_SE = 2.0
-"""+VDA's F_V frame position accuracy must beat its control's by two standard errors of the
+"""+VDA's F_V position accuracy must beat its control's by two standard errors of the
 difference (clustered by clip): less is within the probe's noise. Position, because a teacher
 that reads each frame's F_V asks first where that frame's objects are."""
 FEATURE_GAP_MIN = 0.05
@@ -73,10 +75,11 @@ paired); the size is the other-caption gate's."""
 
 FEATURE_GAP_GATED = ("other_clip", "reversed")
 """The ``feature_gap`` perturbations with a gate (the others are reported beside them)."""
-PROBE_FV = "F_V frame"
-"""The probed source stage 2 trains through (the demo extracts F_V with ``frame`` pooling)."""
 PROBE_POOL = 4
-"""Grid the LLM's tokens are pooled to per frame for the probe (``vidalign probe --pool``)."""
+"""Grid the LLM's tokens (and F_V) are pooled to per frame for the probe (``vidalign probe --pool``)."""
+PROBE_FV = f"F_V grid:{PROBE_POOL}"
+"""The probed source stage 2 trains through (the demo extracts F_V with ``grid:4`` pooling,
+``DemoConfig.pooling``)."""
 PROBE_LLM = f"LLM tokens grid:{PROBE_POOL}"
 PROBE_SEED = 700_000
 """SynthMotion seed of the probe's clips: no demo model trains or is evaluated on it."""
@@ -246,7 +249,7 @@ def _over_chance(row: ProbeRow) -> tuple[float, dict[str, float]]:
 
 
 def probe_diagnostics(report: ProbeReport) -> list[Diagnostic]:
-    """Position over chance from F_V frame (headroom for stage 2) and from the LLM's tokens."""
+    """Position over chance from F_V (headroom for stage 2) and from the LLM's tokens."""
     fv, fv_detail = _over_chance(probe_row(report, "position", PROBE_FV))
     llm, llm_detail = _over_chance(probe_row(report, "position", PROBE_LLM))
     return [
@@ -269,7 +272,7 @@ def probe_diagnostics(report: ProbeReport) -> list[Diagnostic]:
 def probe_change_diagnostic(
     reports: Mapping[str, ProbeReport], arm: str, control: str, labels: Mapping[str, str]
 ) -> Diagnostic:
-    """``arm``'s F_V frame position accuracy minus ``control``'s, against
+    """``arm``'s F_V position accuracy minus ``control``'s, against
     :data:`PROBE_CHANGE_SE` standard errors of the difference."""
     a, c = (probe_row(reports[k], "position", PROBE_FV).score for k in (arm, control))
     se = math.hypot(a.stderr, c.stderr)
@@ -282,20 +285,32 @@ def probe_change_diagnostic(
     )
 
 
-def feature_gap_diagnostics(gaps: Mapping[str, Sequence[Gap]]) -> list[Diagnostic]:
+STAGE1_SOURCE = "+VDA stage-1 adapter"
+ORACLE_SOURCE = "oracle features, 4 x 4 clean latents"
+
+
+def feature_gap_diagnostics(
+    gaps: Mapping[str, Sequence[Gap]], source: str = STAGE1_SOURCE
+) -> list[Diagnostic]:
     """The gated ``feature_gap`` perturbations (:data:`FEATURE_GAP_GATED`), each the mean
-    relative gap over timesteps; the detail holds every perturbation's."""
+    relative gap over timesteps; the detail holds every perturbation's. ``source`` names
+    the features and adapter (+VDA's stage 1, or the oracle's)."""
     from vidalign.gap import mean_relative
 
     means = {how: mean_relative(per_t) for how, per_t in gaps.items()}
     timesteps = [g.timestep for g in next(iter(gaps.values()))]
     what = {"other_clip": "another clip's F_V", "reversed": "F_V's frames reversed"}
+    if source == ORACLE_SOURCE:
+        warning = ("even features that hold the answer barely move the teacher's loss: no "
+                   "encoder can teach through this teacher and conditioning route")
+    else:
+        warning = "so stage 2 cannot teach the encoder through it"
     return [
         Diagnostic(
-            f"VDA teacher feature gap, {what[how]} (+VDA stage-1 adapter)",
+            f"VDA teacher feature gap, {what[how]} ({source})",
             means[how], Gate(">=", FEATURE_GAP_MIN, digits=3),
-            f"the teacher barely reads {'F_V' if how == 'other_clip' else 'the order of F_V'}, "
-            "so stage 2 cannot teach the encoder through it",
+            f"the teacher barely reads {'F_V' if how == 'other_clip' else 'the order of F_V'}; "
+            + warning,
             {"mean_relative": means, "timesteps": timesteps},
         )
         for how in FEATURE_GAP_GATED
@@ -328,11 +343,11 @@ def cogvideox_gap_diagnostics(gap: CaptionGap) -> list[Diagnostic]:
     ]
 
 
-def feature_gap_text(gaps: Mapping[str, Sequence[Gap]]) -> str:
+def feature_gap_text(gaps: Mapping[str, Sequence[Gap]], source: str = STAGE1_SOURCE) -> str:
     """The printed feature gap: per timestep, the loss with each clip's own F_V and the
     relative gap of every perturbation."""
     hows = list(gaps)
-    lines = ["\nfeature gap of the VDA teacher with +VDA's stage-1 adapter (loss with spoilt F_V "
+    lines = [f"\nfeature gap of the VDA teacher ({source}; loss with spoilt F_V "
              "vs each clip's own; same noise):",
              f"{'timestep':>8} {'own F_V':>10} " + " ".join(f"{h:>12}" for h in hows)]
     for k, own in enumerate(gaps[hows[0]]):
@@ -354,7 +369,7 @@ def cogvideox_gap_text(gap: CaptionGap) -> str:
 
 
 def probe_table(reports: Mapping[str, ProbeReport], labels: Mapping[str, str]) -> str:
-    """Markdown: per probed run, F_V frame position and direction accuracy (± se) and the change
+    """Markdown: per probed run, F_V position and direction accuracy (± se) and the change
     from the first run (the baseline); the last row is chance (majority, uniform)."""
     first = next(iter(reports.values()))
     targets = ("position", "direction")
@@ -441,6 +456,28 @@ def measure_feature_gap(
         )
     finally:
         teacher.close()
+
+
+def measure_oracle_gap(
+    teacher_dir: Path, adapter: Path, *, train_dir: Path, clips: int, frames: int, size: int,
+    timesteps: Sequence[int], seed: int, draws: int = 2,
+) -> dict[str, list[Gap]]:
+    """The oracle adapter's ``feature_gap`` (``vidalign.vda.oracle``), in this process, on the
+    first ``clips`` post-training clips (never seen by its fit, which used the pretraining
+    clips): their latents, oracle features and static captions."""
+    import torch
+
+    from vidalign.data.synthset import load_synth_set
+    from vidalign.vda import load_teacher
+    from vidalign.vda.oracle import oracle_feature_gap
+    from vidalign.video import sample_frames
+
+    teacher = load_teacher("tiny-animatediff", base=str(teacher_dir))
+    data = load_synth_set(train_dir, num_clips=clips, frames=frames, size=size)
+    with torch.no_grad():
+        latents = teacher.encode_video(sample_frames(data.videos, teacher.frames, teacher.resolution))
+    return oracle_feature_gap(teacher, str(adapter), latents, list(data.static_captions),
+                              timesteps=timesteps, seed=seed, draws=draws)
 
 
 def measure_cogvideox_gap(

@@ -44,7 +44,7 @@ from vidalign.students import load_student
 from vidalign.teacher.client import DEFAULT_WAIT_S, RemoteDenoisingLoss, Teacher, connect
 from vidalign.teacher.credentials import TeacherCredentials, tls_files_problem
 from vidalign.teacher.protocol import public_name
-from vidalign.vda.adapter import file_digest
+from vidalign.vda.adapter import Adapter, file_digest
 from vidalign_trainer.common import DataConfig, open_dataset, step_seed
 from vidalign_trainer.loop import (
     Built,
@@ -144,6 +144,9 @@ class TrainConfig(BaseTrainConfig):
 class Stage2Config(StudentSection):
     device: str = "cpu"
     """Device of the student (and of the teacher when ``teacher.address`` is ``local``)."""
+    pooling: str = "frame"
+    """F_V's pooling, ``frame`` or ``grid:G``: the one the stage-1 features were extracted with
+    (the adapter's tokens per frame must match; checked at start)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -161,6 +164,19 @@ def resolve_adapter_id(adapter: str) -> str:
     if not local.is_file():
         raise InvalidInput(f"teacher.adapter: {adapter} is neither a file nor a sha256: id")
     return file_digest(local)
+
+
+def _check_frame_tokens(adapter: str, tokens_per_frame: int, pooling: str) -> None:
+    """Refuse, before the first step, F_V pooled otherwise than the adapter was fitted to (an
+    adapter given by id alone is checked by the teacher at the first request)."""
+    if adapter.startswith("sha256:"):
+        return
+    fitted = Adapter.load(materialize(adapter)).frame_tokens
+    if fitted != tokens_per_frame:
+        raise InvalidInput(
+            f"pooling: {pooling!r} gives {tokens_per_frame} F_V tokens per frame, but the adapter "
+            f"{adapter} was fitted to {fitted}; use the pooling of the stage-1 features"
+        )
 
 
 class Stage2(Job):
@@ -204,7 +220,9 @@ class Stage2(Job):
             )
         # Nearly all of the encoder trains: float32 weights (the master copy), bf16/fp16
         # compute under autocast in ``step``.
-        self.encoder = load_student(config.student, device=str(ctx.device), path=config.student_path())
+        self.encoder = load_student(config.student, device=str(ctx.device), path=config.student_path(),
+                                    pooling=config.pooling)
+        _check_frame_tokens(config.teacher.adapter, self.encoder.tokens_per_frame, config.pooling)
         self.encoder.train()
         if config.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.encoder)

@@ -60,6 +60,11 @@ class VDAConfig:
     """Condition the teacher on the static caption (false: the no-text ablation)."""
     projection: str = VDA_PROJECTION
     """W_proj: linear (paper) or mlp (appendix B)."""
+    pooling: str = "frame"
+    """F_V's pooling (``frame`` or ``grid:G``), for the features and stage 2 alike."""
+    conditioning: str = ""
+    """How W_proj(F_V) reaches the teacher (``vidalign.vda.adapter.CONDITIONINGS``); empty:
+    stage 1's default."""
     teacher_frames: int = 0
     """Frames fed to the diffusion model in stages 1 and 2 (VDA: 24); 0: the teacher's default."""
     skip_stage3: bool = False
@@ -74,6 +79,13 @@ class VDAConfig:
     def __post_init__(self) -> None:
         if self.projection not in ("linear", "mlp"):
             raise ValueError(f"projection must be linear or mlp, got {self.projection!r}")
+        for section in ("features", "stage2"):
+            given = getattr(self, section).get("pooling", self.pooling)
+            if given != self.pooling:
+                raise ValueError(
+                    f"{section}.pooling {given!r} differs from pooling {self.pooling!r}: set the "
+                    "top-level pooling, which the features and stage 2 share"
+                )
 
 
 def _merge(base: dict[str, Any], wiring: dict[str, Any]) -> dict[str, Any]:
@@ -102,18 +114,19 @@ def stage_configs(config: VDAConfig) -> dict[str, Any]:
     student = {"student": config.student, "student_weights": config.student_weights}
     configs: dict[str, Any] = {
         "features": from_dict(FeaturesConfig, _merge(config.features, {
-            **student, "device": config.device, "data": data,
+            **student, "device": config.device, "data": data, "pooling": config.pooling,
             "output": {"dir": _uri(root, "features")},
         })),
         "stage1": from_dict(Stage1Config, _merge(config.stage1, {
             "device": config.device, "features": _uri(root, "features"),
             "teacher": {"model": config.teacher, "frames": config.teacher_frames,
                         "weights": config.teacher_weights},
-            "adapter": {"projection": config.projection},
+            "adapter": {"projection": config.projection,
+                        **({"conditioning": config.conditioning} if config.conditioning else {})},
             "data": data, "train": {"text": config.text}, "output": {"dir": _uri(root, "stage1")},
         })),
         "stage2": from_dict(Stage2Config, _merge(config.stage2, {
-            **student, "device": config.device,
+            **student, "device": config.device, "pooling": config.pooling,
             "teacher": {"address": config.stage2.get("teacher", {}).get("address", "local"),
                         "model": config.teacher, "frames": config.teacher_frames,
                         "adapter": _uri(root, "stage1", "adapter", "adapter.safetensors")},
