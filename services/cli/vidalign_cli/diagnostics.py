@@ -301,16 +301,15 @@ def feature_gap_diagnostics(
     timesteps = [g.timestep for g in next(iter(gaps.values()))]
     what = {"other_clip": "another clip's F_V", "reversed": "F_V's frames reversed"}
     if source == ORACLE_SOURCE:
-        warning = ("even features that hold the answer barely move the teacher's loss: no "
-                   "encoder can teach through this teacher and conditioning route")
+        why = (" even from features that hold the answer: no encoder can teach through this "
+               "teacher and conditioning route")
     else:
-        warning = "so stage 2 cannot teach the encoder through it"
+        why = ", so stage 2 cannot teach the encoder through it"
     return [
         Diagnostic(
             f"VDA teacher feature gap, {what[how]} ({source})",
             means[how], Gate(">=", FEATURE_GAP_MIN, digits=3),
-            f"the teacher barely reads {'F_V' if how == 'other_clip' else 'the order of F_V'}; "
-            + warning,
+            f"the teacher barely reads {'F_V' if how == 'other_clip' else 'the order of F_V'}{why}",
             {"mean_relative": means, "timesteps": timesteps},
         )
         for how in FEATURE_GAP_GATED
