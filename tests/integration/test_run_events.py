@@ -5,12 +5,14 @@ once (vidalign_trainer.board)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from vidalign.run import RunDir
 from vidalign.store import LocalStore, open_store
-from vidalign_trainer.board import EVENTS_GLOB, scalars
+from vidalign_trainer.board import EVENTS_GLOB, scalars, wait_to_sort_last
 from vidalign_trainer.loop import Built, OutputConfig, TrainConfig, fit
 
 from ..unit.test_loop import Regression, ToyConfig
@@ -114,6 +116,43 @@ def test_a_resumed_run_shows_each_step_once(store_uri, tmp_path, monkeypatch):
     events = read_events(directory)
     assert_events_match(events, records)
     # Step 5 is the resumed run's (its step time differs from the killed run's).
+    assert events["step_s"][4] == (5, pytest.approx(records[4]["step_s"], rel=1e-6))
+
+
+def test_a_new_writer_waits_until_its_file_sorts_last():
+    """TensorBoard reads a run's files in name order, and a second writer in the same second
+    compares by its counter as text (.100 before .99): it starts once the clock has passed the
+    earlier file's stamp. One stamped far ahead (a clock behind) is not waited for."""
+    slept: list[float] = []
+    old = "events.out.tfevents.1796181877.node.cluster.local.42.99"  # host names hold dots
+    assert wait_to_sort_last({old}, clock=lambda: 1796181877.25, sleep=slept.append) == 0.75
+    assert slept == [0.75]  # the next second: the new file's stamp is 1796181878
+    assert wait_to_sort_last({old}, clock=lambda: 1796181878.0, sleep=slept.append) == 0.0
+    assert wait_to_sort_last(set(), clock=lambda: 0.0, sleep=slept.append) == 0.0
+    assert wait_to_sort_last({"not-an-event-file"}, clock=lambda: 0.0, sleep=slept.append) == 0.0
+    assert wait_to_sort_last({old}, clock=lambda: 1796181000.0, sleep=slept.append) == 0.0
+    assert slept == [0.75]
+
+
+def test_a_resume_in_the_same_second_still_shows_each_step_once(tmp_path, monkeypatch):
+    """A run and its resume in one process, the second writer created within the first one's
+    second (the case that flaked when the counter went from 99 to 100): steps 5 and 6 are
+    the resumed run's, once each."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("VIDALIGN_CACHE", str(tmp_path / "cache"))
+    fit(Grouped(_config(out, 5)))
+    open_store(str(out)).child("checkpoints").delete_prefix("step-00000005")
+    (first,) = out.glob(EVENTS_GLOB)
+    # Stamp the first file with the current second and a counter that sorts after any other.
+    now = str(int(time.time()))
+    parts = first.name.split(".")
+    first.rename(first.with_name(".".join([*parts[:3], now, *parts[4:-1], "zz"])))
+    fit(Grouped(_config(out, 6)), resume=True)
+    files = sorted(p.name for p in out.glob(EVENTS_GLOB))
+    assert len(files) == 2 and files[0].endswith(".zz")  # the resumed run's file sorts last
+    records = RunDir(str(out)).metrics()
+    events = read_events(out)
+    assert_events_match(events, records)
     assert events["step_s"][4] == (5, pytest.approx(records[4]["step_s"], rel=1e-6))
 
 

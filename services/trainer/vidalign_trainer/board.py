@@ -19,19 +19,37 @@ it will write. TensorBoard drops the earlier files' events from that step on,
 so steps that a killed run logged past its last checkpoint are replaced, not
 shown twice. The same holds for a fresh (not resumed) run in a used directory:
 its marker is at step 1.
+
+That needs TensorBoard to read the new file last, and it reads a run's files in
+name order: ``events.out.tfevents.<unix seconds>.<host>.<pid>.<counter>``. Two
+writers in one second (a resume in the same process) compare by counter as text
+(``.100`` before ``.99``): the new file would be read first and the old one's
+events would purge the new ones. So a writer whose run already has a file stamped
+this second (or up to ``MAX_WAIT_S`` later) starts only once the clock has passed
+it. A file stamped further ahead (the earlier run's machine had a clock ahead of
+this one's) cannot be waited for: that is logged as ``events_clock_behind``.
+(Renaming the new file instead does not work: TensorBoard's writer reopens its
+file by name at every flush.)
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+from vidalign.log import get_logger
 from vidalign.run import RunDir
 from vidalign.store import LocalStore
 
-EVENTS_GLOB = "events.out.tfevents.*"
+log = get_logger("vidalign.board")
+
+EVENTS_PREFIX = "events.out.tfevents."
+EVENTS_GLOB = f"{EVENTS_PREFIX}*"
 FLUSH_S = 10
 """Seconds between the writer's flushes to disk (what a running TensorBoard can see)."""
+MAX_WAIT_S = 2.0
+"""The longest a new writer waits for the clock to pass an earlier file's stamp (module docstring)."""
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -54,6 +72,29 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _seconds(name: str) -> int | None:
+    """The timestamp field of an event file's name, or None if it has none."""
+    field = name[len(EVENTS_PREFIX):].split(".", 1)[0]
+    return int(field) if name.startswith(EVENTS_PREFIX) and field.isdigit() else None
+
+
+def wait_to_sort_last(earlier: set[str], *, clock=time.time, sleep=time.sleep) -> float:
+    """Wait until a file created now is stamped after every name in ``earlier``; return the
+    seconds waited (module docstring). Waits at most about ``MAX_WAIT_S``."""
+    stamps = [s for s in map(_seconds, earlier) if s is not None]
+    now = clock()
+    if not stamps or max(stamps) < int(now):
+        return 0.0
+    wait = max(stamps) + 1 - now
+    if wait > MAX_WAIT_S + 1:
+        log.warning("events_clock_behind", latest_file_stamp=max(stamps), now=round(now, 3),
+                    detail="an earlier event file is stamped ahead of this clock: TensorBoard "
+                           "may show this run's resumed steps under the earlier ones")
+        return 0.0
+    sleep(wait)
+    return wait
+
+
 class Board:
     """Rank 0's TensorBoard writer for a run that goes on from step ``start`` (0: fresh)."""
 
@@ -62,6 +103,10 @@ class Board:
 
         self.run = run
         before = set(self._files())
+        earlier = {p.name for p in before}
+        if not isinstance(run.store, LocalStore):  # a resume elsewhere: the earlier files are there
+            earlier |= {k for k in run.store.list() if k.startswith(EVENTS_PREFIX) and "/" not in k}
+        wait_to_sort_last(earlier)
         # purge_step: the restart marker at the first step this writer logs (module docstring).
         self.writer = SummaryWriter(str(run.work), purge_step=start + 1, flush_secs=FLUSH_S)
         self.files = sorted(set(self._files()) - before)
