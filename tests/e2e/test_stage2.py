@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from vidalign.config import load_config
@@ -122,8 +123,6 @@ def test_frames_for_the_diffusion_model_are_a_switch(adapter_paths, tmp_path):
 def test_grid_features_train_through_a_spatial_adapter_and_other_pooling_is_refused(tmp_path):
     """F_V pooled to 2 x 2 per frame (pooling grid:2) through a "spatial" adapter fitted to 4
     tokens per frame: stage 2 runs; F_V pooled per frame is refused before the first step."""
-    import pytest
-
     from vidalign.errors import InvalidInput
     from vidalign.teacher.client import LocalTeacher
     from vidalign.vda import Adapter, load_teacher

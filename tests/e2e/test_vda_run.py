@@ -76,8 +76,6 @@ def test_pooling_and_conditioning_reach_the_features_stage1_and_stage2():
     """One ``pooling`` for the features and stage 2 (a mismatch would be refused at stage 2's
     start); ``conditioning`` reaches stage 1's adapter; a section setting its own pooling that
     disagrees is a config error, not silently overridden."""
-    import pytest
-
     from vidalign_trainer.vda import VDAConfig, stage_configs
 
     configs = stage_configs(VDAConfig(pooling="grid:4", conditioning="spatial"))
