@@ -188,6 +188,20 @@ def _attached_lora(teacher: DiffusionTeacher, adapter: Adapter | None) -> str | 
     return adapter.lora_name
 
 
+def _text_context(
+    teacher: DiffusionTeacher, adapter: Adapter | None, text_emb: Tensor | None,
+    features: Tensor | None, batch: int,
+) -> Tensor | None:
+    """``text_emb``, or under ``spatial`` conditioning without text the empty caption's
+    embedding for each of ``batch`` samples: the features are not a context there, so the
+    UNet attends to its own unconditional context (encoded once, shared)."""
+    if text_emb is not None or features is None or adapter is None or adapter.conditioning != "spatial":
+        return text_emb
+    with torch.no_grad():
+        empty = teacher.encode_text([""])
+    return empty.expand(batch, *empty.shape[1:])
+
+
 def denoising_loss(
     teacher: DiffusionTeacher,
     adapter: Adapter | None,
@@ -221,11 +235,7 @@ def denoising_loss(
     draws, (lo, hi), timesteps = _draw_plan(teacher, num_draws, draws, timestep_range, timesteps)
     device = teacher.device
     z0 = latents.to(device, torch.float32)
-    if text_emb is None and features is not None and adapter.conditioning == "spatial":
-        # The features are not a context under "spatial": without text the UNet
-        # attends to the empty caption, its own unconditional context.
-        with torch.no_grad():
-            text_emb = teacher.encode_text([""] * z0.shape[0])
+    text_emb = _text_context(teacher, adapter, text_emb, features, z0.shape[0])
     cond = _conditioning(adapter, text_emb, features, device, z0.shape[2])
     residual = _spatial_residual(adapter, features, device, z0.shape)
     losses, used = [], []
@@ -283,8 +293,10 @@ def loss_and_grad(
     the features is each sample's own gradient. Only the features get a gradient:
     no teacher or adapter ``.grad`` is written.
     """
+    _check_inputs(teacher, adapter, latents, text_emb, features, sample_ids)
     kwargs = {
-        "text_emb": text_emb,
+        # Resolved once here, not once per draw.
+        "text_emb": _text_context(teacher, adapter, text_emb, features, latents.shape[0]),
         "sample_ids": sample_ids,
         "seed": seed,
         "seeds": seeds,
