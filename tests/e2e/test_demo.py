@@ -72,7 +72,7 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
         assets=str(quick_assets), train_clips=4, eval_clips=2, gap_timesteps=[700],
         stage1_steps=1, stage2_steps=1, stage3_steps=1, sft_steps=1, batch_size=2, prior_steps=1,
         feature_gap_clips=2, feature_gap_timesteps=[700], cogvideox_gap_clips=2, oracle_gap_clips=2,
-        probe_train_clips=6, probe_held_out_clips=3,
+        probe_train_clips=6, probe_held_out_clips=3, oracle_encoder_steps=2,
     )
     results = run_demo(tmp_path, config)
     printed = capsys.readouterr().out
@@ -82,9 +82,10 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
     for diagnostic, before in (("AnimateDiff caption gap", "baseline:"),
                                ("VDA teacher feature gap, another clip's F_V (oracle", "baseline:"),
                                ("student: static same-choice rate", "== VDA stage 1"),
-                               ("probe: F_V grid:4 position accuracy over chance", "== VDA stage 1"),
+                               ("probe: F_V grid:4 direction accuracy over chance", "== VDA stage 1"),
                                ("VDA teacher feature gap, another clip's F_V", "vda stage 2:"),
                                ("probe: F_V grid:4 position, +VDA minus mismatch", "== VDA stage 3"),
+                               ("oracle ceiling: motion average", "== caption gap of the CogVideoX"),
                                ("CogVideoX caption gap, motion words swapped", "== MotionEnhancer: priors")):
         line = next(x for x in printed.splitlines() if diagnostic in x)
         assert line.split("] ", 1)[1].startswith(("PASS ", "WARN ")), line
@@ -93,10 +94,11 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
     expected = ["AnimateDiff caption gap", "VDA teacher feature gap, another clip's F_V (oracle",
                 "VDA teacher feature gap, F_V's frames reversed (oracle",
                 "student: static control accuracy",
-                "student: static same-choice rate", "probe: F_V grid:4 position accuracy",
+                "student: static same-choice rate", "probe: F_V grid:4 direction accuracy",
                 "probe: LLM tokens", "VDA teacher feature gap, another clip's F_V",
                 "VDA teacher feature gap, F_V's frames reversed",
                 "probe: F_V grid:4 position, +VDA minus mismatch",
+                "oracle ceiling: motion average by likelihood over chance",
                 "CogVideoX caption gap, another clip's caption",
                 "CogVideoX caption gap, motion words swapped"]
     assert len(diagnostics) == len(expected)
@@ -107,12 +109,13 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
         assert d["verdict"] in ("PASS", "WARN") and d["warning"], d
     assert set(results["feature_gap"]) == {"other_clip", "first_frame", "reversed", "shuffled"}
     assert set(results["oracle_gap"]) == set(results["feature_gap"])
-    assert set(results["probe"]) == {"baseline", "vda", "ctrl-mismatch", "ctrl-random-teacher"}
+    assert set(results["probe"]) == {"baseline", "vda", "ctrl-mismatch", "ctrl-random-teacher",
+                                     "oracle-ceiling"}
     assert results["cogvideox_gap"]["clips"] == 2
     assert set(results["gap"]) == {"trained", "random"}
     evals = results["evals"]
     assert set(evals) == {"baseline", "vda", "ctrl-mismatch", "ctrl-random-teacher",
-                          "ctrl-no-teacher", "motionenhancer", "ctrl-sft-no-align"}
+                          "ctrl-no-teacher", "oracle-ceiling", "motionenhancer", "ctrl-sft-no-align"}
     for summary in evals.values():
         assert set(summary["categories"]) == {*MOTION_CATEGORIES, STATIC_CATEGORY}
         assert summary["n"] == 2 * len(MOTION_CATEGORIES)
@@ -137,10 +140,17 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
     for category in MOTION_CATEGORIES:
         assert f"| {category} | 2 |" in table
     assert "+VDA minus its best control" in table
+    assert "oracle ceiling minus stage 3 alone" in table and "| oracle ceiling |" in table
     assert (tmp_path / "losses.png").stat().st_size > 0
     assert list((tmp_path / "priors-png").rglob("*.png"))
     # The mismatch control reused +VDA's adapter; the no-teacher control ran no stage 2.
     assert (tmp_path / "vda" / "stage2" / "encoder" / "MANIFEST.json").is_file()
     assert (tmp_path / "ctrl-mismatch" / "stage2" / "encoder" / "MANIFEST.json").is_file()
     assert not (tmp_path / "ctrl-no-teacher" / "stage2").exists()
+    # The oracle ceiling's encoder came from position supervision, not stage 2, and its stage 3
+    # read it.
+    assert (tmp_path / "oracle-ceiling" / "encoder" / "MANIFEST.json").is_file()
+    assert not (tmp_path / "oracle-ceiling" / "stage2").exists()
+    stage3 = json.loads((tmp_path / "oracle-ceiling" / "stage3" / "lora" / "MANIFEST.json").read_text())
+    assert stage3["meta"]["encoder"].endswith("oracle-ceiling/encoder"), stage3
     assert json.loads((tmp_path / "results.json").read_text())["evals"] == evals

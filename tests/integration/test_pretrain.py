@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from vidalign.data.synth import generate
+from vidalign.errors import InvalidInput
 from vidalign_trainer.pretrain import (
     Schedule,
     instruction_tune,
+    position_labels_per_step,
+    position_supervise,
     static_labels,
     static_pretrain,
     text_to_video,
@@ -126,3 +129,40 @@ def test_static_pretrain_then_instruction_tune(clips):
     assert changed and not any("video_tower" in k for k in changed)
     assert any("multi_modal_projector" in k for k in changed)
     assert not llm.model.training and not any(p.requires_grad for p in llm.model.parameters())
+
+
+def test_position_labels_per_step_by_hand(clips):
+    from vidalign.data.synth import COLORS
+    from vidalign.probe import cell_index
+
+    truth = clips[1].truth
+    labels = position_labels_per_step([truth], [0, 5], grid=4)
+    assert labels.shape == (1, 2, len(COLORS))
+    present = {list(COLORS).index(o["color"]): o for o in truth["objects"]}
+    for colour in range(len(COLORS)):
+        if colour not in present:
+            assert labels[0, :, colour].tolist() == [-1, -1]
+            continue
+        track = present[colour]["track"]
+        assert labels[0, :, colour].tolist() == [
+            cell_index(*track[f], size=truth["size"], grid=4) for f in (0, 5)]
+
+
+def test_position_supervise_trains_the_tower_to_say_where_objects_are(clips):
+    from vidalign.probe import encoder_features
+    from vidalign.students.encoder import load_student
+
+    videos = _videos(clips)
+    encoder = load_student("tiny-videollava", pooling="grid:2")
+    before = _snapshot(encoder)
+    losses = position_supervise(encoder, videos, [c.truth for c in clips],
+                                Schedule(steps=12, batch_size=4, lr=3e-3, log_every=100))
+    # Four clips, a few objects each: the head and tower fit them within a dozen steps.
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    assert _changed(before, encoder) and not encoder.training
+    assert encoder_features(encoder, videos).shape[-1] == 4 * encoder.d_v
+    with pytest.raises(InvalidInput, match="grid"):
+        position_supervise(load_student("tiny-videollava"), videos, [c.truth for c in clips],
+                           Schedule(steps=1))
+    with pytest.raises(InvalidInput, match="truths"):
+        position_supervise(encoder, videos, [clips[0].truth], Schedule(steps=1))

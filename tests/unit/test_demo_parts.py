@@ -107,17 +107,21 @@ def test_report_headline_is_against_the_best_control():
         "ctrl-mismatch": _summary(dict.fromkeys(cats, 0.4), 0.6),
         "ctrl-random-teacher": _summary(dict.fromkeys(cats, 0.2), 0.8),
         "ctrl-no-teacher": _summary(dict.fromkeys(cats, 0.35), 0.8),
+        "oracle-ceiling": _summary(dict.fromkeys(cats, 0.6), 0.7),
         "motionenhancer": _summary(dict.fromkeys(cats, 0.3), 1.0),
         "ctrl-sft-no-align": _summary(dict.fromkeys(cats, 0.4), 0.8),
     }
     h = headline(evals)
-    assert h["vda"]["best_control"] == "ctrl-mismatch"
+    assert h["vda"]["best_control"] == "ctrl-mismatch"  # the ceiling is no control
     assert h["vda"]["motion_vs_best_control"] == pytest.approx(10.0)
     assert h["vda"]["motion_vs_baseline"] == pytest.approx(20.0)
     assert h["vda"]["static_vs_baseline"] == pytest.approx(0.0)
     assert h["motionenhancer"]["motion_vs_control"] == pytest.approx(-10.0)
     assert h["motionenhancer"]["static_vs_baseline"] == pytest.approx(20.0)
     assert "+10.0 points" in headline_text(h) and "(mismatch)" in headline_text(h)
+    assert h["oracle_ceiling"]["motion_vs_no_teacher"] == pytest.approx(25.0)
+    assert h["oracle_ceiling"]["static_vs_baseline"] == pytest.approx(-10.0)
+    assert "oracle ceiling minus stage 3 alone (no teacher): +25.0 points" in headline_text(h)
 
     table = results_table(evals).splitlines()
     assert table[0].startswith("| category | n | baseline | +VDA | mismatch |")
@@ -202,6 +206,26 @@ def test_student_diagnostics_read_the_baseline_eval():
         student_diagnostics({**summary, "substitution": None})
 
 
+def test_ceiling_diagnostic_against_two_standard_errors_at_chance():
+    import math
+
+    from vidalign_cli.diagnostics import ceiling_diagnostic
+
+    # Six motion categories of 10 questions at chance 1/4: se = sqrt(6 * 0.1875 / 10) / 6.
+    se = math.sqrt(6 * 0.25 * 0.75 / 10) / 6
+    assert se == pytest.approx(0.0559, abs=1e-4)
+    control = {"likelihood": _score_dict(0.3, 0.9)}
+    above = ceiling_diagnostic({"likelihood": _score_dict(0.25 + 2 * se + 0.001, 0.9)}, control, 0.25)
+    assert above.verdict == "PASS" and above.gate.bound == pytest.approx(2 * se)
+    assert above.detail["stage3_alone"] == pytest.approx(0.3)
+    below = ceiling_diagnostic({"likelihood": _score_dict(0.25 + 2 * se - 0.001, 0.9)}, control, 0.25)
+    assert below.verdict == "WARN" and "no teacher could show a gain" in below.line()
+    with pytest.raises(InvalidInput, match="without an option scorer"):
+        ceiling_diagnostic(_score_dict(0.9, 0.9), control, 0.25)
+    with pytest.raises(InvalidInput, match="chance"):
+        ceiling_diagnostic({"likelihood": _score_dict(0.9, 0.9)}, control, 1.0)
+
+
 def _probe_report(rows: dict[tuple[str, str], tuple[float, float]]):
     """A ProbeReport: (target, source) -> (accuracy, stderr); chance 5% majority, 6.25% uniform."""
     from vidalign.probe import ProbeReport, ProbeRow, ProbeScore
@@ -224,19 +248,20 @@ def test_probe_diagnostics_headroom_llm_tokens_and_change():
         probe_table,
     )
 
-    base = _probe_report({("position", PROBE_FV): (0.085, 0.01), ("direction", PROBE_FV): (0.2, 0.02),
+    base = _probe_report({("position", PROBE_FV): (0.4, 0.01), ("direction", PROBE_FV): (0.085, 0.02),
                           ("position", PROBE_LLM): (0.4, 0.02)})
     headroom, llm = probe_diagnostics(base)
+    # Headroom is F_V's direction (its position may be high: the LLM must read it).
     # Over chance = over the larger of majority (5%) and uniform (6.25%).
     assert headroom.value == pytest.approx(0.0225) and headroom.verdict == "PASS"
-    assert headroom.detail["chance"] == pytest.approx(0.0625)
+    assert "direction" in headroom.name and headroom.detail["chance"] == pytest.approx(0.0625)
     assert llm.value == pytest.approx(0.3375) and llm.verdict == "PASS"
-    saturated = _probe_report({("position", PROBE_FV): (0.3, 0.01), ("position", PROBE_LLM): (0.1, 0.01)})
+    saturated = _probe_report({("direction", PROBE_FV): (0.3, 0.01), ("position", PROBE_LLM): (0.1, 0.01)})
     assert [d.verdict for d in probe_diagnostics(saturated)] == ["WARN", "WARN"]
 
     reports = {"baseline": base,
-               "vda": _probe_report({("position", PROBE_FV): (0.15, 0.03), ("direction", PROBE_FV): (0.25, 0.02)}),
-               "ctrl-mismatch": _probe_report({("position", PROBE_FV): (0.08, 0.04),
+               "vda": _probe_report({("position", PROBE_FV): (0.45, 0.03), ("direction", PROBE_FV): (0.25, 0.02)}),
+               "ctrl-mismatch": _probe_report({("position", PROBE_FV): (0.38, 0.04),
                                                ("direction", PROBE_FV): (0.2, 0.02)})}
     change = probe_change_diagnostic(reports, "vda", "ctrl-mismatch", HEADERS)
     # 7 points against 2 se of the difference: 2 * hypot(3, 4) = 10 points.
@@ -244,10 +269,10 @@ def test_probe_diagnostics_headroom_llm_tokens_and_change():
     assert change.verdict == "WARN" and "mismatch" in change.name
     table = probe_table(reports, HEADERS).splitlines()
     assert table[0] == f"| run | {PROBE_FV} position | change | {PROBE_FV} direction | change |"
-    assert table[2] == "| baseline | 8.5 ± 1.0 | +0.0 | 20.0 ± 2.0 | +0.0 |"
-    assert table[3] == "| +VDA | 15.0 ± 3.0 | +6.5 | 25.0 ± 2.0 | +5.0 |"
+    assert table[2] == "| baseline | 40.0 ± 1.0 | +0.0 | 8.5 ± 2.0 | +0.0 |"
+    assert table[3] == "| +VDA | 45.0 ± 3.0 | +5.0 | 25.0 ± 2.0 | +16.5 |"
     assert table[-1] == "| chance (majority / uniform) | 5.0 / 6.2 |  | 5.0 / 6.2 |  |"
-    with pytest.raises(InvalidInput, match="no position row"):
+    with pytest.raises(InvalidInput, match="no direction row"):
         probe_diagnostics(_probe_report({("position", PROBE_FV): (0.1, 0.01)}))
 
 

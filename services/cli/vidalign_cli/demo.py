@@ -18,7 +18,10 @@ instruction-tuned on SynthMotion questions):
    through the teacher service on loopback) -> a probe of the new encoder ->
    stage 3 (LLM LoRA);
 4. the **controls**, same budget: stage 2 with mismatched clips; the whole
-   recipe with an untrained (random) teacher; stage 3 alone (no teacher);
+   recipe with an untrained (random) teacher; stage 3 alone (no teacher); and
+   the **oracle ceiling**: the encoder supervised on where each object is in
+   every frame (motion given, not taught), then the same stage 3 -- what VDA
+   could reach at best, and proof that stage 3 and the scoring can show a gain;
 5. **+MotionEnhancer**: CogVideoX's **caption gap**, then priors from the
    CogVideoX teacher service -> SFT with CE + lambda L_align, and its control,
    the same SFT with lambda = 0;
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -204,6 +208,9 @@ class DemoConfig:
     feature gap was +2.1% (another clip's F_V) and -0.1% (frames reversed), after 240 +5.9%
     and +5.0% (seed 0; README, Results). The oracle fit needed ~200 steps too."""
     stage2_steps: int = 60
+    oracle_encoder_steps: int = 300
+    """Steps of the oracle ceiling's position supervision (batch 8, lr ``oracle_encoder_lr``)."""
+    oracle_encoder_lr: float = 1e-3
     stage3_steps: int = 120
     sft_steps: int = 120
     batch_size: int = 4
@@ -428,6 +435,7 @@ def vda_configs(root: Path, config: DemoConfig, train_dir: Path, *, teacher_weig
 def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
     """The whole demo; returns what it writes to ``<out>/results.json``."""
     from vidalign.data.benchmarks import load_benchmark
+    from vidalign.data.synth import MOTION_CATEGORIES
     from vidalign_trainer.features import extract_features
     from vidalign_trainer.stage1 import run_stage1
     from vidalign_trainer.stage2 import run_stage2
@@ -495,6 +503,8 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
                                            teacher_weights=random_teacher, student_weights=student),
         "ctrl-no-teacher": vda_configs(out / "ctrl-no-teacher", config, train_dir,
                                        teacher_weights=trained, student_weights=student),
+        "oracle-ceiling": vda_configs(out / "oracle-ceiling", config, train_dir,
+                                      teacher_weights=trained, student_weights=student),
     }
     runs["ctrl-mismatch"]["stage2"].train.mismatch = True
     runs["ctrl-no-teacher"]["stage3"].encoder = ""  # the baseline's own encoder
@@ -544,15 +554,27 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
         if "vda" in probes:
             control = "ctrl-mismatch" if "ctrl-mismatch" in probes else "baseline"
             _note(found, [diag.probe_change_diagnostic(probes, "vda", control, HEADERS)])
-        results["probe"] = {name: report.to_dict() for name, report in probes.items()}
 
-    with timings.phase("VDA stage 3 (LLM LoRA) and eval, +VDA and controls"):
+    with timings.phase("oracle ceiling: the encoder supervised on where the objects are"):
+        ceiling = runs["oracle-ceiling"]["stage3"]
+        ceiling.encoder = str(train_oracle_encoder(out / "oracle-ceiling", train_dir, student,
+                                                   config))
+        probes["oracle-ceiling"] = diag.probe(
+            STUDENT, probe_clips, train_clips=config.probe_train_clips,
+            weights=str(student / "model"), encoder=ceiling.encoder, seed=config.seed)
+        print(f"\n{diag.PROBE_FV} of the oracle ceiling's encoder:\n"
+              f"{probes['oracle-ceiling'].table()}", flush=True)
+
+    with timings.phase("VDA stage 3 (LLM LoRA) and eval, +VDA, controls and oracle ceiling"):
         for name, stages in runs.items():
             run_stage3(stages["stage3"], resume=True)
             evals[name] = evaluate_student(
                 items, weights=student / "model", encoder=stages["stage3"].encoder,
                 lora=f"{stages['stage3'].output.dir}/lora", out=out, name=name,
             )
+        chance = statistics.mean(1 / len(i.options) for i in items if i.category in MOTION_CATEGORIES)
+        _note(found, [diag.ceiling_diagnostic(evals["oracle-ceiling"], evals["ctrl-no-teacher"],
+                                              chance)])
 
     with timings.phase("caption gap of the CogVideoX teacher (before its priors)"):
         cogvideox_gap = diag.measure_cogvideox_gap(
@@ -573,6 +595,7 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
             evals[name] = evaluate_student(items, weights=run_dir / "model", out=out, name=name)
 
     with timings.phase("report"):
+        results["probe"] = {name: report.to_dict() for name, report in probes.items()}
         results["diagnostics"] = [d.to_dict() for d in found]
         results["evals"] = evals
         results["headline"] = headline(evals)
@@ -621,6 +644,37 @@ def diagnostics_section(found: Sequence[diag.Diagnostic]) -> str:
             f"why each):\n\n{diag.diagnostics_table(found)}\n{diag.gates_summary(found)}")
 
 
+def train_oracle_encoder(root: Path, train_dir: Path, student: Path, config: DemoConfig) -> Path:
+    """The oracle ceiling's encoder: the student's, supervised on where each object is in every
+    frame (``position_supervise``) on the post-training clips; returns the directory holding its
+    ``encoder.safetensors`` (the stage-2 artifact's layout, so stage 3 reads it the same way).
+    A finished one is reused; an interrupted one resumes from its checkpoint."""
+    from safetensors.torch import save_file
+
+    from vidalign.data.synthset import load_synth_set
+    from vidalign.store import MANIFEST, open_store
+    from vidalign.store.artifacts import commit_artifact
+    from vidalign.students.encoder import load_student
+    from vidalign_trainer.pretrain import Schedule, position_supervise
+
+    target = root / "encoder"
+    if (target / MANIFEST).is_file():  # committed last: the artifact is whole
+        return target
+    data = load_synth_set(train_dir, frames=config.frames, size=config.size)
+    encoder = load_student(STUDENT, path=str(student / "model"), pooling=config.pooling)
+    losses = position_supervise(encoder, data.videos, data.truths, Schedule(
+        steps=config.oracle_encoder_steps, batch_size=8, lr=config.oracle_encoder_lr,
+        seed=config.seed, out=str(root / "position"), checkpoint_every=config.oracle_encoder_steps))
+    say(f"oracle ceiling, position supervision: {_trend(losses)}")
+    weights = root / "position" / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(weights))
+    commit_artifact(open_store(str(root)), "encoder", {"encoder.safetensors": weights},
+                    producer="vidalign demo: oracle ceiling", step=config.oracle_encoder_steps,
+                    meta={"student": STUDENT, "objective": "position_supervise",
+                          "pooling": config.pooling})
+    return target
+
+
 def _extract_priors(train_dir: Path, uri: str, address: str, config: DemoConfig) -> None:
     from vidalign_teacher.priors import ExtractConfig, extract_dataset_priors
 
@@ -666,9 +720,10 @@ def _show_priors(uri: str, out_dir: Path, clips: int = 2) -> None:
 # --- the report ---------------------------------------------------------------------------
 
 COLUMNS = ("baseline", "vda", "ctrl-mismatch", "ctrl-random-teacher", "ctrl-no-teacher",
-           "motionenhancer", "ctrl-sft-no-align")
+           "oracle-ceiling", "motionenhancer", "ctrl-sft-no-align")
 HEADERS = {"baseline": "baseline", "vda": "+VDA", "ctrl-mismatch": "mismatch",
            "ctrl-random-teacher": "random teacher", "ctrl-no-teacher": "no teacher",
+           "oracle-ceiling": "oracle ceiling",
            "motionenhancer": "+MotionEnhancer", "ctrl-sft-no-align": "SFT, no align"}
 VDA_CONTROLS = ("ctrl-mismatch", "ctrl-random-teacher", "ctrl-no-teacher")
 METRICS = {
@@ -721,7 +776,8 @@ def accuracy_tables(evals: dict[str, dict[str, Any]]) -> str:
 
 
 def headline(evals: dict[str, dict[str, Any]], metric: str = "letter") -> dict[str, Any]:
-    """+VDA minus its best control, +ME minus its control (motion average, static), in points."""
+    """+VDA minus its best control, the oracle ceiling minus stage 3 alone, +ME minus its control
+    (motion average, static), in points."""
     evals = {k: _metric(v, metric) for k, v in evals.items()}
 
     def point(name: str, key: str) -> float:
@@ -736,6 +792,12 @@ def headline(evals: dict[str, dict[str, Any]], metric: str = "letter") -> dict[s
             "motion_vs_best_control": point("vda", "average") - point(best, "average"),
             "motion_vs_baseline": point("vda", "average") - point("baseline", "average"),
             "static_vs_baseline": point("vda", "static") - point("baseline", "static"),
+        }
+    if "oracle-ceiling" in evals and "ctrl-no-teacher" in evals:
+        out["oracle_ceiling"] = {
+            "motion_vs_no_teacher": point("oracle-ceiling", "average") - point("ctrl-no-teacher", "average"),
+            "motion_vs_baseline": point("oracle-ceiling", "average") - point("baseline", "average"),
+            "static_vs_baseline": point("oracle-ceiling", "static") - point("baseline", "static"),
         }
     if "motionenhancer" in evals and "ctrl-sft-no-align" in evals:
         out["motionenhancer"] = {
@@ -755,6 +817,13 @@ def headline_text(h: dict[str, Any]) -> str:
             f"{v['motion_vs_best_control']:+.1f} points of motion average "
             f"(vs baseline {v['motion_vs_baseline']:+.1f}; static control {v['static_vs_baseline']:+.1f})"
         )
+    if "oracle_ceiling" in h:
+        o = h["oracle_ceiling"]
+        lines.append(
+            f"oracle ceiling minus stage 3 alone (no teacher): {o['motion_vs_no_teacher']:+.1f} "
+            f"points of motion average (vs baseline {o['motion_vs_baseline']:+.1f}; static "
+            f"control {o['static_vs_baseline']:+.1f})"
+        )
     if "motionenhancer" in h:
         m = h["motionenhancer"]
         lines.append(
@@ -767,8 +836,6 @@ def headline_text(h: dict[str, Any]) -> str:
 
 def main_summary(runs: Sequence[dict[str, Any]], metric: str = "letter") -> str:
     """Mean and spread over demo seeds of each column's motion average and static accuracy."""
-    import statistics
-
     lines = ["| run | motion average (mean ± sd) | static control (mean ± sd) | seeds |",
              "|---|---:|---:|---:|"]
     for col in COLUMNS:

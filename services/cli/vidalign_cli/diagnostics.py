@@ -9,12 +9,16 @@ each link, before (and between) the training runs, against a threshold:
   and the same questions with another clip's video (``vidalign.eval``'s
   substitution check): its choices should change;
 - **the student's features** (``vidalign.probe``): where the objects are, read
-  from the frame-mean F_V (what stage 2 trains through) and from the tokens the
-  LLM reads; after stage 2, how far each arm's encoder moved that;
+  from the tokens the LLM reads, and which way they move from the grid-pooled F_V
+  (what stage 2 trains through; headroom); after stage 2, how far each arm's
+  encoder moved where the objects are;
 - **the VDA teacher**, before anything trains, with its oracle adapter (W_proj fitted
   on each frame's clean latents pooled to 4 x 4, ``vidalign.vda.oracle``): can it
   read features at all? Then with +VDA's stage-1 adapter (``vidalign.gap.feature_gap``):
   its loss with each clip's own F_V vs another clip's, or the frames reversed;
+- **the oracle ceiling** (after stage 3): the student with an encoder supervised on
+  where every object is must answer motion questions above chance, else no
+  teacher could show a gain through it;
 - **the teachers' captions**: AnimateDiff's loss with the motion words swapped
   (``vidalign.gap.caption_gap``) and CogVideoX's with another clip's caption or
   the motion words swapped (``vidalign.motionenhancer.diagnostics``).
@@ -51,8 +55,11 @@ SUBSTITUTION_SAME_MAX = 0.5
 """Static same-choice rate by likelihood with another clip's video: a reader changes its answer
 whenever the other clip's answer differs (most questions); one that ignores the video keeps ~100%."""
 PROBE_HEADROOM_MAX = 0.10
-"""F_V position accuracy at most 10 points over chance: if the features stage 2 trains
-already carry where the objects are, a null result after stage 2 says little (nothing to teach)."""
+"""F_V direction accuracy at most 10 points over chance: if the features stage 2 trains already
+carry which way the objects move, a null result after stage 2 says little (nothing to teach).
+Direction, not position: F_V is the tokens the LLM reads, which must carry where the objects
+are (:data:`PROBE_LLM_GAIN_MIN`) or the student could read nothing; how they move between
+frames is what a motion teacher adds."""
 PROBE_LLM_GAIN_MIN = 0.10
 """LLM-token position accuracy at least 10 points over chance: motion answers are built from
 where the objects are, so the tokens the LLM reads must carry it."""
@@ -60,6 +67,10 @@ PROBE_CHANGE_SE = 2.0
 """+VDA's F_V position accuracy must beat its control's by two standard errors of the
 difference (clustered by clip): less is within the probe's noise. Position, because a teacher
 that reads each frame's F_V asks first where that frame's objects are."""
+CEILING_SE = 2.0
+"""The oracle ceiling's motion average by likelihood must beat chance by two standard errors
+(binomial at chance, over its categories' questions): less, and the student, stage 3 and the
+scoring could not show a gain even if a teacher gave the encoder motion."""
 FEATURE_GAP_MIN = 0.05
 """The teacher's loss must rise >= 5% with another clip's F_V and with F_V's frames reversed:
 below, stage 2's gradient carries little about the clip or its time order."""
@@ -249,14 +260,15 @@ def _over_chance(row: ProbeRow) -> tuple[float, dict[str, float]]:
 
 
 def probe_diagnostics(report: ProbeReport) -> list[Diagnostic]:
-    """Position over chance from F_V (headroom for stage 2) and from the LLM's tokens."""
-    fv, fv_detail = _over_chance(probe_row(report, "position", PROBE_FV))
+    """Direction over chance from F_V (headroom for stage 2); position over chance from the
+    LLM's tokens (what the student can read)."""
+    fv, fv_detail = _over_chance(probe_row(report, "direction", PROBE_FV))
     llm, llm_detail = _over_chance(probe_row(report, "position", PROBE_LLM))
     return [
         Diagnostic(
-            f"probe: {PROBE_FV} position accuracy over chance (baseline)",
+            f"probe: {PROBE_FV} direction accuracy over chance (baseline)",
             fv, Gate("<=", PROBE_HEADROOM_MAX, unit="points"),
-            "F_V already carries where the objects are: stage 2 has little to teach there",
+            "F_V already carries which way the objects move: stage 2 has little to teach",
             fv_detail,
         ),
         Diagnostic(
@@ -282,6 +294,35 @@ def probe_change_diagnostic(
         Gate(">", PROBE_CHANGE_SE * se, unit="points", basis=f"{PROBE_CHANGE_SE:g} se"),
         f"stage 2 through the teacher moved F_V no more than the {labels[control]} control did",
         {"arm": a.accuracy, "control": c.accuracy, "se_difference": se},
+    )
+
+
+def ceiling_diagnostic(
+    ceiling: Mapping[str, Any], control: Mapping[str, Any], chance: float
+) -> Diagnostic:
+    """The oracle ceiling's motion average by likelihood over ``chance`` (the mean of
+    1 / options over the motion questions), against :data:`CEILING_SE` standard errors of a
+    macro average at chance; stage 3 alone (``control``) is reported beside it."""
+    if not 0 < chance < 1:
+        raise InvalidInput(f"chance: expected a probability in (0, 1), got {chance}")
+    score = ceiling.get("likelihood")
+    if score is None or control.get("likelihood") is None:
+        raise InvalidInput("ceiling diagnostic: the evals ran without an option scorer")
+    from vidalign.data.synth import MOTION_CATEGORIES
+
+    sizes = [score["categories"][c]["n"] for c in MOTION_CATEGORIES if c in score["categories"]]
+    if not sizes:
+        raise InvalidInput("ceiling diagnostic: the eval has no motion questions")
+    # Var of a macro average of K category accuracies at chance: sum_k p(1-p)/n_k / K^2.
+    se = math.sqrt(sum(chance * (1 - chance) / n for n in sizes)) / len(sizes)
+    return Diagnostic(
+        "oracle ceiling: motion average by likelihood over chance",
+        score["average"] - chance,
+        Gate(">", CEILING_SE * se, unit="points", basis=f"{CEILING_SE:g} se"),
+        "even an encoder told where every object is in every frame does not lift motion "
+        "answers after stage 3: no teacher could show a gain through this student",
+        {"ceiling": score["average"], "chance": chance, "se": se,
+         "stage3_alone": control["likelihood"]["average"]},
     )
 
 

@@ -15,7 +15,10 @@ its own, the way the real ones were made, at toy scale:
   and shapes are present, how many objects), like image-text pretraining: it
   never sees two frames together, so nothing asks it to represent motion;
 - :func:`instruction_tune` then trains the projector and the LLM, tower frozen
-  as in LLaVA-style instruction tuning, to answer multiple-choice questions.
+  as in LLaVA-style instruction tuning, to answer multiple-choice questions;
+- :func:`position_supervise`, not part of the baseline, trains a vision tower
+  to say where each object is in every frame (the demo's oracle ceiling: motion
+  given by supervision, not by a teacher).
 
 Every function is deterministic given its ``seed`` (batch order and noise).
 """
@@ -346,6 +349,65 @@ def static_pretrain(
 
     try:
         return _train("static_pretrain", [*tower, *heads.parameters()], len(videos), schedule, step_loss)
+    finally:
+        encoder.eval()
+
+
+def position_labels_per_step(
+    truths: Sequence[dict[str, Any]], frames: Sequence[int], *, grid: int
+) -> Tensor:
+    """``(N, S, colours)`` long: the grid cell of each colour's object at each step's clip frame,
+    -1 where the clip has no object of that colour (SynthMotion's colours are unique per clip)."""
+    from vidalign.data.synth import COLORS
+    from vidalign.probe import position_labels
+
+    colors = list(COLORS)
+    labels = torch.full((len(truths), len(frames), len(colors)), -1, dtype=torch.long)
+    for i, truth in enumerate(truths):
+        for obj in truth["objects"]:
+            cells = position_labels(obj["track"], frames, size=truth["size"], grid=grid)
+            labels[i, :, colors.index(obj["color"])] = torch.tensor(cells)
+    return labels
+
+
+def position_supervise(
+    encoder: nn.Module, videos: Tensor, truths: Sequence[dict[str, Any]], schedule: Schedule
+) -> list[float]:
+    """Train a grid-pooled ``VideoEncoder`` to say where each object is in every step it samples.
+
+    The demo's oracle ceiling: motion given to the encoder by supervision rather than by a
+    teacher. A linear head reads each step's F_V tokens, flattened (what ``vidalign probe``
+    reads), and predicts for every colour the ``grid x grid`` cell of that colour's object
+    (``vidalign.probe``'s position target, clip frames from ``step_frames``); the loss is the
+    cross-entropy over the objects present. The head is discarded afterwards.
+    """
+    from vidalign.probe import step_frames
+
+    grid = getattr(encoder, "grid", None)
+    if grid is None:
+        raise InvalidInput("position_supervise: the encoder must pool F_V to a grid ('grid:G'), "
+                           "so that its tokens can say where the objects are")
+    if not truths or len(truths) != len(videos):
+        raise InvalidInput(f"position_supervise: {len(videos)} videos but {len(truths)} truths")
+    frames = step_frames(int(truths[0]["frames"]), encoder.num_frames, encoder.frames_per_step)
+    labels = position_labels_per_step(truths, frames, grid=grid)
+    colors, cells = labels.shape[-1], grid * grid
+    width = encoder.tokens_per_frame * encoder.d_v
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(schedule.seed)
+        head = nn.Linear(width, colors * cells)
+    tower = [p for p in encoder.parameters() if p.requires_grad]
+    encoder.train()
+
+    def step_loss(picks: list[int], generator: torch.Generator) -> Tensor:
+        features = encoder(encoder.preprocess(videos[picks]))  # (B, S * k, d_v)
+        per_step = features.reshape(len(picks), len(frames), width)
+        logits = head(per_step).reshape(-1, cells)
+        return F.cross_entropy(logits, labels[picks].reshape(-1), ignore_index=-1)
+
+    try:
+        return _train("position_supervise", [*tower, *head.parameters()], len(videos), schedule,
+                      step_loss)
     finally:
         encoder.eval()
 
