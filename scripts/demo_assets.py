@@ -76,6 +76,12 @@ class Sizes:
     llm_width: int = 128
     llm_layers: int = 4
     vision_width: int = 64
+    vision_layers: int = 2
+    """Tower layers; Video-LLaVA reads the second-to-last layer's output, so 2 leaves one."""
+    student_size: int = 32
+    """Frame size the student is made at (its tower's ``image_size``; the clips are decoded to
+    it). 64 with ``student_patch=16`` keeps 4 x 4 tokens a frame with 4x the pixels."""
+    student_patch: int = 8
 
 
 PARTS = ("animatediff", "oracle", "cogvideox", "videollm")
@@ -96,6 +102,14 @@ def student_config(sizes: Sizes):
     config.text_config.num_hidden_layers = sizes.llm_layers
     config.text_config.num_attention_heads = config.text_config.num_key_value_heads = max(2, w // 32)
     config.vision_config.hidden_size = v
+    config.vision_config.num_hidden_layers = sizes.vision_layers
+    size, patch = sizes.student_size, sizes.student_patch
+    if size % patch:
+        raise ValueError(f"student_size {size} is not a multiple of student_patch {patch}")
+    frames = config.video_seq_length // (config.image_seq_length + 1)  # a frame: its patches + CLS
+    config.vision_config.image_size, config.vision_config.patch_size = size, patch
+    config.image_seq_length = (size // patch) ** 2
+    config.video_seq_length = frames * (config.image_seq_length + 1)
     config.vision_config.intermediate_size = 2 * v
     config.vision_config.num_attention_heads = max(2, v // 32)
     return config
@@ -302,7 +316,8 @@ def build(out: Path, sizes: Sizes, *, seed: int = 0, only: list[str] | None = No
             elif part == "cogvideox":
                 info = make_cogvideox(out, data.videos, data.captions, sizes, seed)
             elif part == "videollm":
-                info = make_student(out, data, sizes, seed)
+                info = make_student(out, data if sizes.student_size == 32 else load_synth_set(
+                    tmp, frames=16, size=sizes.student_size), sizes, seed)
             else:
                 raise SystemExit(f"--only: unknown part {part!r}")
             info["seconds"] = round(time.monotonic() - tic, 1)
