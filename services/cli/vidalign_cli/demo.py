@@ -44,6 +44,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -666,12 +667,13 @@ def train_oracle_encoder(root: Path, train_dir: Path, student: Path, config: Dem
         steps=config.oracle_encoder_steps, batch_size=8, lr=config.oracle_encoder_lr,
         seed=config.seed, out=str(root / "position"), checkpoint_every=config.oracle_encoder_steps))
     say(f"oracle ceiling, position supervision: {_trend(losses)}")
-    weights = root / "position" / "encoder.safetensors"
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(weights))
-    commit_artifact(open_store(str(root)), "encoder", {"encoder.safetensors": weights},
-                    producer="vidalign demo: oracle ceiling", step=config.oracle_encoder_steps,
-                    meta={"student": STUDENT, "objective": "position_supervise",
-                          "pooling": config.pooling})
+    with tempfile.TemporaryDirectory(prefix="vidalign-oracle-encoder-") as tmp:
+        weights = Path(tmp) / "encoder.safetensors"
+        save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(weights))
+        commit_artifact(open_store(str(root)), "encoder", {"encoder.safetensors": weights},
+                        producer="vidalign demo: oracle ceiling", step=config.oracle_encoder_steps,
+                        meta={"student": STUDENT, "objective": "position_supervise",
+                              "pooling": config.pooling})
     return target
 
 
