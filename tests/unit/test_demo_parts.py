@@ -97,20 +97,22 @@ def _summary(motion: dict[str, float], static: float) -> dict:
     return {"n": 10 * len(motion), "overall": average, "average": average, "categories": categories}
 
 
+ARMS = {  # motion accuracy, static accuracy
+    "baseline": (0.3, 0.8), "vda": (0.5, 0.8), "ctrl-mismatch": (0.4, 0.6),
+    "ctrl-random-teacher": (0.2, 0.8), "ctrl-no-teacher": (0.35, 0.8), "oracle-ceiling": (0.6, 0.7),
+    "motionenhancer": (0.3, 1.0), "ctrl-sft-no-align": (0.4, 0.8),
+}
+
+
+def _arms(cats, names=tuple(ARMS)) -> dict:
+    return {name: _summary(dict.fromkeys(cats, ARMS[name][0]), ARMS[name][1]) for name in names}
+
+
 def test_report_headline_is_against_the_best_control():
     from vidalign_cli.demo import headline, headline_text, main_summary, results_table
 
     cats = MOTION_CATEGORIES[:2]
-    evals = {
-        "baseline": _summary(dict.fromkeys(cats, 0.3), 0.8),
-        "vda": _summary(dict.fromkeys(cats, 0.5), 0.8),
-        "ctrl-mismatch": _summary(dict.fromkeys(cats, 0.4), 0.6),
-        "ctrl-random-teacher": _summary(dict.fromkeys(cats, 0.2), 0.8),
-        "ctrl-no-teacher": _summary(dict.fromkeys(cats, 0.35), 0.8),
-        "oracle-ceiling": _summary(dict.fromkeys(cats, 0.6), 0.7),
-        "motionenhancer": _summary(dict.fromkeys(cats, 0.3), 1.0),
-        "ctrl-sft-no-align": _summary(dict.fromkeys(cats, 0.4), 0.8),
-    }
+    evals = _arms(cats)
     h = headline(evals)
     assert h["vda"]["best_control"] == "ctrl-mismatch"  # the ceiling is no control
     assert h["vda"]["motion_vs_best_control"] == pytest.approx(10.0)
@@ -133,6 +135,41 @@ def test_report_headline_is_against_the_best_control():
     summary = main_summary([{"evals": evals}, {"evals": {**evals, "vda": _summary(dict.fromkeys(cats, 0.7), 0.8)}}])
     vda_row = next(line for line in summary.splitlines() if line.startswith("| +VDA |"))
     assert "60.0 ± 14.1" in vda_row and vda_row.endswith("| 2 |")
+
+
+def test_seeds_summary_gives_every_gate_and_headline_per_seed():
+    from vidalign_cli.demo import headline_over_seeds, seeds_summary
+    from vidalign_cli.diagnostics import Diagnostic, Gate, diagnostics_over_seeds
+
+    cats = MOTION_CATEGORIES[:2]
+    base = _arms(cats, ("baseline", "vda", "ctrl-mismatch", "ctrl-no-teacher", "oracle-ceiling"))
+    # Seed 1: the mismatch control falls below stage 3 alone, so the best control changes.
+    other = {**base, "ctrl-mismatch": _summary(dict.fromkeys(cats, 0.2), 0.6)}
+    gap = Gate(">=", 0.05)
+    seed0 = [Diagnostic("gap", 0.06, gap, "w"), Diagnostic("reads", 0.9, Gate(">=", 0.85), "w")]
+    seed1 = [Diagnostic("gap", 0.02, gap, "w")]  # stopped before "reads"
+    runs = [{"evals": base, "diagnostics": [d.to_dict() for d in seed0]},
+            {"evals": other, "diagnostics": [d.to_dict() for d in seed1]}]
+
+    table = diagnostics_over_seeds({0: seed0, 1: seed1}).splitlines()
+    assert table[0] == "| diagnostic | threshold | seed 0 | seed 1 | passed |"
+    assert table[2] == "| gap | >= 5.0% | 6.0% PASS | 2.0% WARN | 1 of 2 |"
+    assert table[3] == "| reads | >= 85.0% | 90.0% PASS | - | 1 of 2 |"
+
+    heads = {line.split(" | ")[0].lstrip("| "): line for line in
+             headline_over_seeds(runs, [0, 1]).splitlines()[2:]}
+    # seed 0: 50 - 40 (mismatch); seed 1: 50 - 35 (no teacher); mean 12.5, sd 3.5
+    assert heads["+VDA minus its best control"] == (
+        "| +VDA minus its best control | +10.0 (mismatch) | +15.0 (no teacher) | 12.5 ± 3.5 |")
+    assert heads["oracle ceiling minus stage 3 alone (no teacher)"].endswith("| 25.0 ± 0.0 |")
+    assert "+MotionEnhancer minus SFT without alignment" not in heads  # no such arm ran
+
+    summary = seeds_summary(runs, [0, 1])
+    assert summary.startswith("over seeds 0 1\n\ndiagnostics:\n\n| diagnostic |")
+    assert "by letter (MotionBench's rule):" in summary and "| +VDA | 50.0 ± 0.0 |" in summary
+    assert "likelihood" not in summary  # no run scored it
+    with pytest.raises(ValueError, match="2 runs for 3 seeds"):
+        seeds_summary(runs, [0, 1, 2])
 
 
 # --- the diagnostics ------------------------------------------------------------------------
@@ -170,7 +207,11 @@ def test_diagnostic_lines_table_and_summary():
     assert bad.line() == "WARN teacher gap: 0.10% (threshold >= 5.00%): the teacher ignores F_V"
     record = bad.to_dict()
     assert record["verdict"] == "WARN" and record["value"] == 0.001
-    assert record["threshold"] == {"op": ">=", "bound": 0.05, "text": ">= 5.00%"}
+    assert record["threshold"] == {"op": ">=", "bound": 0.05, "text": ">= 5.00%", "unit": "%",
+                                   "digits": 2, "basis": ""}
+    again = Diagnostic.from_dict(record)  # what `demo --seeds` reads back from each run
+    assert again.line() == bad.line() and again.detail == bad.detail
+    assert math.isnan(Diagnostic.from_dict(unmeasured.to_dict()).value)
     assert unmeasured.to_dict()["value"] is None  # JSON has no NaN
     table = diagnostics_table([ok, bad]).splitlines()
     assert table[0] == "| diagnostic | value | threshold | verdict |"
@@ -342,3 +383,44 @@ def test_every_metric_gets_a_table_and_headline():
     assert "by option likelihood" not in accuracy_tables(evals)
     with pytest.raises(ValueError, match="ran no stage 2"):
         DemoConfig(probe_arms=["vda", "ctrl-no-teacher"])
+    with pytest.raises(ValueError, match="workers: expected >= 1, got 0"):
+        DemoConfig(workers=0)
+
+
+def test_side_by_side_keeps_order_runs_one_thread_workers_and_raises():
+    import math
+
+    import torch
+
+    from vidalign_cli.demo import arm_pool, side_by_side
+
+    calls = [(math.sqrt, (4.0,)), (torch.get_num_threads, ()), (math.sqrt, (9.0,))]
+    with arm_pool(1) as pool:
+        assert pool is None  # one worker: in this process, on its threads
+        assert side_by_side(pool, calls) == [2.0, torch.get_num_threads(), 3.0]
+    with arm_pool(2) as pool:
+        assert side_by_side(pool, calls) == [2.0, 1, 3.0]  # a worker computes on one thread
+        with pytest.raises(ValueError, match="math domain error"):
+            side_by_side(pool, [(math.sqrt, (1.0,)), (math.sqrt, (-1.0,))])
+        assert side_by_side(pool, [(math.sqrt, (16.0,))]) == [4.0]  # the pool survives a failure
+
+
+def test_demo_command_with_seeds_writes_the_summary(tmp_path, monkeypatch, capsys):
+    from vidalign_cli import demo
+    from vidalign_cli.diagnostics import Diagnostic, Gate
+    from vidalign_cli.main import main
+
+    ran = []
+
+    def fake_run_demo(out, config):  # the arms' numbers, not a run: the command's wiring
+        ran.append((out, config.seed, config.stage2_steps))
+        gap = Diagnostic("gap", 0.06 - 0.03 * config.seed, Gate(">=", 0.05), "w")
+        return {"evals": _arms(MOTION_CATEGORIES[:2]), "diagnostics": [gap.to_dict()]}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--seeds", "0", "1", "--out", str(tmp_path), "--set", "stage2_steps=3"]) == 0
+    assert ran == [(tmp_path / "seed-0", 0, 3), (tmp_path / "seed-1", 1, 3)]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| gap | >= 5.0% | 6.0% PASS | 3.0% WARN | 1 of 2 |" in summary
+    assert "| +VDA minus its best control | +10.0 (mismatch) | +10.0 (mismatch) | 10.0 ± 0.0 |" in summary
+    assert summary in capsys.readouterr().out

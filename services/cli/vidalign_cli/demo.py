@@ -40,13 +40,15 @@ numbers land in ``results.json`` and ``results.md``.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -226,8 +228,15 @@ class DemoConfig:
     sft_lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-3, 3e-3])
     """SFT learning rates of the vision tower, projector, LLM and aligner (toy scale, as
     configs/sft-tiny.yaml; real models use ~1e-6 / 1e-5 / 1e-5)."""
+    workers: int = 2
+    """Arms trained side by side (stage 1 of both teachers, every stage 3 and eval, both SFT
+    runs), each in a worker process on one torch thread; 1: one after another in this process
+    on every thread. One thread makes each arm's numbers the same on any machine: stage 1 at
+    lr 1e-2 ends at another adapter when float sums are taken in another order."""
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers: expected >= 1, got {self.workers}")
         if f"F_V {self.pooling}" != diag.PROBE_FV:
             raise ValueError(
                 f"pooling: the demo probes {diag.PROBE_FV!r}, the F_V stage 2 trains through; "
@@ -246,6 +255,50 @@ _T0 = time.monotonic()
 
 def say(message: str) -> None:
     print(f"[demo {time.monotonic() - _T0:6.1f}s] {message}", flush=True)
+
+
+def _worker_init(t0: float) -> None:
+    """A side-by-side worker: one torch thread, the parent's clock for ``say``, logging on."""
+    import torch
+
+    from vidalign.log import configure_logging
+
+    global _T0
+    _T0 = t0  # CLOCK_MONOTONIC: one clock for every process of the machine
+    torch.set_num_threads(1)
+    configure_logging()
+
+
+@contextmanager
+def arm_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """``workers`` spawned processes for :func:`side_by_side` (None: run in this process)."""
+    if workers <= 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(_T0,))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def side_by_side(pool: ProcessPoolExecutor | None,
+                 calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
+    """``fn(*args)`` for each call, results in order: in ``pool``'s workers when there is one.
+
+    The first failure is raised once the calls already running have finished; calls not
+    yet started are cancelled.
+    """
+    if pool is None:
+        return [fn(*args) for fn, args in calls]
+    futures = [pool.submit(fn, *args) for fn, args in calls]
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
 
 
 @dataclass
@@ -435,14 +488,17 @@ def vda_configs(root: Path, config: DemoConfig, train_dir: Path, *, teacher_weig
 
 def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
     """The whole demo; returns what it writes to ``<out>/results.json``."""
+    config = config or DemoConfig()
+    with arm_pool(config.workers) as pool:
+        return _run_demo(out, config, pool)
+
+
+def _run_demo(out: Path, config: DemoConfig, pool: ProcessPoolExecutor | None) -> dict[str, Any]:
     from vidalign.data.benchmarks import load_benchmark
     from vidalign.data.synth import MOTION_CATEGORIES
     from vidalign_trainer.features import extract_features
-    from vidalign_trainer.stage1 import run_stage1
     from vidalign_trainer.stage2 import run_stage2
-    from vidalign_trainer.stage3 import run_stage3
 
-    config = config or DemoConfig()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     assets = Path(config.assets).resolve()
@@ -513,9 +569,11 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
     runs["ctrl-mismatch"]["stage2"].teacher.adapter = runs["vda"]["stage2"].teacher.adapter
 
     with timings.phase("VDA stage 1 (features, W_proj + LoRA; trained and random teacher)"):
-        for name in ("vda", "ctrl-random-teacher"):
+        stage1_arms = ("vda", "ctrl-random-teacher")
+        for name in stage1_arms:
             extract_features(runs[name]["features"])
-            result = run_stage1(runs[name]["stage1"], resume=True)
+        done = side_by_side(pool, [(_stage1, (runs[name]["stage1"],)) for name in stage1_arms])
+        for name, result in zip(stage1_arms, done, strict=True):
             say(f"{name} stage 1: {_trend(result.losses)}")
 
     # One teacher service, +VDA's stage-1 adapter loaded: first the feature gap, then stage 2.
@@ -567,12 +625,9 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
               f"{probes['oracle-ceiling'].table()}", flush=True)
 
     with timings.phase("VDA stage 3 (LLM LoRA) and eval, +VDA, controls and oracle ceiling"):
-        for name, stages in runs.items():
-            run_stage3(stages["stage3"], resume=True)
-            evals[name] = evaluate_student(
-                items, weights=student / "model", encoder=stages["stage3"].encoder,
-                lora=f"{stages['stage3'].output.dir}/lora", out=out, name=name,
-            )
+        done = side_by_side(pool, [(_stage3_and_eval, (stages["stage3"], items, student, out, name))
+                                   for name, stages in runs.items()])
+        evals.update(zip(runs, done, strict=True))
         chance = statistics.mean(1 / len(i.options) for i in items if i.category in MOTION_CATEGORIES)
         _note(found, [diag.ceiling_diagnostic(evals["oracle-ceiling"], evals["ctrl-no-teacher"],
                                               chance)])
@@ -591,9 +646,12 @@ def run_demo(out: Path, config: DemoConfig | None = None) -> dict[str, Any]:
                      name="cogvideox") as address:
             _extract_priors(train_dir, priors_uri, address, config)
     with timings.phase("MotionEnhancer SFT (CE + lambda L_align) and its control (lambda = 0), eval"):
-        for name, weight in (("motionenhancer", config.sft_align_weight), ("ctrl-sft-no-align", 0.0)):
-            run_dir = _run_sft(out / "me" / name, train_dir, priors_uri, student, weight, config)
-            evals[name] = evaluate_student(items, weights=run_dir / "model", out=out, name=name)
+        arms = {"motionenhancer": config.sft_align_weight, "ctrl-sft-no-align": 0.0}
+        done = side_by_side(pool, [
+            (_sft_and_eval, (out / "me" / name, train_dir, priors_uri, student, weight, config,
+                             items, out, name))
+            for name, weight in arms.items()])
+        evals.update(zip(arms, done, strict=True))
 
     with timings.phase("report"):
         results["probe"] = {name: report.to_dict() for name, report in probes.items()}
@@ -684,6 +742,29 @@ def _extract_priors(train_dir: Path, uri: str, address: str, config: DemoConfig)
         data=str(train_dir), out=uri, model=PRIORS_MODEL, teacher=address, device="cpu",
         steps=config.prior_steps,
     ))
+
+
+def _stage1(stage1: Any) -> Any:
+    """One VDA arm's stage 1, resumed where it stopped (a :func:`side_by_side` call)."""
+    from vidalign_trainer.stage1 import run_stage1
+
+    return run_stage1(stage1, resume=True)
+
+
+def _stage3_and_eval(stage3: Any, items: list, student: Path, out: Path, name: str) -> dict[str, Any]:
+    """One VDA arm's stage 3, then its held-out evaluation (a :func:`side_by_side` call)."""
+    from vidalign_trainer.stage3 import run_stage3
+
+    run_stage3(stage3, resume=True)
+    return evaluate_student(items, weights=student / "model", encoder=stage3.encoder,
+                            lora=f"{stage3.output.dir}/lora", out=out, name=name)
+
+
+def _sft_and_eval(run_dir: Path, train_dir: Path, priors: str, student: Path, weight: float,
+                  config: DemoConfig, items: list, out: Path, name: str) -> dict[str, Any]:
+    """One MotionEnhancer arm's SFT, then its held-out evaluation (a :func:`side_by_side` call)."""
+    _run_sft(run_dir, train_dir, priors, student, weight, config)
+    return evaluate_student(items, weights=run_dir / "model", out=out, name=name)
 
 
 def _run_sft(run_dir: Path, train_dir: Path, priors: str, student: Path, weight: float,
@@ -777,6 +858,14 @@ def accuracy_tables(evals: dict[str, dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+HEADLINES = {
+    "vda": ("+VDA minus its best control", "motion_vs_best_control"),
+    "oracle_ceiling": ("oracle ceiling minus stage 3 alone (no teacher)", "motion_vs_no_teacher"),
+    "motionenhancer": ("+MotionEnhancer minus SFT without alignment", "motion_vs_control"),
+}
+"""The comparisons :func:`headline` makes: its key, the line's name, the motion-average field."""
+
+
 def headline(evals: dict[str, dict[str, Any]], metric: str = "letter") -> dict[str, Any]:
     """+VDA minus its best control, the oracle ceiling minus stage 3 alone, +ME minus its control
     (motion average, static), in points."""
@@ -815,25 +904,68 @@ def headline_text(h: dict[str, Any]) -> str:
     if "vda" in h:
         v = h["vda"]
         lines.append(
-            f"+VDA minus its best control ({HEADERS[v['best_control']]}): "
+            f"{HEADLINES['vda'][0]} ({HEADERS[v['best_control']]}): "
             f"{v['motion_vs_best_control']:+.1f} points of motion average "
             f"(vs baseline {v['motion_vs_baseline']:+.1f}; static control {v['static_vs_baseline']:+.1f})"
         )
     if "oracle_ceiling" in h:
         o = h["oracle_ceiling"]
         lines.append(
-            f"oracle ceiling minus stage 3 alone (no teacher): {o['motion_vs_no_teacher']:+.1f} "
+            f"{HEADLINES['oracle_ceiling'][0]}: {o['motion_vs_no_teacher']:+.1f} "
             f"points of motion average (vs baseline {o['motion_vs_baseline']:+.1f}; static "
             f"control {o['static_vs_baseline']:+.1f})"
         )
     if "motionenhancer" in h:
         m = h["motionenhancer"]
         lines.append(
-            f"+MotionEnhancer minus SFT without alignment: {m['motion_vs_control']:+.1f} points of "
+            f"{HEADLINES['motionenhancer'][0]}: {m['motion_vs_control']:+.1f} points of "
             f"motion average (vs baseline {m['motion_vs_baseline']:+.1f}; static control "
             f"{m['static_vs_baseline']:+.1f})"
         )
     return "\n".join(lines)
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def headline_over_seeds(runs: Sequence[dict[str, Any]], seeds: Sequence[int],
+                        metric: str = "letter") -> str:
+    """Markdown: each headline comparison per seed (points of motion average) and its mean ± sd.
+
+    +VDA's best control is chosen per seed, as one run chooses it; the cell names it.
+    """
+    lines = ["| comparison | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    per_run = [headline(r["evals"], metric) for r in runs]
+    for key, (name, field_) in HEADLINES.items():
+        if not all(key in h for h in per_run):
+            continue
+        values = [h[key][field_] for h in per_run]
+        cells = [f"{v:+.1f}" + (f" ({HEADERS[h[key]['best_control']]})" if key == "vda" else "")
+                 for v, h in zip(values, per_run, strict=True)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_mean_sd(values)} |")
+    return "\n".join(lines) + "\n"
+
+
+def seeds_summary(runs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> str:
+    """What ``vidalign demo --seeds`` prints and writes to ``summary.md``: every gate per seed,
+    then per metric the headline comparisons per seed and each arm's mean ± sd."""
+    from vidalign_cli.diagnostics import Diagnostic, diagnostics_over_seeds
+
+    if len(runs) != len(seeds):
+        raise ValueError(f"seeds_summary: {len(runs)} runs for {len(seeds)} seeds")
+    gates = diagnostics_over_seeds({
+        seed: [Diagnostic.from_dict(d) for d in run.get("diagnostics", [])]
+        for seed, run in zip(seeds, runs, strict=True)
+    })
+    parts = [f"over seeds {' '.join(map(str, seeds))}\n\ndiagnostics:\n\n{gates}"]
+    for metric, title in METRICS.items():
+        if all(metric == "letter" or all(v.get(metric) for v in r["evals"].values()) for r in runs):
+            parts.append(f"{title}:\n\n{headline_over_seeds(runs, seeds, metric)}\n"
+                         f"{main_summary(runs, metric)}")
+    return "\n".join(parts)
 
 
 def main_summary(runs: Sequence[dict[str, Any]], metric: str = "letter") -> str:
@@ -846,11 +978,6 @@ def main_summary(runs: Sequence[dict[str, Any]], metric: str = "letter") -> str:
             continue
         motion = [100 * r["average"] for r in rows]
         static = [100 * _static(r) for r in rows]
-
-        def fmt(values: list[float]) -> str:
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):.1f} ± {sd:.1f}"
-
-        lines.append(f"| {HEADERS[col]} | {fmt(motion)} | {fmt(static)} | {len(rows)} |")
+        lines.append(f"| {HEADERS[col]} | {_mean_sd(motion)} | {_mean_sd(static)} | {len(rows)} |")
     return "\n".join(lines) + "\n"
 

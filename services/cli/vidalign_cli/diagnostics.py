@@ -144,6 +144,16 @@ class Gate:
         """The threshold as printed: ``>= 85.0%``, ``> +3.1 points (2 se)``."""
         return f"{self.op} {self.format(self.bound)}" + (f" ({self.basis})" if self.basis else "")
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "bound": self.bound, "text": self.text, "unit": self.unit,
+                "digits": self.digits, "basis": self.basis}
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Gate:
+        """The gate :meth:`to_dict` wrote (``results.json``'s ``threshold``)."""
+        return cls(record["op"], record["bound"], unit=record.get("unit", "%"),
+                   digits=record.get("digits", 1), basis=record.get("basis", ""))
+
 
 @dataclass(frozen=True)
 class Diagnostic:
@@ -175,11 +185,40 @@ class Diagnostic:
         return {
             "name": self.name,
             "value": None if math.isnan(self.value) else self.value,
-            "threshold": {"op": self.gate.op, "bound": self.gate.bound, "text": self.gate.text},
+            "threshold": self.gate.to_dict(),
             "verdict": self.verdict,
             "warning": self.warning,
             "detail": self.detail,
         }
+
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Diagnostic:
+        """The diagnostic :meth:`to_dict` wrote (``results.json``'s ``diagnostics``)."""
+        value = math.nan if record["value"] is None else record["value"]
+        return cls(record["name"], value, Gate.from_dict(record["threshold"]), record["warning"],
+                   record.get("detail", {}))
+
+
+def diagnostics_over_seeds(per_seed: Mapping[int, Sequence[Diagnostic]]) -> str:
+    """Markdown: each gate's value and verdict per seed, and how many seeds passed it.
+
+    Rows follow the order the first seed printed them; a gate a seed did not reach
+    (an earlier failure, another configuration) shows ``-`` and counts as not passed.
+    """
+    seeds = list(per_seed)
+    by_seed = {seed: {d.name: d for d in found} for seed, found in per_seed.items()}
+    names = list(dict.fromkeys(d.name for found in per_seed.values() for d in found))
+    lines = ["| diagnostic | threshold | " + " | ".join(f"seed {s}" for s in seeds) + " | passed |",
+             "|---|---|" + "---:|" * len(seeds) + "---:|"]
+    for name in names:
+        got = [by_seed[seed].get(name) for seed in seeds]
+        gate = next(d.gate for d in got if d is not None)
+        cells = [f"{d.gate.format(d.value)} {d.verdict}" if d else "-" for d in got]
+        passed = sum(1 for d in got if d is not None and d.passed)
+        lines.append(f"| {name} | {gate.text} | " + " | ".join(cells)
+                     + f" | {passed} of {len(seeds)} |")
+    return "\n".join(lines) + "\n"
 
 
 def diagnostics_table(diagnostics: Sequence[Diagnostic]) -> str:

@@ -460,7 +460,7 @@ def _probe(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     from vidalign.config import load_config
-    from vidalign_cli.demo import METRICS, DemoConfig, main_summary, run_demo
+    from vidalign_cli.demo import DemoConfig, run_demo, seeds_summary
 
     seeds = args.seeds or [args.seed]
     runs = []
@@ -469,12 +469,9 @@ def _demo(args: argparse.Namespace) -> None:
         out = Path(args.out) if len(seeds) == 1 else Path(args.out) / f"seed-{seed}"
         runs.append(run_demo(out, config))
     if len(seeds) > 1:
-        table = "".join(
-            f"\n{title}:\n\n{main_summary(runs, metric)}"
-            for metric, title in METRICS.items()
-        )
-        (Path(args.out) / "summary.md").write_text(f"over seeds {seeds}\n{table}")
-        print(f"\nover seeds {seeds}:\n{table}")
+        summary = seeds_summary(runs, seeds)
+        (Path(args.out) / "summary.md").write_text(summary)
+        print(f"\n{summary}")
 
 
 # --- the parser ---------------------------------------------------------------------------
