@@ -424,3 +424,15 @@ def test_demo_command_with_seeds_writes_the_summary(tmp_path, monkeypatch, capsy
     assert "| gap | >= 5.0% | 6.0% PASS | 3.0% WARN | 1 of 2 |" in summary
     assert "| +VDA minus its best control | +10.0 (mismatch) | +10.0 (mismatch) | 10.0 ± 0.0 |" in summary
     assert summary in capsys.readouterr().out
+
+
+def test_vda_arms_take_the_demo_projection_and_conditioning(tmp_path):
+    from vidalign_cli.demo import DemoConfig, vda_configs
+
+    for projection in ("mlp", "linear"):
+        config = DemoConfig(projection=projection) if projection == "linear" else DemoConfig()
+        stages = vda_configs(tmp_path / "vda", config, tmp_path / "train",
+                             teacher_weights=tmp_path / "t", student_weights=tmp_path / "s")
+        adapter = stages["stage1"].adapter
+        assert (adapter.projection, adapter.conditioning) == (projection, "spatial")
+        assert stages["stage1"].train.steps == config.stage1_steps
