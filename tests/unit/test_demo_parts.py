@@ -146,8 +146,10 @@ def test_seeds_summary_gives_every_gate_and_headline_per_seed():
     # Seed 1: the mismatch control falls below stage 3 alone, so the best control changes.
     other = {**base, "ctrl-mismatch": _summary(dict.fromkeys(cats, 0.2), 0.6)}
     gap = Gate(">=", 0.05)
-    seed0 = [Diagnostic("gap", 0.06, gap, "w"), Diagnostic("reads", 0.9, Gate(">=", 0.85), "w")]
-    seed1 = [Diagnostic("gap", 0.02, gap, "w")]  # stopped before "reads"
+    seed0 = [Diagnostic("gap", 0.06, gap, "w"), Diagnostic("reads", 0.9, Gate(">=", 0.85), "w"),
+             Diagnostic("probe", 0.02, Gate(">", 0.05, unit="points", basis="2 se"), "w")]
+    seed1 = [Diagnostic("gap", 0.02, gap, "w"),  # and no "reads"
+             Diagnostic("probe", 0.06, Gate(">", 0.04, unit="points", basis="2 se"), "w")]
     runs = [{"evals": base, "diagnostics": [d.to_dict() for d in seed0]},
             {"evals": other, "diagnostics": [d.to_dict() for d in seed1]}]
 
@@ -155,6 +157,9 @@ def test_seeds_summary_gives_every_gate_and_headline_per_seed():
     assert table[0] == "| diagnostic | threshold | seed 0 | seed 1 | passed |"
     assert table[2] == "| gap | >= 5.0% | 6.0% PASS | 2.0% WARN | 1 of 2 |"
     assert table[3] == "| reads | >= 85.0% | 90.0% PASS | - | 1 of 2 |"
+    # A bound computed from each seed's data is given with each value.
+    assert table[4] == ("| probe | per seed | +2.0 points WARN (> +5.0 points (2 se)) | "
+                        "+6.0 points PASS (> +4.0 points (2 se)) | 1 of 2 |")
 
     heads = {line.split(" | ")[0].lstrip("| "): line for line in
              headline_over_seeds(runs, [0, 1]).splitlines()[2:]}

@@ -205,6 +205,7 @@ def diagnostics_over_seeds(per_seed: Mapping[int, Sequence[Diagnostic]]) -> str:
 
     Rows follow the order the first seed printed them; a gate a seed did not reach
     (an earlier failure, another configuration) shows ``-`` and counts as not passed.
+    A bound computed from each seed's data (2 standard errors) is given in each cell.
     """
     seeds = list(per_seed)
     by_seed = {seed: {d.name: d for d in found} for seed, found in per_seed.items()}
@@ -213,10 +214,13 @@ def diagnostics_over_seeds(per_seed: Mapping[int, Sequence[Diagnostic]]) -> str:
              "|---|---|" + "---:|" * len(seeds) + "---:|"]
     for name in names:
         got = [by_seed[seed].get(name) for seed in seeds]
-        gate = next(d.gate for d in got if d is not None)
-        cells = [f"{d.gate.format(d.value)} {d.verdict}" if d else "-" for d in got]
+        texts = list(dict.fromkeys(d.gate.text for d in got if d is not None))
+        shared = len(texts) == 1
+        cells = [f"{d.gate.format(d.value)} {d.verdict}" + ("" if shared else f" ({d.gate.text})")
+                 if d else "-" for d in got]
+        threshold = texts[0] if shared else "per seed"
         passed = sum(1 for d in got if d is not None and d.passed)
-        lines.append(f"| {name} | {gate.text} | " + " | ".join(cells)
+        lines.append(f"| {name} | {threshold} | " + " | ".join(cells)
                      + f" | {passed} of {len(seeds)} |")
     return "\n".join(lines) + "\n"
 
