@@ -431,13 +431,26 @@ def test_demo_command_with_seeds_writes_the_summary(tmp_path, monkeypatch, capsy
     assert summary in capsys.readouterr().out
 
 
-def test_vda_arms_take_the_demo_projection_and_conditioning(tmp_path):
-    from vidalign_cli.demo import DemoConfig, vda_configs
+def test_vda_arms_take_the_demo_projection_conditioning_and_student_view(tmp_path):
+    import json
 
+    from vidalign.errors import FailedPrecondition
+    from vidalign_cli.demo import DemoConfig, student_view_size, vda_configs
+
+    student = tmp_path / "videollm"
+    (student / "model").mkdir(parents=True)
+    (student / "model" / "config.json").write_text(json.dumps({"vision_config": {"image_size": 64}}))
     for projection in ("mlp", "linear"):
         config = DemoConfig(projection=projection) if projection == "linear" else DemoConfig()
         stages = vda_configs(tmp_path / "vda", config, tmp_path / "train",
-                             teacher_weights=tmp_path / "t", student_weights=tmp_path / "s")
+                             teacher_weights=tmp_path / "t", student_weights=student)
         adapter = stages["stage1"].adapter
         assert (adapter.projection, adapter.conditioning) == (projection, "spatial")
         assert stages["stage1"].train.steps == config.stage1_steps
+        # The student sees clips at its own size (64), the teachers at theirs (config.size, 32).
+        assert stages["stage2"].data.size == stages["stage3"].data.size == 64 != config.size
+    assert student_view_size(DemoConfig(student_size=48), student) == 48  # set: no config read
+    with pytest.raises(FailedPrecondition, match="set student_size"):
+        student_view_size(DemoConfig(), tmp_path / "no-student")
+    with pytest.raises(ValueError, match="student_size: expected >= 0"):
+        DemoConfig(student_size=-1)

@@ -174,6 +174,11 @@ class DemoConfig:
     eval_clips: int = 48
     frames: int = 16
     size: int = 32
+    """Frame side the teachers see (the shipped teachers' resolution): their gaps and priors."""
+    student_size: int = 0
+    """Frame side of the student's view (its features, stages 2-3, SFT, the oracle ceiling's
+    supervision); 0: its tower's ``image_size``, read from the student's config. Stages 1 and 2
+    resize the student's clips to the teacher's resolution for the teacher."""
     timestep_range: list[int] = field(default_factory=lambda: [500, 1000])
     """Where stages 1 and 2 draw timesteps: the high-noise half, where the conditioning matters
     (the conditioning gap printed first says whether it does)."""
@@ -243,6 +248,8 @@ class DemoConfig:
     lr 1e-2 ends at another adapter when float sums are taken in another order."""
 
     def __post_init__(self) -> None:
+        if self.student_size < 0:
+            raise ValueError(f"student_size: expected >= 0 (0: the student's own), got {self.student_size}")
         if self.workers < 1:
             raise ValueError(f"workers: expected >= 1, got {self.workers}")
         if f"F_V {self.pooling}" != diag.PROBE_FV:
@@ -368,6 +375,19 @@ def make_data(out: Path, config: DemoConfig) -> tuple[Path, Path]:
     return train, held_out
 
 
+def student_view_size(config: DemoConfig, student: Path) -> int:
+    """``config.student_size``, or the student's own frame side (its vision tower's
+    ``image_size``) when that is 0; ``student`` is the VideoLLM asset (``<student>/model``)."""
+    if config.student_size:
+        return config.student_size
+    path = student / "model" / "config.json"
+    try:
+        return int(json.loads(path.read_text())["vision_config"]["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FailedPrecondition(
+            f"student: cannot read its frame size from {path} ({e}); set student_size") from e
+
+
 def evaluate_student(items: list, *, weights: Path | str, encoder: str = "", lora: str = "",
                      out: Path, name: str, substitute: bool = False) -> dict[str, Any]:
     """Score one variant on the held-out items; writes ``<out>/eval/<name>.{json,md,...}``.
@@ -482,8 +502,8 @@ def vda_configs(root: Path, config: DemoConfig, train_dir: Path, *, teacher_weig
         pooling=config.pooling,
         conditioning=config.conditioning,
         projection=config.projection,
-        data={"kind": "synth", "path": str(train_dir), "num_clips": 0,
-              "frames": config.frames, "size": config.size, "seed": seed},
+        data={"kind": "synth", "path": str(train_dir), "num_clips": 0, "frames": config.frames,
+              "size": student_view_size(config, Path(student_weights)), "seed": seed},
         stage1={"train": {**steps, "steps": config.stage1_steps, "lr": config.stage1_lr,
                           "timestep_range": config.timestep_range},
                 "eval": {"every": 0}, "output": {"checkpoint_every": config.stage1_steps}},
@@ -728,7 +748,7 @@ def train_oracle_encoder(root: Path, train_dir: Path, student: Path, config: Dem
     target = root / "encoder"
     if (target / MANIFEST).is_file():  # committed last: the artifact is whole
         return target
-    data = load_synth_set(train_dir, frames=config.frames, size=config.size)
+    data = load_synth_set(train_dir, frames=config.frames, size=student_view_size(config, student))
     encoder = load_student(STUDENT, path=str(student / "model"), pooling=config.pooling)
     losses = position_supervise(encoder, data.videos, data.truths, Schedule(
         steps=config.oracle_encoder_steps, batch_size=8, lr=config.oracle_encoder_lr,
@@ -784,8 +804,8 @@ def _run_sft(run_dir: Path, train_dir: Path, priors: str, student: Path, weight:
     sft = from_dict(SFTConfig, {
         "student": STUDENT, "student_weights": str(student), "priors": priors,
         "data": {"kind": "synth", "path": str(train_dir), "num_clips": config.train_clips,
-                 "frames": config.frames, "size": config.size, "seed": config.seed,
-                 "tasks": ["caption", "qa"]},
+                 "frames": config.frames, "size": student_view_size(config, student),
+                 "seed": config.seed, "tasks": ["caption", "qa"]},
         "align": {"weight": weight},
         "train": {"steps": config.sft_steps, "batch_size": config.batch_size, "seed": config.seed,
                   **dict(zip(("lr_vision", "lr_projector", "lr_llm", "lr_aligner"), config.sft_lr,
