@@ -251,9 +251,9 @@ def test_stage3_zero3_equals_plain_torch_commits_a_whole_adapter_and_resumes(tmp
 
 
 @pytest.mark.slow
-def test_stage3_zero3_bf16_checkpoints_whole_and_resumes_exactly(tmp_path):
+def test_stage3_zero3_bf16_checkpoints_whole_and_resumes(tmp_path):
     """DeepSpeed's bf16 section at stage 3: the module (LoRA included) in bf16, the fp32
-    master weights' slices in the optimizer state, the resume exact."""
+    master weights' slices in the optimizer state, the resume the same run up to rounding."""
     out = tmp_path / "zero3"
     bf16 = stage3_sets(out, "train.precision=bf16")
     config = load_config(Stage3Config, STAGE3, bf16)
@@ -269,8 +269,25 @@ def test_stage3_zero3_bf16_checkpoints_whole_and_resumes_exactly(tmp_path):
     assert optimizer["zero_stage"] == 3 and optimizer["world_size"] == 1
     assert {t.dtype for t in optimizer["ranks"][0]["fp32_flat_groups"]} == {torch.float32}
 
-    # The bf16 weights a resume loads are overwritten by the fp32 masters: exact.
+    # The bf16 weights a resume loads are overwritten by the fp32 masters, so the resumed
+    # run computes the same steps from the same weights. Not bitwise, though: CPU bf16
+    # kernels are not reproducible bit for bit across processes here. Bitwise in 14 of the
+    # 15 runs recorded; the other, a CI run under load, had its first resumed loss differ by
+    # 1.1e-5 of the loss (4.706485 vs 4.706536). The bounds are fp32 summation order: TINY_VLM_TERMS on the
+    # loss (1.2e-4 of it, ~6e-4), ADAM_TRAJECTORY_REL of the masters' path from step 2. A
+    # resume one batch off moves the loss by 0.017 (steps 3 and 4 of that run); one that
+    # lost its moments or weights moves the masters by the order of their path.
+    def masters(step: int) -> dict[str, torch.Tensor]:
+        state = torch.load(out / "checkpoints" / f"step-{step:08d}" / "optimizer.pt",
+                           weights_only=False)
+        return {str(i): t for i, t in enumerate(state["ranks"][0]["fp32_flat_groups"])}
+
+    resumed_from, uninterrupted = masters(2), masters(STEPS)
     _kill_after(out, 2)
     _worker("stage3", STAGE3, [*bf16, *ZERO3], tmp_path / "resumed.json", resume=True)
-    assert _result(tmp_path / "resumed.json")["losses"] == zero["losses"][2:]
-    _assert_equal(_stems(out, STEPS, ("lora",)), saved)
+    assert_same_trajectory_scalars(_result(tmp_path / "resumed.json")["losses"],
+                                   zero["losses"][2:], terms=TINY_VLM_TERMS)
+    assert_same_adam_trajectory(masters(STEPS), uninterrupted, resumed_from)
+    # And it saves a whole LoRA in bf16 again.
+    resumed = _stems(out, STEPS, ("lora",))
+    assert _shapes(resumed) == _shapes(saved) and {v.dtype for v in resumed.values()} == {torch.bfloat16}
