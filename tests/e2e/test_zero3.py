@@ -270,13 +270,16 @@ def test_stage3_zero3_bf16_checkpoints_whole_and_resumes(tmp_path):
     assert {t.dtype for t in optimizer["ranks"][0]["fp32_flat_groups"]} == {torch.float32}
 
     # The bf16 weights a resume loads are overwritten by the fp32 masters, so the resumed
-    # run computes the same steps from the same weights. Not bitwise, though: CPU bf16
-    # kernels are not reproducible bit for bit across processes here. Bitwise in 14 of the
-    # 15 runs recorded; the other, a CI run under load, had its first resumed loss differ by
-    # 1.1e-5 of the loss (4.706485 vs 4.706536). The bounds are fp32 summation order: TINY_VLM_TERMS on the
-    # loss (1.2e-4 of it, ~6e-4), ADAM_TRAJECTORY_REL of the masters' path from step 2. A
-    # resume one batch off moves the loss by 0.017 (steps 3 and 4 of that run); one that
-    # lost its moments or weights moves the masters by the order of their path.
+    # run computes the same steps from the same weights, but not bit for bit: CPU bf16
+    # kernels accumulate in fp32 in an order that can differ between processes (14 of 15
+    # recorded runs were bitwise; a CI run under load differed by 1.1e-5 of its first resumed
+    # loss, 4.706485 vs 4.706536). A reordered fp32 sum moves a result by ~n * u32; rounded
+    # to bf16, it flips to the neighbouring value (one bf16 ulp) with a probability of about
+    # n * u32 / ulp, so the expected change of a mean over many elements is again ~n * u32
+    # of it. Hence the fp32 summation-order bounds: TINY_VLM_TERMS on the losses (1.2e-4 of
+    # them, ~6e-4 here), ADAM_TRAJECTORY_REL on the fp32 masters' path from step 2. A resume
+    # one batch off moves the loss by 0.017 (steps 3 and 4 of that run); one that lost its
+    # moments or weights moves the masters by the order of their path.
     def masters(step: int) -> dict[str, torch.Tensor]:
         state = torch.load(out / "checkpoints" / f"step-{step:08d}" / "optimizer.pt",
                            weights_only=False)

@@ -191,7 +191,6 @@ class Diagnostic:
             "detail": self.detail,
         }
 
-
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> Diagnostic:
         """The diagnostic :meth:`to_dict` wrote (``results.json``'s ``diagnostics``)."""
