@@ -9,7 +9,11 @@ from vidalign.data.synth import generate
 from vidalign.errors import InvalidInput
 from vidalign_trainer.pretrain import (
     Schedule,
+    _apply,
+    _dihedral_roll,
+    cell_colours,
     instruction_tune,
+    object_cells,
     position_labels_per_step,
     position_supervise,
     static_labels,
@@ -129,6 +133,76 @@ def test_static_pretrain_then_instruction_tune(clips):
     assert changed and not any("video_tower" in k for k in changed)
     assert any("multi_modal_projector" in k for k in changed)
     assert not llm.model.training and not any(p.requires_grad for p in llm.model.parameters())
+
+
+def test_cell_colours_by_hand():
+    from vidalign.data.synth import COLORS
+
+    frame = torch.full((3, 16, 16), 0.5)  # grey
+    red = torch.tensor(COLORS["red"]) / 255
+    frame[:, 9:11, 4:6] = red.view(3, 1, 1)  # 4 pixels in cell (2, 1) of a 4 x 4 grid
+    frame[:, 0, 0] = red  # 1 pixel in cell (0, 0): under min_pixels
+    frame[:, 13:15, 13:15] = 0.9  # bright but grey: no colour
+    cells = cell_colours(frame, 4, min_pixels=3)
+    assert cells.shape == (16, len(COLORS))
+    held = {(int(i), int(c)) for i, c in torch.nonzero(cells)}
+    assert held == {(2 * 4 + 1, list(COLORS).index("red"))}
+    with pytest.raises(InvalidInput, match="multiple of the grid"):
+        cell_colours(frame, 3)
+
+
+def test_object_cells_by_hand(clips):
+    from vidalign.data.synth import COLORS, SHAPES
+    from vidalign.probe import cell_index
+
+    truth = clips[2].truth
+    shape, color = object_cells([truth], [0, 5], grid=4)
+    assert shape.shape == color.shape == (1, 2, 16)
+    for j, f in enumerate((0, 5)):
+        top = {}  # cell -> the object drawn last there (SynthMotion draws the first object last)
+        for obj in reversed(truth["objects"]):
+            top[cell_index(*obj["track"][f], size=truth["size"], grid=4)] = obj
+        assert {int(k) for k in torch.nonzero(shape[0, j] >= 0)} == set(top)
+        for cell, obj in top.items():
+            assert shape[0, j, cell] == SHAPES.index(obj["shape"])
+            assert color[0, j, cell] == list(COLORS).index(obj["color"])
+
+
+def test_augmentation_moves_the_cell_labels_with_the_pixels(clips):
+    """A roll by whole cells, flips and a transpose of the frames move each cell's content to the
+    cell the same symmetry moves its labels to."""
+    video = torch.from_numpy(clips[0].video).permute(0, 3, 1, 2).float() / 255  # (T, 3, 32, 32)
+    before = cell_colours(video, 4)
+    assert before.any()
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(12):
+        op = _dihedral_roll(4, generator)
+        seen.add(op[2:])
+        moved = cell_colours(_apply(video, op, 8, (-2, -1)), 4)
+        labels = _apply(before.unflatten(1, (4, 4)), op, 1, (1, 2)).flatten(1, 2)
+        assert torch.equal(moved, labels), op
+    assert len(seen) > 1  # the test drew more than one kind of symmetry
+
+
+def test_static_pretrain_cells_train_the_grid_tower(clips):
+    from vidalign.students import get_family
+    from vidalign.students.videollm import load_videollm
+
+    llm = load_videollm("tiny-videollava")
+    with pytest.raises(InvalidInput, match="grid-pooled"):
+        static_pretrain(llm.encoder, _videos(clips), [c.truth for c in clips],
+                        Schedule(steps=1), cells=1.0)
+    cells = get_family(llm.spec).encoder(llm.spec, llm.model, pooling="grid:4")
+    with pytest.raises(InvalidInput, match="loss weight"):
+        static_pretrain(cells, _videos(clips), [c.truth for c in clips], Schedule(steps=1), cells=-1)
+    before = _snapshot(llm.model)
+    losses = static_pretrain(cells, _videos(clips), [c.truth for c in clips],
+                             Schedule(steps=12, batch_size=4, lr=3e-3, log_every=100),
+                             cells=1.0, augment=True)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    changed = _changed(before, llm.model)
+    assert changed and all("video_tower" in k for k in changed)
 
 
 def test_position_labels_per_step_by_hand(clips):

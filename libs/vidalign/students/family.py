@@ -219,11 +219,11 @@ class StudentFamily:
             )
         return self.make_encoder(spec, tower.to(device=device, dtype=dtype), config, pooling)
 
-    def encoder(self, spec: StudentSpec, model: nn.Module) -> VideoEncoder:
-        """The family's encoder (``"frame"`` pooling) on the VideoLLM's own tower (not a copy);
-        the tower's ``requires_grad`` flags are left as they were."""
+    def encoder(self, spec: StudentSpec, model: nn.Module, pooling: str = "frame") -> VideoEncoder:
+        """The family's encoder (``pooling``: ``"frame"`` or ``"grid:G"``) on the VideoLLM's own
+        tower (not a copy); the tower's ``requires_grad`` flags are left as they were."""
         return tower_view(
-            lambda t: self.make_encoder(spec, t, model.config, "frame"),
+            lambda t: self.make_encoder(spec, t, model.config, pooling),
             model.get_submodule(self.tower),
         )
 

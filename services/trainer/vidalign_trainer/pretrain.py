@@ -10,10 +10,12 @@ its own, the way the real ones were made, at toy scale:
   what motion words mean;
 - :func:`text_to_video_cogvideox` does the same for a tiny CogVideoX (the
   transformer and the T5 encoder, v-prediction as CogVideoX is trained);
-- :func:`static_pretrain` trains a VideoLLM's vision tower on holistic,
-  static objectives, one frame at a time (background, texture, which colours
-  and shapes are present, how many objects), like image-text pretraining: it
-  never sees two frames together, so nothing asks it to represent motion;
+- :func:`static_pretrain` trains a VideoLLM's vision tower on static
+  objectives, one frame at a time (background, texture, which colours and
+  shapes are present, how many objects; and, per token, which colours its cell
+  holds and the shape and colour of the object centred in it), like
+  image-text pretraining: it never sees two frames together, so nothing asks
+  it to represent motion;
 - :func:`instruction_tune` then trains the projector and the LLM, tower frozen
   as in LLaVA-style instruction tuning, to answer multiple-choice questions;
 - :func:`position_supervise`, not part of the baseline, trains a vision tower
@@ -314,17 +316,115 @@ def static_labels(truths: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
     }
 
 
+SPRITE_SATURATION = 0.3
+"""SynthMotion's sprite colours are saturated and its backgrounds grey (R = G = B): a pixel whose
+channels spread by more than this (on a 0-1 scale) is a sprite's, or its antialiased edge's."""
+
+
+def cell_colours(rgb: Tensor, grid: int, *, min_pixels: int = 3) -> Tensor:
+    """``(..., grid * grid, colours)`` float: which SynthMotion colours each cell of ``rgb``
+    ``(..., 3, S, S)`` in [0, 1] holds, as at least ``min_pixels`` saturated pixels (each the
+    nearest sprite colour; :data:`SPRITE_SATURATION`). Cells are row-major."""
+    from vidalign.data.synth import COLORS
+
+    s = rgb.shape[-1]
+    if s % grid:
+        raise InvalidInput(f"cell_colours: frame side {s} is not a multiple of the grid {grid}")
+    palette = torch.tensor(list(COLORS.values()), dtype=rgb.dtype, device=rgb.device) / 255
+    distance = ((rgb.unsqueeze(-4) - palette.view(-1, 3, 1, 1)) ** 2).sum(-3)  # (..., C, S, S)
+    saturated = (rgb.amax(-3) - rgb.amin(-3)) > SPRITE_SATURATION
+    hits = F.one_hot(distance.argmin(-3), len(palette)).to(rgb.dtype) * saturated.unsqueeze(-1)
+    cell = s // grid
+    lead = hits.shape[:-3]
+    counts = hits.reshape(*lead, grid, cell, grid, cell, len(palette)).sum((-4, -2))
+    return (counts.reshape(*lead, grid * grid, len(palette)) >= min_pixels).to(rgb.dtype)
+
+
+def object_cells(
+    truths: Sequence[dict[str, Any]], frames: Sequence[int], *, grid: int
+) -> tuple[Tensor, Tensor]:
+    """``(N, len(frames), grid * grid)`` long shape and colour indices (into SynthMotion's
+    ``SHAPES`` and ``COLORS``) of the object whose centre lies in each cell at each clip frame;
+    the one drawn on top where centres share a cell; -1 in cells holding no centre."""
+    from vidalign.data.synth import COLORS, SHAPES
+    from vidalign.probe import cell_index
+
+    shape = torch.full((len(truths), len(frames), grid * grid), -1, dtype=torch.long)
+    color = shape.clone()
+    for i, truth in enumerate(truths):
+        for obj in reversed(truth["objects"]):  # SynthMotion's draw order: the first object on top
+            for j, f in enumerate(frames):
+                cell = cell_index(*obj["track"][f], size=truth["size"], grid=grid)
+                shape[i, j, cell] = SHAPES.index(obj["shape"])
+                color[i, j, cell] = list(COLORS).index(obj["color"])
+    return shape, color
+
+
+def _dihedral_roll(grid: int, generator: torch.Generator) -> tuple[int, int, bool, bool, bool]:
+    """A random symmetry of the torus of ``grid x grid`` cells: a roll by whole cells, then
+    flips and a transpose. SynthMotion's frames wrap round (sprites and camera move on a torus)
+    and a flip or a transpose leaves every static label as it was."""
+    r = torch.randint(0, 2 * grid, (5,), generator=generator).tolist()
+    return r[0] % grid, r[1] % grid, bool(r[2] % 2), bool(r[3] % 2), bool(r[4] % 2)
+
+
+def _apply(x: Tensor, op: tuple[int, int, bool, bool, bool], scale: int, dims: tuple[int, int]) -> Tensor:
+    """``op`` on the two spatial ``dims`` of ``x``, a roll of ``scale`` units a cell."""
+    d_row, d_col, flip_rows, flip_cols, transpose = op
+    x = torch.roll(x, (d_row * scale, d_col * scale), dims=dims)
+    if flip_rows:
+        x = x.flip(dims[0])
+    if flip_cols:
+        x = x.flip(dims[1])
+    return x.transpose(*dims) if transpose else x
+
+
 def static_pretrain(
-    encoder: nn.Module, videos: Tensor, truths: Sequence[dict[str, Any]], schedule: Schedule
+    encoder: nn.Module,
+    videos: Tensor,
+    truths: Sequence[dict[str, Any]],
+    schedule: Schedule,
+    *,
+    cells: float = 0.0,
+    augment: bool = False,
+    min_pixels: int = 3,
 ) -> list[float]:
     """Train a ``VideoEncoder``'s trainable tower parameters on single-frame static heads.
 
     Each frame is classified on its own (background, texture, count; colours and
-    shapes present as multi-label); the loss is summed over heads and averaged
-    over frames. The heads are discarded afterwards.
+    shapes present as multi-label) from its pooled features; the loss is summed over
+    heads and averaged over frames. The heads are discarded afterwards.
+
+    ``cells > 0`` (the encoder grid-pooled, ``"grid:G"``; the frame's feature is then the mean
+    of its G x G tokens) adds, with that weight, heads on every cell's token: which colours
+    the cell holds (:func:`cell_colours`, from the pixels), and the shape and colour of the
+    object centred in it (:func:`object_cells`, from the truth). A pooled frame feature can
+    say that a square and a red object are present, not that the square is red; the tokens
+    the LLM reads must, to answer "what colour is the square?". Each cell's label
+    comes from the frame itself: nothing asks for motion.
+
+    ``augment`` rolls each clip by whole cells and flips and transposes it (the same for its
+    frames and its cell labels; :func:`_dihedral_roll`), so that a few hundred clips give
+    the tower shapes in many more places and orientations.
     """
+    from vidalign.probe import step_frames
+
     labels = static_labels(truths)
     d = encoder.d_v
+    grid = getattr(encoder, "grid", None)
+    if (cells or augment) and grid is None:
+        raise InvalidInput("static_pretrain: cell heads and augmentation need a grid-pooled encoder "
+                           "('grid:G'), whose tokens are the cells")
+    if cells < 0:
+        raise InvalidInput(f"static_pretrain: cells is a loss weight, expected >= 0, got {cells}")
+    if (cells or augment) and getattr(encoder, "frames_per_step", 1) != 1:
+        raise InvalidInput("static_pretrain: cell heads and augmentation label single frames; this "
+                           f"encoder's tokens each cover {encoder.frames_per_step} frames")
+    if cells or augment:
+        mean = torch.tensor(encoder.mean).view(3, 1, 1)
+        std = torch.tensor(encoder.std).view(3, 1, 1)
+        frames = step_frames(int(truths[0]["frames"]), encoder.num_frames)
+        centred_shape, centred_color = object_cells(truths, frames, grid=grid)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(schedule.seed)
         heads = nn.ModuleDict({
@@ -332,19 +432,46 @@ def static_pretrain(
             "colors": nn.Linear(d, labels["colors"].shape[1]),
             "shapes": nn.Linear(d, labels["shapes"].shape[1]), "count": nn.Linear(d, 3),
         })
+        if cells:
+            heads.update({
+                "cell_colors": nn.Linear(d, labels["colors"].shape[1]),
+                "centred_shape": nn.Linear(d, labels["shapes"].shape[1]),
+                "centred_color": nn.Linear(d, labels["colors"].shape[1]),
+            })
     tower = [p for p in encoder.parameters() if p.requires_grad]
     encoder.train()
 
     def step_loss(picks: list[int], generator: torch.Generator) -> Tensor:
-        features = encoder(encoder.preprocess(videos[picks]))  # (B, T, d)
-        b, t, _ = features.shape
-        x = features.reshape(b * t, -1)
-        loss = x.new_zeros(())
+        with torch.no_grad():
+            x = encoder.preprocess(videos[picks])
+        if cells or augment:
+            centred = [centred_shape[picks], centred_color[picks]]
+        if augment:
+            ops = [_dihedral_roll(grid, generator) for _ in picks]
+            cell = encoder.image_size // grid
+            x = torch.stack([_apply(v, op, cell, (-2, -1)) for v, op in zip(x, ops, strict=True)])
+            centred = [torch.stack([
+                _apply(v.unflatten(1, (grid, grid)), op, 1, (1, 2)).flatten(1, 2)
+                for v, op in zip(labels_, ops, strict=True)]) for labels_ in centred]
+        features = encoder(x)  # (B, T * tokens_per_frame, d)
+        b, t = len(picks), features.shape[1] // getattr(encoder, "tokens_per_frame", 1)
+        tokens = features.reshape(b, t, -1, d)
+        frame = tokens.mean(2).reshape(b * t, d)
+        loss = frame.new_zeros(())
         for key in ("background", "texture", "count"):
-            loss = loss + F.cross_entropy(heads[key](x), labels[key][picks].repeat_interleave(t))
+            loss = loss + F.cross_entropy(heads[key](frame), labels[key][picks].repeat_interleave(t))
         for key in ("colors", "shapes"):
             target = labels[key][picks].repeat_interleave(t, dim=0)
-            loss = loss + F.binary_cross_entropy_with_logits(heads[key](x), target)
+            loss = loss + F.binary_cross_entropy_with_logits(heads[key](frame), target)
+        if cells:
+            colours = cell_colours((x * std + mean).clamp(0, 1), grid, min_pixels=min_pixels)
+            shape, color = centred
+            per_token = F.binary_cross_entropy_with_logits(heads["cell_colors"](tokens), colours)
+            per_token = per_token + F.cross_entropy(
+                heads["centred_shape"](tokens).flatten(0, 2), shape.flatten(), ignore_index=-1)
+            per_token = per_token + F.cross_entropy(
+                heads["centred_color"](tokens).flatten(0, 2), color.flatten(), ignore_index=-1)
+            loss = loss + cells * per_token
         return loss
 
     try:
