@@ -12,8 +12,9 @@ post-training nor its evaluation uses:
   own v-prediction objective;
 - ``videollm/model``: a small Video-LLaVA (the tiny preset's classes, wider,
   with a word-level tokenizer over SynthMotion's closed vocabulary) whose
-  vision tower was pretrained on single-frame static objectives, then
-  instruction-tuned (tower frozen) on SynthMotion questions;
+  vision tower was pretrained on single-frame static objectives, per frame
+  and per token (``static_pretrain(cells=, augment=True)``) on clips of their
+  own, then instruction-tuned (tower frozen) on SynthMotion questions;
 - ``MANIFEST.json``: how each was made (seeds, steps, losses) and file digests.
 
     python scripts/demo_assets.py [--out assets/demo] [--quick] [--only PART]
