@@ -261,8 +261,7 @@ def make_student(out: Path, data, static_data, sizes: Sizes, seed: int) -> dict:
         torch.manual_seed(seed)
         model = VideoLlavaForConditionalGeneration(config).eval()
     llm = VideoLLM(spec=spec, model=model, tokenizer=tokenizer, encoder=family.encoder(spec, model))
-    grid = config.vision_config.image_size // config.vision_config.patch_size
-    cells = family.encoder(spec, model, pooling=f"grid:{grid}")  # the tokens the LLM reads
+    cells = family.encoder(spec, model, pooling=f"grid:{llm.encoder.patch_grid}")  # the LLM's tokens
     static = WORK.losses("static", static_pretrain(
         cells, static_data.videos, static_data.truths, WORK.schedule(
             "static", steps=sizes.static_steps, batch_size=sizes.student_batch, lr=sizes.static_lr,

@@ -420,7 +420,7 @@ def static_pretrain(
     if (cells or augment) and getattr(encoder, "frames_per_step", 1) != 1:
         raise InvalidInput("static_pretrain: cell heads and augmentation label single frames; this "
                            f"encoder's tokens each cover {encoder.frames_per_step} frames")
-    if cells or augment:
+    if cells:
         mean = torch.tensor(encoder.mean).view(3, 1, 1)
         std = torch.tensor(encoder.std).view(3, 1, 1)
         frames = step_frames(int(truths[0]["frames"]), encoder.num_frames)
@@ -444,8 +444,7 @@ def static_pretrain(
     def step_loss(picks: list[int], generator: torch.Generator) -> Tensor:
         with torch.no_grad():
             x = encoder.preprocess(videos[picks])
-        if cells or augment:
-            centred = [centred_shape[picks], centred_color[picks]]
+        centred = [centred_shape[picks], centred_color[picks]] if cells else []
         if augment:
             ops = [_dihedral_roll(grid, generator) for _ in picks]
             cell = encoder.image_size // grid
