@@ -98,7 +98,7 @@ def test_demo_runs_every_arm_and_reports(quick_assets, tmp_path, capsys):
                 "probe: LLM tokens", "VDA teacher feature gap, another clip's F_V",
                 "VDA teacher feature gap, F_V's frames reversed",
                 "probe: F_V grid:4 position, +VDA minus mismatch",
-                "oracle ceiling: motion average by likelihood over chance",
+                "oracle ceiling: motion average by likelihood minus stage 3 alone",
                 "CogVideoX caption gap, another clip's caption",
                 "CogVideoX caption gap, motion words swapped"]
     assert len(diagnostics) == len(expected)

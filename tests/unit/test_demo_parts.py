@@ -252,24 +252,37 @@ def test_student_diagnostics_read_the_baseline_eval():
         student_diagnostics({**summary, "substitution": None})
 
 
-def test_ceiling_diagnostic_against_two_standard_errors_at_chance():
+def test_ceiling_diagnostic_against_two_standard_errors_of_the_difference_with_stage3_alone():
     import math
 
     from vidalign_cli.diagnostics import ceiling_diagnostic
 
-    # Six motion categories of 10 questions at chance 1/4: se = sqrt(6 * 0.1875 / 10) / 6.
-    se = math.sqrt(6 * 0.25 * 0.75 / 10) / 6
-    assert se == pytest.approx(0.0559, abs=1e-4)
+    # Six motion categories of 10 questions each; stage 3 alone gets 3 of 10 in each. With the
+    # ceiling at 5 of 10 the pooled accuracy is 0.4 in each category, so the standard error
+    # of the difference of the two macro averages is sqrt(6 * 2 * 0.4 * 0.6 / 10) / 6.
     control = {"likelihood": _score_dict(0.3, 0.9)}
-    above = ceiling_diagnostic({"likelihood": _score_dict(0.25 + 2 * se + 0.001, 0.9)}, control, 0.25)
-    assert above.verdict == "PASS" and above.gate.bound == pytest.approx(2 * se)
-    assert above.detail["stage3_alone"] == pytest.approx(0.3)
-    below = ceiling_diagnostic({"likelihood": _score_dict(0.25 + 2 * se - 0.001, 0.9)}, control, 0.25)
+    se = math.sqrt(6 * 2 * 0.4 * 0.6 / 10) / 6
+    assert se == pytest.approx(0.0894, abs=1e-4)
+    found = ceiling_diagnostic({"likelihood": _score_dict(0.5, 0.9)}, control, 0.25)
+    assert found.value == pytest.approx(0.2) and found.gate.bound == pytest.approx(2 * se)
+    assert found.verdict == "PASS"  # 0.2 > 0.179
+    assert found.detail["stage3_alone"] == pytest.approx(0.3)
+    assert found.detail["ceiling_over_chance"] == pytest.approx(0.25)
+    # 4 of 10: pooled 0.35, se = sqrt(6 * 2 * 0.35 * 0.65 / 10) / 6 = 0.0871; 0.1 < 0.174.
+    below = ceiling_diagnostic({"likelihood": _score_dict(0.4, 0.9)}, control, 0.25)
+    assert below.gate.bound == pytest.approx(2 * math.sqrt(6 * 2 * 0.35 * 0.65 / 10) / 6)
     assert below.verdict == "WARN" and "no teacher could show a gain" in below.line()
+    # Far above chance but no better than stage 3 alone: the student's, not the supervision's.
+    same = ceiling_diagnostic({"likelihood": _score_dict(0.3, 0.9)}, control, 0.25)
+    assert same.value == pytest.approx(0.0) and same.verdict == "WARN"
     with pytest.raises(InvalidInput, match="without an option scorer"):
         ceiling_diagnostic(_score_dict(0.9, 0.9), control, 0.25)
     with pytest.raises(InvalidInput, match="chance"):
         ceiling_diagnostic({"likelihood": _score_dict(0.9, 0.9)}, control, 1.0)
+    fewer = {"likelihood": _score_dict(0.3, 0.9)}
+    next(iter(fewer["likelihood"]["categories"].values()))["n"] = 9
+    with pytest.raises(InvalidInput, match="same questions"):
+        ceiling_diagnostic({"likelihood": _score_dict(0.5, 0.9)}, fewer, 0.25)
 
 
 def _probe_report(rows: dict[tuple[str, str], tuple[float, float]]):

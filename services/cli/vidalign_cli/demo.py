@@ -185,14 +185,15 @@ class DemoConfig:
     gap_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     """Timesteps of both teachers' caption gaps (AnimateDiff's and CogVideoX's)."""
     gap_clips: int = 8
-    cogvideox_gap_clips: int = 4
+    cogvideox_gap_clips: int = 32
     """Post-training clips of CogVideoX's caption gap (each is VAE-encoded and denoised under
-    three captions at every gap timestep, twice)."""
+    three captions at every gap timestep, twice; the 32 take about 3 s on two CPU cores)."""
     oracle_gap_clips: int = 8
     """Post-training clips of the oracle feature gap (the oracle adapter never saw them)."""
-    feature_gap_clips: int = 4
+    feature_gap_clips: int = 8
     """Post-training clips of the VDA teacher's feature gap (at least 2: one lends the other
-    its F_V). Each timestep costs five teacher calls (own F_V and four spoilt), two draws a clip."""
+    its F_V). Each timestep costs five teacher calls (own F_V and four spoilt), two draws a clip:
+    the 8 take about 15 s on two CPU cores."""
     feature_gap_timesteps: list[int] = field(default_factory=lambda: [625, 875])
     """Where the feature gap is sought: the middles of the two halves of the alignment
     timesteps [500, 1000)."""

@@ -17,8 +17,8 @@ each link, before (and between) the training runs, against a threshold:
   read features at all? Then with +VDA's stage-1 adapter (``vidalign.gap.feature_gap``):
   its loss with each clip's own F_V vs another clip's, or the frames reversed;
 - **the oracle ceiling** (after stage 3): the student with an encoder supervised on
-  where every object is must answer motion questions above chance, else no
-  teacher could show a gain through it;
+  where every object is must answer motion questions better than stage 3 alone does,
+  else no teacher could show a gain through it;
 - **the teachers' captions**: AnimateDiff's loss with the motion words swapped
   (``vidalign.gap.caption_gap``) and CogVideoX's with another clip's caption or
   the motion words swapped (``vidalign.motionenhancer.diagnostics``).
@@ -68,9 +68,11 @@ PROBE_CHANGE_SE = 2.0
 difference (clustered by clip): less is within the probe's noise. Position, because a teacher
 that reads each frame's F_V asks first where that frame's objects are."""
 CEILING_SE = 2.0
-"""The oracle ceiling's motion average by likelihood must beat chance by two standard errors
-(binomial at chance, over its categories' questions): less, and the student, stage 3 and the
-scoring could not show a gain even if a teacher gave the encoder motion."""
+"""The oracle ceiling's motion average by likelihood must beat stage 3 alone's (the same
+student, data and stage 3, with no teacher) by two standard errors of the difference: less,
+and the student, stage 3 and the scoring could not show a gain even if a teacher gave the
+encoder motion. Against stage 3 alone rather than chance, because the baseline student
+already answers some motion questions from a single frame."""
 FEATURE_GAP_MIN = 0.05
 """The teacher's loss must rise >= 5% with another clip's F_V and with F_V's frames reversed:
 below, stage 2's gradient carries little about the clip or its time order."""
@@ -342,29 +344,41 @@ def probe_change_diagnostic(
 def ceiling_diagnostic(
     ceiling: Mapping[str, Any], control: Mapping[str, Any], chance: float
 ) -> Diagnostic:
-    """The oracle ceiling's motion average by likelihood over ``chance`` (the mean of
-    1 / options over the motion questions), against :data:`CEILING_SE` standard errors of a
-    macro average at chance; stage 3 alone (``control``) is reported beside it."""
+    """The oracle ceiling's motion average by likelihood minus stage 3 alone's (``control``),
+    against :data:`CEILING_SE` standard errors of that difference; ``chance`` (the mean of
+    1 / options over the motion questions) is reported beside it.
+
+    The standard error is the two-proportion one under "no difference", per category
+    (``2 p (1 - p) / n`` with ``p`` the two arms' pooled accuracy), averaged over the
+    categories as the macro average is. Both arms answer the same questions, so their errors
+    are positively correlated and the true error of the difference is smaller: the gate is
+    conservative, never lenient."""
     if not 0 < chance < 1:
         raise InvalidInput(f"chance: expected a probability in (0, 1), got {chance}")
-    score = ceiling.get("likelihood")
-    if score is None or control.get("likelihood") is None:
+    score, alone = ceiling.get("likelihood"), control.get("likelihood")
+    if score is None or alone is None:
         raise InvalidInput("ceiling diagnostic: the evals ran without an option scorer")
     from vidalign.data.synth import MOTION_CATEGORIES
 
-    sizes = [score["categories"][c]["n"] for c in MOTION_CATEGORIES if c in score["categories"]]
-    if not sizes:
+    cats = [c for c in MOTION_CATEGORIES if c in score["categories"]]
+    if not cats:
         raise InvalidInput("ceiling diagnostic: the eval has no motion questions")
-    # Var of a macro average of K category accuracies at chance: sum_k p(1-p)/n_k / K^2.
-    se = math.sqrt(sum(chance * (1 - chance) / n for n in sizes)) / len(sizes)
+    variance = 0.0
+    for c in cats:
+        a, b = score["categories"][c], alone["categories"].get(c)
+        if b is None or b["n"] != a["n"]:
+            raise InvalidInput(f"ceiling diagnostic: {c!r} was not asked the same questions in both evals")
+        pooled = (a["correct"] + b["correct"]) / (2 * a["n"])
+        variance += 2 * pooled * (1 - pooled) / a["n"]
+    se = math.sqrt(variance) / len(cats)
     return Diagnostic(
-        "oracle ceiling: motion average by likelihood over chance",
-        score["average"] - chance,
+        "oracle ceiling: motion average by likelihood minus stage 3 alone",
+        score["average"] - alone["average"],
         Gate(">", CEILING_SE * se, unit="points", basis=f"{CEILING_SE:g} se"),
-        "even an encoder told where every object is in every frame does not lift motion "
-        "answers after stage 3: no teacher could show a gain through this student",
-        {"ceiling": score["average"], "chance": chance, "se": se,
-         "stage3_alone": control["likelihood"]["average"]},
+        "even an encoder told where every object is in every frame lifts motion answers no "
+        "more than stage 3 alone: no teacher could show a gain through this student",
+        {"ceiling": score["average"], "stage3_alone": alone["average"], "chance": chance,
+         "ceiling_over_chance": score["average"] - chance, "se_difference": se},
     )
 
 
