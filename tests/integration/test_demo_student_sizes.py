@@ -78,3 +78,16 @@ def test_the_demo_feeds_a_64_px_student_at_64_and_the_32_px_teacher_at_32(studen
     # The teacher encoded the same clips at its own 32 px.
     key = read_manifest(open_store(stages["stage1"].output.dir), "latents").meta["key"]
     assert (key["resolution"], key["data"]["size"]) == (32, 64)
+
+
+def test_instruct_data_chooses_whose_questions_tune_the_student(demo_assets, tmp_path):
+    # QUICK makes 16 pretraining clips; 8 static clips tell the two sources apart.
+    # SynthMotion asks nine questions of every clip.
+    sizes = replace(demo_assets.QUICK, static_clips=8)
+    for source, clips in (("static", 8), ("pretraining", 16)):
+        manifest = demo_assets.build(tmp_path / source, replace(sizes, instruct_data=source),
+                                     only=["videollm"])
+        info = manifest["summary"]["videollm"]
+        assert (info["instruct_data"], info["instruct_examples"]) == (source, 9 * clips)
+    with pytest.raises(SystemExit, match="instruct_data='frames'"):
+        demo_assets.make_student(tmp_path, None, None, replace(sizes, instruct_data="frames"), 0)
