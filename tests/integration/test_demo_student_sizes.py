@@ -89,5 +89,6 @@ def test_instruct_data_chooses_whose_questions_tune_the_student(demo_assets, tmp
                                      only=["videollm"])
         info = manifest["summary"]["videollm"]
         assert (info["instruct_data"], info["instruct_examples"]) == (source, 9 * clips)
-    with pytest.raises(SystemExit, match="instruct_data='frames'"):
-        demo_assets.make_student(tmp_path, None, None, replace(sizes, instruct_data="frames"), 0)
+    # A bad value stops `--size` before anything is built.
+    with pytest.raises(ValueError, match="instruct_data: expected 'static' or 'pretraining', got 'frames'"):
+        demo_assets.override(sizes, ["instruct_data=frames"])
